@@ -1,0 +1,1 @@
+"""The acceptor: owns every registered session and grants leases to sidecar workers."""

@@ -1,0 +1,214 @@
+"""The acceptor's admin API: metrics, health, state and routes.
+
+``/metrics`` is where the HPA-facing numbers come from.  Waiting counts are
+the sum of what every sidecar worker reported in its last WANT, so requests
+waiting inside workers are counted, not only the acceptor's own queue.
+Queue-wait histograms and rejections are counted by the workers (where the
+waiting happens) and reported in STATS records.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+from backdial.acceptor.server import Acceptor
+from backdial.adminhttp import AdminRequest, AdminResponse
+from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
+from backdial.policy import PolicyError, Route, policy_from_data
+
+
+def state(acc: Acceptor) -> dict[str, Any]:
+    ledger = acc.ledger
+    waiting = ledger.waiting()
+    services: dict[str, Any] = {}
+    for name, book in ledger.services.items():
+        quotas = ledger.quotas(name)
+        services[name] = {
+            "registered": book.total,
+            "idle": book.idle_count,
+            "leased": book.total - book.idle_count,
+            "slices": {
+                s.name: {
+                    "quota": quotas.get(s.name, 0),
+                    "leased": book.leased[s.name],
+                    "waiting": waiting[(name, s.name)],
+                }
+                for s in acc.policy.slices
+            },
+        }
+    return {
+        "generation": acc.generation,
+        "uptime_seconds": round(time.time() - acc.started, 3),
+        "default_slice": acc.policy.default_slice,
+        "default_service": ledger.resolve(""),
+        "services": services,
+        "registrants": [
+            {
+                "id": r.id,
+                "service": r.service,
+                "instance": r.instance,
+                "slice_hint": r.slice_hint,
+                "sessions": len(r.sessions),
+                "idle": len(r.idle),
+                "leases_granted": r.served,
+            }
+            for r in ledger.registrants.values()
+        ],
+        "workers": [
+            {
+                "id": w.id,
+                "pid": w.pid,
+                "name": w.name,
+                "leased": sum(1 for s in ledger.sessions.values() if s.worker == w.id),
+                "waiting": sum(ledger.wants.get(w.id, {}).values()),
+            }
+            for w in acc.workers.values()
+        ],
+        "queue_depth": len(ledger.queue),
+        "routes": [r.model_dump(by_alias=True) for r in acc.policy.routes],
+    }
+
+
+def _worker_totals(acc: Acceptor) -> collections.Counter[str]:
+    totals: collections.Counter[str] = collections.Counter(acc.counters.retired_workers)
+    for worker in acc.workers.values():
+        for key, value in worker.stats.items():
+            totals[key] += int(value)
+    return totals
+
+
+def metrics(acc: Acceptor) -> bytes:
+    ledger = acc.ledger
+    exp = Exposition()
+    slices = [s.name for s in acc.policy.slices]
+    waiting = ledger.waiting()
+    rows_registered = []
+    rows_leased = []
+    rows_waiting = []
+    rows_quota = []
+    for name, book in ledger.services.items():
+        quotas = ledger.quotas(name)
+        for sl in slices:
+            labels = {"service": name, "slice": sl}
+            # Registered sessions are shared by all slices; per slice we report its quota
+            # so an HPA on a slice sees the capacity that slice can count on.
+            rows_registered.append(({"service": name, "slice": sl}, float(book.total)))
+            rows_quota.append((labels, float(quotas.get(sl, 0))))
+            rows_leased.append((labels, float(book.leased[sl])))
+            rows_waiting.append((labels, float(waiting[(name, sl)])))
+    for (service, sl), n in waiting.items():
+        if service not in ledger.services:  # waiting for a service nobody registered yet
+            rows_waiting.append(({"service": service or "(default)", "slice": sl}, float(n)))
+    exp.family("backdial_sessions_registered", "gauge",
+               "Sessions registered by services (shared by every slice).", rows_registered)
+    exp.family("backdial_slice_quota_sessions", "gauge",
+               "Sessions apportioned to the slice from its share.", rows_quota)
+    exp.family("backdial_sessions_leased", "gauge",
+               "Sessions leased to sidecar workers for the slice.", rows_leased)
+    exp.family("backdial_requests_waiting", "gauge",
+               "Requests waiting for a session, summed over all sidecar workers.", rows_waiting)
+    exp.family("backdial_registrants", "gauge", "Registered service instances.",
+               [({}, float(len(ledger.registrants)))])
+    exp.family("backdial_workers", "gauge", "Connected sidecar workers.",
+               [({}, float(len(acc.workers)))])
+    totals = _worker_totals(acc)
+    rejected = [
+        ({"slice": key.split("|")[1], "reason": key.split("|")[2]}, float(v))
+        for key, v in sorted(totals.items()) if key.startswith("rejected|")
+    ]
+    exp.family("backdial_requests_rejected_total", "counter",
+               "Requests answered 503 without a session, by slice and reason.", rejected)
+    hists = []
+    for sl in slices:
+        hist = Histogram(LATENCY_BUCKETS)
+        for i in range(len(hist.counts)):
+            hist.counts[i] = totals.get(f"wait_bucket|{sl}|{i}", 0)
+        hist.count = sum(hist.counts)
+        hist.sum = totals.get(f"wait_sum_us|{sl}", 0) / 1e6
+        hists.append(({"slice": sl}, hist))
+    exp.histogram("backdial_queue_wait_seconds",
+                  "Time requests waited for a session, by slice.", hists)
+    c = acc.counters
+    exp.family("backdial_registrations_total", "counter", "Registration attempts by result.",
+               [({"result": "ok"}, float(c.registrations_ok))]
+               + [({"result": k}, float(v)) for k, v in sorted(c.registrations_err.items())])
+    exp.family("backdial_sessions_dropped_total", "counter", "Sessions closed, by reason.",
+               [({"reason": k}, float(v)) for k, v in sorted(c.sessions_dropped.items())])
+    exp.family("backdial_leases_granted_total", "counter", "Leases granted to workers.",
+               [({}, float(c.grants))])
+    exp.family("backdial_leases_recalled_total", "counter", "Leases recalled from workers.",
+               [({}, float(c.recalls))])
+    exp.family("backdial_config_reloads_total", "counter", "Config reloads by result.",
+               [({"result": k}, float(v)) for k, v in sorted(c.reloads.items())])
+    exp.family("backdial_config_generation", "gauge", "Generation of the policy in force.",
+               [({}, float(acc.generation))])
+    return exp.render()
+
+
+def apply_overlay(data: dict[str, Any], overlay: dict[str, dict[str, Any] | None]) -> None:
+    """Apply route edits made through the admin API on top of the file's routes."""
+    routes = [r for r in data.get("routes") or [] if r.get("name") not in overlay]
+    routes.extend(r for r in overlay.values() if r is not None)
+    data["routes"] = routes
+
+
+class AdminAPI:
+    """Routes admin requests; route edits are kept as an overlay on the config file.
+
+    The overlay survives config-file reloads (so ``backdial route add`` is not
+    undone by the next edit of the file) but not an acceptor restart.
+    """
+
+    def __init__(self, acc: Acceptor, overlay: dict[str, dict[str, Any] | None]) -> None:
+        self.acc = acc
+        self.overlay = overlay
+
+    async def __call__(self, req: AdminRequest) -> AdminResponse:
+        acc = self.acc
+        if req.path == "/metrics":
+            return AdminResponse(200, metrics(acc), "text/plain; version=0.0.4")
+        if req.path == "/healthz":
+            return AdminResponse.text(200, "ok\n")
+        if req.path == "/readyz":
+            if acc.draining:
+                return AdminResponse.text(503, "draining\n")
+            return AdminResponse.text(200, "ready\n")
+        if req.path == "/v1/state":
+            return AdminResponse.of_json(200, state(acc))
+        if req.path == "/v1/routes":
+            return self._routes(req)
+        return AdminResponse.text(404, "not found\n")
+
+    def _routes(self, req: AdminRequest) -> AdminResponse:
+        acc = self.acc
+        routes = [r.model_dump(by_alias=True) for r in acc.policy.routes]
+        if req.method == "GET":
+            return AdminResponse.of_json(200, {"routes": routes})
+        if req.method == "POST":
+            try:
+                route = Route.model_validate(req.json())
+            except Exception as exc:  # pydantic or JSON error: tell the caller precisely
+                return AdminResponse.of_json(400, {"error": str(exc).splitlines()[0:3]})
+            routes = [r for r in routes if r["name"] != route.name]
+            routes.append(route.model_dump(by_alias=True))
+        elif req.method == "DELETE":
+            name = (req.query.get("name") or [""])[0]
+            if not any(r["name"] == name for r in routes):
+                return AdminResponse.of_json(404, {"error": f"no route named {name!r}"})
+            routes = [r for r in routes if r["name"] != name]
+        else:
+            return AdminResponse.text(405, "use GET, POST or DELETE\n")
+        data = acc.policy.to_wire()
+        data["routes"] = routes
+        try:
+            policy = policy_from_data(data, "routes")
+        except PolicyError as exc:
+            return AdminResponse.of_json(400, {"error": str(exc)})
+        if req.method == "POST":
+            self.overlay[route.name] = route.model_dump(by_alias=True)
+        else:
+            self.overlay[name] = None
+        acc.set_policy(policy)
+        return AdminResponse.of_json(200, {"routes": routes})

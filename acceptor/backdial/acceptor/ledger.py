@@ -1,0 +1,342 @@
+"""The acceptor's books: sessions, registrants, slice quotas, waiters; no IO.
+
+Every capacity decision is made here, so the invariants can be tested without
+sockets: a session is leased to at most one worker; a slice's leases stay
+within its apportioned quota unless it may borrow sessions that no
+under-quota slice is waiting for; waiters are served in arrival order; the
+idle session handed out next comes from the next registrant on a ring.
+
+The IO shell (``server.py``) feeds events in and carries out the returned
+grants and recalls.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+
+from backdial.policy import Policy
+
+Key = tuple[str, str]  # (service as requested by the worker, slice); "" = default service
+
+
+@dataclass(slots=True)
+class Session:
+    id: int
+    registrant: int
+    service: str
+    fd: int
+    worker: int = 0  # 0 = idle at the acceptor
+    slice: str = ""
+
+
+@dataclass(slots=True)
+class Registrant:
+    id: int
+    service: str
+    instance: str
+    slice_hint: str | None
+    sessions: set[int] = field(default_factory=set)
+    idle: collections.deque[int] = field(default_factory=collections.deque)
+    served: int = 0  # leases granted, for fairness observation
+
+
+@dataclass(frozen=True, slots=True)
+class GrantAction:
+    worker: int
+    session: Session
+    requested: str  # the service key the worker asked under
+
+
+@dataclass(slots=True)
+class ServiceBook:
+    registrants: list[int] = field(default_factory=list)  # the fairness ring
+    cursor: int = 0
+    leased: collections.Counter[str] = field(default_factory=collections.Counter)
+    idle_count: int = 0
+    total: int = 0
+
+
+def apportion(total: int, shares: dict[str, int]) -> dict[str, int]:
+    """Largest-remainder split of *total* sessions by percentage shares.
+
+    Quotas always add up to *total*, and ties go to the slice listed first, so
+    the split is deterministic.
+    """
+    exact = {name: total * share / 100 for name, share in shares.items()}
+    quota = {name: int(value) for name, value in exact.items()}
+    spare = total - sum(quota.values())
+    order = sorted(shares, key=lambda n: (-(exact[n] - quota[n]), list(shares).index(n)))
+    for name in order[:spare]:
+        quota[name] += 1
+    return quota
+
+
+class Ledger:
+    """Pure accounting; methods return the grants the shell must send."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.sessions: dict[int, Session] = {}
+        self.registrants: dict[int, Registrant] = {}
+        self.services: dict[str, ServiceBook] = {}
+        self.service_order: list[str] = []
+        # wants[worker][key] = number of that worker's requests waiting for a lease
+        self.wants: dict[int, collections.Counter[Key]] = {}
+        # FIFO of waiting units across all workers: (seq, worker, key)
+        self.queue: collections.OrderedDict[int, tuple[int, Key]] = collections.OrderedDict()
+        self._units: dict[tuple[int, Key], list[int]] = collections.defaultdict(list)
+        self._seq = itertools.count(1)
+        self._sid = itertools.count(1)
+        self._rid = itertools.count(1)
+        self.recalls: collections.Counter[tuple[int, str]] = collections.Counter()
+        self._quota_cache: dict[str, dict[str, int]] = {}
+
+    # -- policy ---------------------------------------------------------------
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self._quota_cache.clear()
+        valid = {s.name for s in policy.slices}
+        # Waiters of a slice that no longer exists move to the default slice, keeping order.
+        for seq, (worker, key) in list(self.queue.items()):
+            if key[1] not in valid:
+                self.queue[seq] = (worker, (key[0], policy.default_slice))
+
+    def quotas(self, service: str) -> dict[str, int]:
+        cached = self._quota_cache.get(service)
+        if cached is None:
+            book = self.services.get(service)
+            shares = {s.name: s.share for s in self.policy.slices}
+            cached = apportion(book.total if book else 0, shares)
+            self._quota_cache[service] = cached
+        return cached
+
+    def resolve(self, requested: str) -> str | None:
+        """The service a key names; "" means the configured or first-registered service."""
+        if requested:
+            return requested if requested in self.services else None
+        default = self.policy.default_service
+        if default:
+            return default if default in self.services else None
+        return self.service_order[0] if self.service_order else None
+
+    # -- registrants and sessions ----------------------------------------------
+    def add_registrant(self, service: str, instance: str, slice_hint: str | None) -> Registrant:
+        reg = Registrant(next(self._rid), service, instance, slice_hint)
+        self.registrants[reg.id] = reg
+        book = self.services.get(service)
+        if book is None:
+            book = self.services[service] = ServiceBook()
+            self.service_order.append(service)
+        book.registrants.append(reg.id)
+        return reg
+
+    def find_registrant(self, service: str, instance: str) -> Registrant | None:
+        for reg in self.registrants.values():
+            if reg.service == service and reg.instance == instance:
+                return reg
+        return None
+
+    def add_session(self, reg: Registrant, fd: int) -> Session:
+        sess = Session(next(self._sid), reg.id, reg.service, fd)
+        self.sessions[sess.id] = sess
+        reg.sessions.add(sess.id)
+        reg.idle.append(sess.id)
+        book = self.services[reg.service]
+        book.total += 1
+        book.idle_count += 1
+        self._quota_cache.pop(reg.service, None)
+        return sess
+
+    def drop_session(self, sid: int) -> Session | None:
+        """Forget a session (dead, retired or broken); its registrant goes with its last one."""
+        sess = self.sessions.pop(sid, None)
+        if sess is None:
+            return None
+        reg = self.registrants[sess.registrant]
+        reg.sessions.discard(sid)
+        book = self.services[sess.service]
+        book.total -= 1
+        if sess.worker:
+            book.leased[sess.slice] -= 1
+        else:
+            reg.idle.remove(sid)
+            book.idle_count -= 1
+        self._quota_cache.pop(sess.service, None)
+        if not reg.sessions:
+            del self.registrants[reg.id]
+            book.registrants.remove(reg.id)
+        return sess
+
+    # -- workers ----------------------------------------------------------------
+    def add_worker(self, worker: int) -> None:
+        self.wants[worker] = collections.Counter()
+
+    def remove_worker(self, worker: int) -> list[Session]:
+        """Forget a worker; returns the sessions it held, which the shell must close."""
+        for key in list(self.wants.get(worker, ())):
+            self.set_want(worker, key, 0)
+        self.wants.pop(worker, None)
+        for rkey in [k for k in self.recalls if k[0] == worker]:
+            del self.recalls[rkey]
+        held = [s for s in self.sessions.values() if s.worker == worker]
+        for sess in held:
+            self.drop_session(sess.id)
+        return held
+
+    def set_want(self, worker: int, key: Key, n: int) -> None:
+        """A worker reports how many of its requests wait for (service, slice)."""
+        wants = self.wants.get(worker)
+        if wants is None:
+            return
+        units = self._units[(worker, key)]
+        while len(units) < n:
+            seq = next(self._seq)
+            units.append(seq)
+            self.queue[seq] = (worker, key)
+        while len(units) > n:
+            # The newest units go first, so the oldest keep their place in line.
+            self.queue.pop(units.pop(), None)
+        if n:
+            wants[key] = n
+        else:
+            wants.pop(key, None)
+            self._units.pop((worker, key), None)
+
+    def waiting(self) -> collections.Counter[Key]:
+        """Waiting requests per (resolved service, slice), summed over workers."""
+        out: collections.Counter[Key] = collections.Counter()
+        for wants in self.wants.values():
+            for (requested, slice_name), n in wants.items():
+                out[(self.resolve(requested) or requested, slice_name)] += n
+        return out
+
+    # -- grants -------------------------------------------------------------------
+    def permitted(self, service: str, slice_name: str, waiting: collections.Counter[Key]) -> bool:
+        book = self.services.get(service)
+        if book is None or book.idle_count == 0:
+            return False
+        quotas = self.quotas(service)
+        if book.leased[slice_name] < quotas.get(slice_name, 0):
+            return True
+        spec = next((s for s in self.policy.slices if s.name == slice_name), None)
+        if spec is None or not spec.borrow:
+            return False
+        # Borrow only sessions that no under-quota slice is waiting for.
+        owed = 0
+        for other, quota in quotas.items():
+            if other != slice_name:
+                owed += min(max(0, quota - book.leased[other]), waiting[(service, other)])
+        return book.idle_count - owed >= 1
+
+    def _take_idle(self, book: ServiceBook) -> Session:
+        """Next idle session on the registrant ring (round-robin across instances)."""
+        ring = book.registrants
+        for _ in range(len(ring)):
+            reg = self.registrants[ring[book.cursor % len(ring)]]
+            book.cursor = (book.cursor + 1) % len(ring)
+            if reg.idle:
+                sess = self.sessions[reg.idle.popleft()]
+                reg.served += 1
+                return sess
+        raise AssertionError("idle_count and the ring disagree")
+
+    def lease(self, sess_service: str, worker: int, slice_name: str) -> Session:
+        book = self.services[sess_service]
+        sess = self._take_idle(book)
+        book.idle_count -= 1
+        book.leased[slice_name] += 1
+        sess.worker = worker
+        sess.slice = slice_name
+        return sess
+
+    def pump(self, prefetch: int = 0) -> list[GrantAction]:
+        """Serve waiting units in FIFO order while sessions and quotas allow."""
+        grants: list[GrantAction] = []
+        if not self.queue:
+            return grants
+        waiting = self.waiting()
+        for seq, (worker, key) in list(self.queue.items()):
+            service = self.resolve(key[0])
+            if service is None or not self.permitted(service, key[1], waiting):
+                continue
+            sess = self.lease(service, worker, key[1])
+            grants.append(GrantAction(worker, sess, key[0]))
+            del self.queue[seq]
+            self._units[(worker, key)].remove(seq)
+            wants = self.wants[worker]
+            wants[key] -= 1
+            if wants[key] <= 0:
+                del wants[key]
+            waiting[(service, key[1])] -= 1
+        # A worker that was just served may take a few idle sessions more, spread over
+        # registrants, so its own rotation stays fair without another round trip.
+        for worker, key, service in {(g.worker, (g.requested, g.session.slice), g.session.service)
+                                     for g in grants}:
+            for _ in range(prefetch):
+                if not self.permitted(service, key[1], waiting) or self.queue:
+                    break
+                grants.append(GrantAction(worker, self.lease(service, worker, key[1]), key[0]))
+        return grants
+
+    def give_back(self, sid: int, worker: int) -> bool:
+        """A worker returned a clean idle session; False if it was not that worker's."""
+        sess = self.sessions.get(sid)
+        if sess is None or sess.worker != worker:
+            return False
+        book = self.services[sess.service]
+        book.leased[sess.slice] -= 1
+        book.idle_count += 1
+        sess.worker = 0
+        sess.slice = ""
+        self.registrants[sess.registrant].idle.append(sid)
+        rkey = (worker, sess.service)
+        if self.recalls[rkey] > 0:
+            self.recalls[rkey] -= 1
+        return True
+
+    def recall_plan(self) -> list[tuple[int, str, int]]:
+        """Which workers to ask for sessions back: (worker, service, n).
+
+        Only waiters whose worker holds no session of their slice count, so a
+        lone busy worker is never asked to hand sessions back just to receive
+        them again.
+        """
+        need: collections.Counter[str] = collections.Counter()
+        held: dict[tuple[int, str, str], int] = collections.Counter()
+        for sess in self.sessions.values():
+            if sess.worker:
+                held[(sess.worker, sess.service, sess.slice)] += 1
+        for worker, wants in self.wants.items():
+            for (requested, slice_name), n in wants.items():
+                service = self.resolve(requested)
+                if service is None:
+                    continue
+                book = self.services[service]
+                quota = self.quotas(service).get(slice_name, 0)
+                spec = next((s for s in self.policy.slices if s.name == slice_name), None)
+                if book.leased[slice_name] >= quota and not (spec and spec.borrow):
+                    continue  # more sessions would not be allowed to this slice anyway
+                if not held[(worker, service, slice_name)]:
+                    # A worker holding sessions of this slice serves its own waiters as
+                    # those finish; recalling would only bounce sessions through here.
+                    need[service] += n
+        plan: list[tuple[int, str, int]] = []
+        for service, n in need.items():
+            n -= self.services[service].idle_count
+            n -= sum(c for (w, s), c in self.recalls.items() if s == service)
+            if n <= 0:
+                continue
+            holders: collections.Counter[int] = collections.Counter()
+            for (w, s, _), c in held.items():
+                if s == service:
+                    holders[w] += c
+            for worker, count in holders.most_common():
+                ask = min(count, n)
+                if ask <= 0:
+                    break
+                plan.append((worker, service, ask))
+                self.recalls[(worker, service)] += ask
+                n -= ask
+        return plan

@@ -1,0 +1,155 @@
+"""``backdial acceptor``: settings, config reloading and the process main.
+
+Settings come from flags and ``BACKDIAL_*`` variables into one frozen
+dataclass, validated before anything starts.  The config file is re-read when
+it changes (polled) or on SIGHUP; a bad file is reported in one line and the
+running policy stays in force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backdial.acceptor.admin import AdminAPI, apply_overlay
+from backdial.acceptor.server import Acceptor
+from backdial.adminhttp import start_admin
+from backdial.policy import Policy, PolicyError, load_policy, policy_from_data
+from backdial.runtime import ConfigError, env, fail, parse_hostport, run, setup_logging
+
+log = logging.getLogger("backdial.acceptor")
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptorSettings:
+    run_dir: Path
+    config: Path | None
+    admin: tuple[str, int]
+    register_tcp: tuple[str, int] | None
+    reload_interval: float
+    log_level: str
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="backdial acceptor",
+        description="Own registered service sessions and lease them to sidecar workers.",
+    )
+    p.add_argument("--run-dir", default=env("RUN_DIR", "/var/run/backdial"),
+                   help="directory for register.sock and control.sock "
+                        "(env BACKDIAL_RUN_DIR; default /var/run/backdial)")
+    p.add_argument("--config", default=env("CONFIG"),
+                   help="slices/routes/limits file, YAML or JSON (env BACKDIAL_CONFIG); "
+                        "without it one default slice takes every request")
+    p.add_argument("--admin", default=env("ADMIN", "127.0.0.1:9901"),
+                   help="HOST:PORT for /metrics, /healthz, /readyz, /v1/state, /v1/routes "
+                        "(env BACKDIAL_ADMIN; default 127.0.0.1:9901)")
+    p.add_argument("--register-tcp", default=env("REGISTER_TCP"),
+                   help="also accept registrations on HOST:PORT (env BACKDIAL_REGISTER_TCP)")
+    p.add_argument("--reload-interval", type=float,
+                   default=float(env("RELOAD_INTERVAL", "1.0") or 1.0),
+                   help="seconds between config file change checks; 0 disables polling "
+                        "(SIGHUP always reloads)")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def settings_from(argv: list[str]) -> AcceptorSettings:
+    ns = parser().parse_args(argv)
+    if ns.reload_interval < 0:
+        raise ConfigError("--reload-interval must be >= 0")
+    return AcceptorSettings(
+        run_dir=Path(ns.run_dir),
+        config=Path(ns.config) if ns.config else None,
+        admin=parse_hostport(ns.admin, "--admin"),
+        register_tcp=parse_hostport(ns.register_tcp, "--register-tcp") if ns.register_tcp else None,
+        reload_interval=ns.reload_interval,
+        log_level=ns.log_level,
+    )
+
+
+class Reloader:
+    """Re-reads the config file when its stat changes; keeps the old policy on error."""
+
+    def __init__(self, acc: Acceptor, path: Path | None, overlay: dict[str, Any]) -> None:
+        self.acc, self.path, self.overlay = acc, path, overlay
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[float, int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size, st.st_ino)
+
+    def check(self, force: bool = False) -> None:
+        stamp = self._stat()
+        if not force and stamp == self._stamp:
+            return
+        self._stamp = stamp
+        if self.path is None:
+            return
+        try:
+            data = load_policy(self.path).to_wire()
+            apply_overlay(data, self.overlay)
+            policy = policy_from_data(data, str(self.path))
+        except PolicyError as exc:
+            self.acc.counters.reloads["error"] += 1
+            log.error("config reload rejected, previous config stays in force: %s", exc)
+            return
+        if policy == self.acc.policy:
+            return
+        self.acc.set_policy(policy)
+        self.acc.counters.reloads["ok"] += 1
+        log.info("config reloaded (generation %d)", self.acc.generation)
+
+
+async def serve(cfg: AcceptorSettings, policy: Policy, stop: asyncio.Event) -> int:
+    acc = Acceptor(cfg.run_dir, policy, cfg.register_tcp)
+    overlay: dict[str, Any] = {}
+    try:
+        await acc.start()
+        admin = await start_admin(cfg.admin[0], cfg.admin[1], AdminAPI(acc, overlay))
+    except OSError as exc:
+        return fail(f"cannot start acceptor: {exc}")
+    reloader = Reloader(acc, cfg.config, overlay)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reloader.check, True)
+    log.info("acceptor ready: run dir %s, admin http://%s:%d%s", cfg.run_dir, *cfg.admin,
+             f", register tcp {cfg.register_tcp[0]}:{cfg.register_tcp[1]}"
+             if cfg.register_tcp else "")
+    try:
+        while not stop.is_set():
+            timeout = cfg.reload_interval or None
+            try:
+                await asyncio.wait_for(stop.wait(), timeout)
+            except TimeoutError:
+                reloader.check()
+    finally:
+        acc.draining = True
+        admin.close()
+        acc.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = settings_from(sys.argv[1:] if argv is None else argv)
+        policy = load_policy(cfg.config) if cfg.config else Policy()
+    except (ConfigError, PolicyError) as exc:
+        return fail(str(exc))
+    setup_logging(cfg.log_level)
+    return run(lambda stop: serve(cfg, policy, stop))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

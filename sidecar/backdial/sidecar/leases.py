@@ -1,0 +1,475 @@
+"""The worker's lease pool: sticky leases, local FIFO waiters, the control client.
+
+At steady state a request takes an idle session this worker already holds and
+gives it back here when done: no message to the acceptor.  Only when the
+worker has no idle session for the (service, slice) does it report its number
+of waiters (WANT) and wait for a GRANT.  Sessions go back to the acceptor when
+it recalls them, when they sit idle longer than ``leaseIdleRelease``, or when
+they broke or were retired.  If the control connection drops, leases in use
+finish their request and are then closed (the acceptor has reclaimed them),
+and the pool reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from backdial import control, fdpass
+from backdial.metrics import LATENCY_BUCKETS, Histogram
+from backdial.policy import Policy
+
+log = logging.getLogger("backdial.sidecar")
+
+Key = tuple[str, str]  # (service as requested, slice)
+
+
+@dataclass(slots=True)
+class Lease:
+    session: int
+    service: str
+    slice: str
+    registrant: int
+    sock: socket.socket
+    key: Key = ("", "")
+    idle_since: float = 0.0
+    epoch: int = 0  # control connection generation that granted it
+
+
+class UpstreamConn(Protocol):
+    lease: Lease
+
+    def close(self) -> None: ...
+
+
+ConnFactory = Callable[[Lease], Awaitable[UpstreamConn]]
+
+
+class _Refused(Exception):
+    def __init__(self, retry_after: int, reason: str) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+class QueueFull(_Refused):
+    """The slice's queue (this worker's part of it) is full."""
+
+
+class QueueTimeout(_Refused):
+    """No session within the slice's queue timeout."""
+
+
+class NoCapacity(_Refused):
+    """The pool is closing or has no acceptor; nothing can be leased."""
+
+
+@dataclass(slots=True)
+class SliceStats:
+    wait: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+def _granted(fut: asyncio.Future[UpstreamConn]) -> bool:
+    return fut.done() and not fut.cancelled() and fut.exception() is None
+
+
+class LeasePool:
+    def __init__(self, run_dir: Path, conn_factory: ConnFactory, name: str = "") -> None:
+        self.control_path = run_dir / "control.sock"
+        self.conn_factory = conn_factory
+        self.name = name
+        self.policy = Policy()
+        self.generation = 0
+        self.workers = 1
+        self.index = 0
+        self.worker_id = 0
+        self.idle: dict[Key, collections.deque[UpstreamConn]] = collections.defaultdict(
+            collections.deque
+        )
+        self.waiters: dict[Key, collections.deque[asyncio.Future[UpstreamConn]]] = (
+            collections.defaultdict(collections.deque)
+        )
+        self.held: dict[int, UpstreamConn] = {}  # every session this worker holds, by id
+        self.busy: set[int] = set()
+        self.recall: collections.Counter[str] = collections.Counter()  # by actual service
+        self.stats: dict[str, SliceStats] = collections.defaultdict(SliceStats)
+        self.registered = 0  # sessions registered at the acceptor, as last announced
+        self.closing = False
+        self.connected = asyncio.Event()
+        self.configured = asyncio.Event()
+        self._channel: fdpass.Channel | None = None
+        self._epoch = 0
+        self._reported: dict[Key, int] = {}
+        self._want_dirty = False
+        self._release_buf: list[control.Released] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._listen_waiters: dict[str, asyncio.Future[socket.socket]] = {}
+        self._loop = asyncio.get_running_loop()
+
+    # -- public API used by the proxy --------------------------------------------------
+    async def acquire(self, service: str, slice_name: str) -> UpstreamConn:
+        key = (service, slice_name)
+        idle = self.idle.get(key)
+        while idle:
+            conn = idle.popleft()
+            if conn.lease.session in self.held:
+                self.busy.add(conn.lease.session)
+                return conn
+        return await self._wait(key)
+
+    def release(self, conn: UpstreamConn, state: str) -> None:
+        lease = conn.lease
+        self.busy.discard(lease.session)
+        if lease.session not in self.held:
+            conn.close()
+            return
+        if state != "idle" or lease.epoch != self._epoch or self.closing:
+            self._give_back(conn, state if state != "idle" or lease.epoch == self._epoch
+                            else "broken")
+            return
+        if self.recall[lease.service] > 0:
+            self.recall[lease.service] -= 1
+            self._give_back(conn, "idle")
+            return
+        self._offer(conn)
+
+    def lost(self, conn: UpstreamConn, state: str) -> None:
+        """An idle held session died or was retired by its service."""
+        lease = conn.lease
+        if lease.session not in self.held:
+            return
+        with contextlib.suppress(ValueError):
+            self.idle[lease.key].remove(conn)
+        self._give_back(conn, state)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self.waiters.values())
+
+    def queue_limit(self, slice_name: str) -> int:
+        """This worker's part of the slice's maxWaiting (split exactly over workers)."""
+        spec = next((s for s in self.policy.slices if s.name == slice_name), None)
+        total = spec.queue.max_waiting if spec else 0
+        share, extra = divmod(total, max(1, self.workers))
+        return share + (1 if self.index < extra else 0)
+
+    # -- waiting ----------------------------------------------------------------------
+    async def _wait(self, key: Key) -> UpstreamConn:
+        spec = next((s for s in self.policy.slices if s.name == key[1]), None)
+        retry_after = self.policy.limits.retry_after
+        stats = self.stats[key[1]]
+        if self.closing:
+            stats.rejected["draining"] += 1
+            raise NoCapacity(retry_after, "draining")
+        queue = self.waiters[key]
+        if spec is None or len(queue) >= self.queue_limit(key[1]):
+            stats.rejected["queue_full"] += 1
+            raise QueueFull(retry_after, "queue_full")
+        fut: asyncio.Future[UpstreamConn] = self._loop.create_future()
+        queue.append(fut)
+        self._mark_want()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(spec.queue.timeout):
+                conn = await fut
+        except TimeoutError:
+            if not _granted(fut):
+                self._forget(key, fut)
+                stats.rejected["timeout"] += 1
+                stats.wait.observe(time.monotonic() - started)
+                raise QueueTimeout(retry_after, "timeout") from None
+            conn = fut.result()  # handed over at the deadline: use it rather than lose it
+        except BaseException:
+            # The client went away (task cancelled) or the pool is closing.
+            if _granted(fut):
+                self.release(fut.result(), "idle")
+            else:
+                self._forget(key, fut)
+            raise
+        stats.wait.observe(time.monotonic() - started)
+        return conn
+
+    def _forget(self, key: Key, fut: asyncio.Future[UpstreamConn]) -> None:
+        with contextlib.suppress(ValueError):
+            self.waiters[key].remove(fut)
+        self._mark_want()
+
+    def _offer(self, conn: UpstreamConn) -> None:
+        """Hand a clean session to this key's oldest waiter, else keep it idle (sticky)."""
+        lease = conn.lease
+        queue = self.waiters.get(lease.key)
+        while queue:
+            fut = queue.popleft()
+            if not fut.done():
+                self.busy.add(lease.session)
+                fut.set_result(conn)
+                self._mark_want()
+                return
+        lease.idle_since = time.monotonic()
+        self.idle[lease.key].append(conn)
+
+    def _mark_want(self) -> None:
+        # WANT is absolute and coalesced per loop iteration: a burst of arrivals costs one
+        # record, and nothing is sent while waiter counts do not change.
+        if not self._want_dirty:
+            self._want_dirty = True
+            self._loop.call_soon(self._flush_want)
+
+    def _flush_want(self) -> None:
+        self._want_dirty = False
+        channel = self._channel
+        if channel is None or channel.closed:
+            return
+        keys = set(self._reported) | {k for k, q in self.waiters.items() if q}
+        for key in keys:
+            n = sum(1 for f in self.waiters.get(key, ()) if not f.done())
+            if self._reported.get(key, 0) != n:
+                channel.send(control.Want(key[0], key[1], n))
+                if n:
+                    self._reported[key] = n
+                else:
+                    self._reported.pop(key, None)
+
+    def _give_back(self, conn: UpstreamConn, state: str) -> None:
+        lease = conn.lease
+        self.held.pop(lease.session, None)
+        conn.close()
+        if lease.epoch == self._epoch and self._channel is not None:
+            if not self._release_buf:
+                self._loop.call_soon(self._flush_release)
+            self._release_buf.append(control.Released(lease.session, state))
+
+    def _flush_release(self) -> None:
+        items, self._release_buf = self._release_buf, []
+        if items and self._channel is not None:
+            self._channel.send(control.Release(items))
+
+    # -- control connection -------------------------------------------------------------
+    def start(self) -> None:
+        self._runner = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while not self.closing:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.setblocking(False)
+            try:
+                await self._loop.sock_connect(sock, str(self.control_path))
+            except OSError as exc:
+                sock.close()
+                if delay >= 0.8:
+                    log.warning("acceptor control socket %s: %s; retrying", self.control_path, exc)
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            closed: asyncio.Future[None] = self._loop.create_future()
+            self._epoch += 1
+            self._reported.clear()
+            self._channel = fdpass.Channel(
+                sock,
+                self._on_record,
+                lambda exc: closed.done() or closed.set_result(None),
+            )
+            self._channel.send(control.Hello(os.getpid(), self.name))
+            self.connected.set()
+            self._mark_want()
+            idle_task = asyncio.ensure_future(self._idle_sweeper())
+            await closed
+            idle_task.cancel()
+            self.connected.clear()
+            self._channel = None
+            self._orphan_leases()
+            if not self.closing:
+                log.warning("lost the acceptor control connection; reconnecting")
+
+    def _orphan_leases(self) -> None:
+        """The acceptor reclaimed our leases: close idle ones now, busy ones after their request."""
+        for queue in self.idle.values():
+            while queue:
+                conn = queue.popleft()
+                self.held.pop(conn.lease.session, None)
+                conn.close()
+        for sid in list(self.held):
+            if sid not in self.busy:
+                self.held.pop(sid).close()
+        self.recall.clear()
+        for listener in self._listen_waiters.values():
+            if not listener.done():
+                listener.set_exception(ConnectionError("acceptor connection lost"))
+        self._listen_waiters.clear()
+
+    def _on_record(self, msg: control.Message, fds: list[int]) -> None:
+        if isinstance(msg, control.Grant):
+            if len(fds) != len(msg.leases):
+                for fd in fds:
+                    os.close(fd)
+                log.error("GRANT with %d leases but %d descriptors", len(msg.leases), len(fds))
+                return
+            for entry, fd in zip(msg.leases, fds, strict=True):
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)
+                lease = Lease(entry.session, entry.service, entry.slice, entry.registrant, sock,
+                              (entry.requested, entry.slice), epoch=self._epoch)
+                self._spawn(self._adopt(lease))
+        elif isinstance(msg, control.ConfigMsg):
+            self._apply_config(msg)
+        elif isinstance(msg, control.Stats):
+            self.registered = int(msg.counters.get("registered", self.registered))
+        elif isinstance(msg, control.Recall):
+            self._on_recall(msg.service, msg.n)
+        elif isinstance(msg, control.Listener):
+            self._resolve_listener(msg.address, fds)
+        elif isinstance(msg, control.Error):
+            log.error("acceptor error %s: %s", msg.code, msg.message)
+            for fd in fds:
+                os.close(fd)
+            if msg.code == "listen":
+                for fut in self._listen_waiters.values():
+                    if not fut.done():
+                        fut.set_exception(OSError(msg.message))
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    async def _adopt(self, lease: Lease) -> None:
+        try:
+            conn = await self.conn_factory(lease)
+        except OSError as exc:
+            log.warning("session %d unusable: %s", lease.session, exc)
+            lease.sock.close()
+            if lease.epoch == self._epoch and self._channel is not None:
+                self._channel.send(control.Release([control.Released(lease.session, "broken")]))
+            return
+        self.held[lease.session] = conn
+        if lease.epoch != self._epoch:
+            self.held.pop(lease.session, None)
+            conn.close()
+            return
+        if self.recall[lease.service] > 0:
+            self.recall[lease.service] -= 1
+            self._give_back(conn, "idle")
+            return
+        self._offer(conn)
+
+    def _apply_config(self, msg: control.ConfigMsg) -> None:
+        from backdial.policy import PolicyError, policy_from_data
+
+        try:
+            self.policy = policy_from_data(msg.config, "acceptor config")
+        except PolicyError as exc:  # the acceptor validated it; a mismatch is a version skew
+            log.error("ignoring config generation %d: %s", msg.generation, exc)
+            return
+        self.generation, self.worker_id = msg.generation, msg.worker
+        self.workers, self.index = msg.workers, msg.index
+        valid = {s.name for s in self.policy.slices}
+        # Waiters of a removed slice keep waiting until their own timeout; leases for it
+        # go back when idle so the acceptor re-counts them under the new slices.
+        for key, queue in list(self.idle.items()):
+            if key[1] not in valid:
+                while queue:
+                    self._give_back(queue.popleft(), "idle")
+        self.configured.set()
+
+    def _on_recall(self, service: str, n: int) -> None:
+        for key, queue in self.idle.items():
+            if n <= 0:
+                break
+            keep: collections.deque[UpstreamConn] = collections.deque()
+            while queue:
+                conn = queue.popleft()
+                if n > 0 and conn.lease.service == service:
+                    self._give_back(conn, "idle")
+                    n -= 1
+                else:
+                    keep.append(conn)
+            self.idle[key] = keep
+        if n > 0:
+            self.recall[service] += n
+
+    async def _idle_sweeper(self) -> None:
+        while True:
+            limit = self.policy.limits.lease_idle_release
+            await asyncio.sleep(max(0.05, min(limit / 2, 1.0)))
+            cutoff = time.monotonic() - limit
+            for queue in self.idle.values():
+                while queue and queue[0].lease.idle_since < cutoff:
+                    self._give_back(queue.popleft(), "idle")
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- listening socket ----------------------------------------------------------------
+    async def listener(self, address: str, timeout: float = 10.0) -> socket.socket:
+        """The client listening socket the acceptor holds for *address*."""
+        async with asyncio.timeout(timeout):
+            await self.connected.wait()
+            fut = self._listen_waiters.get(address)
+            if fut is None or fut.done():
+                fut = self._loop.create_future()
+                self._listen_waiters[address] = fut
+                assert self._channel is not None
+                self._channel.send(control.Listen(address))
+            return await fut
+
+    def _resolve_listener(self, address: str, fds: list[int]) -> None:
+        fut = self._listen_waiters.pop(address, None)
+        if fut is None or fut.done() or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return
+        fut.set_result(socket.socket(fileno=fds[0]))
+
+    # -- stats and shutdown ------------------------------------------------------------------
+    def counters(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, st in self.stats.items():
+            for i, c in enumerate(st.wait.counts):
+                if c:
+                    out[f"wait_bucket|{name}|{i}"] = c
+            out[f"wait_sum_us|{name}"] = int(st.wait.sum * 1e6)
+            for reason, c in st.rejected.items():
+                out[f"rejected|{name}|{reason}"] = c
+        return out
+
+    def send_stats(self) -> None:
+        if self._channel is not None:
+            self._channel.send(control.Stats(self.counters()))
+
+    async def close(self, deadline: float) -> None:
+        """Stop leasing: fail waiters, give idle sessions back, wait for busy ones."""
+        self.closing = True
+        for queue in self.waiters.values():
+            while queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.set_exception(NoCapacity(self.policy.limits.retry_after, "draining"))
+        for queue in self.idle.values():
+            while queue:
+                self._give_back(queue.popleft(), "idle")
+        end = time.monotonic() + deadline
+        while self.busy and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        self.send_stats()
+        self._flush_release()
+        await asyncio.sleep(0)  # let the channel write what is queued
+        if self._channel is not None:
+            self._channel.close()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner

@@ -1,0 +1,102 @@
+"""A small HTTP/1.1 server for admin endpoints (metrics, health, state, routes).
+
+Admin traffic is rare and never on the request path, so this favours
+simplicity: ``asyncio.start_server``, one request per connection, bodies read
+by Content-Length up to a small limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger("backdial.admin")
+
+MAX_BODY = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRequest:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminResponse:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+    @classmethod
+    def of_json(cls, status: int, data: Any) -> AdminResponse:
+        return cls(status, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
+
+    @classmethod
+    def text(cls, status: int, text: str) -> AdminResponse:
+        return cls(status, text.encode(), "text/plain; charset=utf-8")
+
+
+Handler = Callable[[AdminRequest], Awaitable[AdminResponse]]
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+async def _serve_one(handler: Handler, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip())
+        if length > MAX_BODY:
+            resp = AdminResponse.text(413, "body too large\n")
+        else:
+            body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
+            url = urlsplit(target)
+            req = AdminRequest(method.upper(), url.path, parse_qs(url.query), body)
+            try:
+                resp = await handler(req)
+            except Exception:  # an admin bug must not take the process down
+                log.exception("admin handler failed for %s %s", method, url.path)
+                resp = AdminResponse.text(500, "internal error\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+        resp = AdminResponse.text(400, "bad request\n")
+    except ConnectionError:
+        writer.close()
+        return
+    reason = _REASONS.get(resp.status, "Status")
+    writer.write(
+        f"HTTP/1.1 {resp.status} {reason}\r\nContent-Type: {resp.content_type}\r\n"
+        f"Content-Length: {len(resp.body)}\r\nConnection: close\r\n\r\n".encode() + resp.body
+    )
+    try:
+        await writer.drain()
+    except ConnectionError:
+        pass
+    writer.close()
+
+
+async def start_admin(host: str, port: int | str, handler: Handler) -> asyncio.Server:
+    """Serve *handler* on TCP HOST:PORT, or on a UNIX socket when *host* is ``unix``."""
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _serve_one(handler, reader, writer)
+
+    if host == "unix":
+        return await asyncio.start_unix_server(on_client, str(port))
+    return await asyncio.start_server(on_client, host, port, reuse_address=True)

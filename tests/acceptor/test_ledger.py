@@ -1,0 +1,190 @@
+"""The acceptor's accounting, without IO: quotas, borrowing, FIFO, fairness ring, recalls."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from backdial.acceptor.ledger import Ledger, apportion
+from backdial.policy import policy_from_data
+
+TWO_SLICES = {
+    "slices": [
+        {"name": "mobile", "match": {"userAgent": "iPhone"}, "share": 25, "borrow": False,
+         "queue": {"maxWaiting": 10, "timeout": "1s"}},
+        {"name": "default", "share": 75, "borrow": True},
+    ]
+}
+
+
+def make(policy: dict | None = None, registrants: int = 1, sessions: int = 4) -> Ledger:
+    ledger = Ledger(policy_from_data(policy or {}))
+    fd = 100
+    for r in range(registrants):
+        reg = ledger.add_registrant("svc", f"i{r}", None)
+        for _ in range(sessions):
+            ledger.add_session(reg, fd)
+            fd += 1
+    ledger.add_worker(1)
+    ledger.add_worker(2)
+    return ledger
+
+
+@pytest.mark.parametrize(
+    ("total", "shares", "expected"),
+    [
+        (4, {"a": 25, "b": 75}, {"a": 1, "b": 3}),
+        (1, {"a": 25, "b": 75}, {"a": 0, "b": 1}),
+        (3, {"a": 50, "b": 50}, {"a": 2, "b": 1}),  # tie goes to the slice listed first
+        (0, {"a": 100}, {"a": 0}),
+        (10, {"a": 33, "b": 33, "c": 34}, {"a": 3, "b": 3, "c": 4}),
+    ],
+)
+def test_apportion(total: int, shares: dict[str, int], expected: dict[str, int]) -> None:
+    assert apportion(total, shares) == expected
+    assert sum(apportion(total, shares).values()) == total
+
+
+def test_grants_never_exceed_registered_sessions() -> None:
+    ledger = make(registrants=2, sessions=3)
+    ledger.set_want(1, ("", "default"), 10)
+    grants = ledger.pump()
+    assert len(grants) == 6
+    assert len({g.session.id for g in grants}) == 6
+    assert ledger.pump() == []
+    assert sum(ledger.wants[1].values()) == 4
+
+
+def test_non_borrowing_slice_stays_within_quota_while_others_idle() -> None:
+    ledger = make(TWO_SLICES, sessions=8)  # quotas: mobile 2, default 6
+    ledger.set_want(1, ("", "mobile"), 5)
+    grants = ledger.pump()
+    assert len(grants) == 2
+    assert ledger.services["svc"].leased["mobile"] == 2
+
+
+def test_borrowing_slice_leaves_sessions_owed_to_waiting_slices() -> None:
+    ledger = make(TWO_SLICES, sessions=8)
+    ledger.set_want(2, ("", "mobile"), 1)  # mobile waits first (quota 2, borrow false)
+    ledger.set_want(1, ("", "default"), 20)
+    grants = ledger.pump()
+    by_slice = collections.Counter(g.session.slice for g in grants)
+    assert by_slice["mobile"] == 1
+    assert by_slice["default"] == 7  # borrowed one of mobile's two, the other is owed
+    ledger.set_want(2, ("", "mobile"), 2)
+    sess = next(g.session for g in grants if g.session.slice == "default")
+    assert ledger.give_back(sess.id, 1)
+    grants = ledger.pump()
+    assert [g.session.slice for g in grants] == ["mobile"]
+
+
+def test_fifo_across_workers() -> None:
+    ledger = make(sessions=1)
+    first = ledger.pump()
+    assert first == []
+    ledger.set_want(2, ("", "default"), 1)
+    ledger.set_want(1, ("", "default"), 1)
+    ledger.set_want(2, ("", "default"), 2)
+    order = []
+    for _ in range(3):
+        grants = ledger.pump()
+        assert len(grants) == 1
+        order.append(grants[0].worker)
+        ledger.give_back(grants[0].session.id, grants[0].worker)
+    assert order == [2, 1, 2]
+
+
+def test_withdrawn_want_drops_newest_units_first() -> None:
+    ledger = make(sessions=1)
+    ledger.set_want(1, ("", "default"), 2)
+    ledger.set_want(2, ("", "default"), 1)
+    ledger.set_want(1, ("", "default"), 1)  # worker 1's newer waiter timed out
+    assert [w for w, _ in ledger.queue.values()] == [1, 2]
+
+
+def test_ring_alternates_registrants() -> None:
+    ledger = make(registrants=3, sessions=5)
+    served = collections.Counter()
+    for _ in range(300):
+        ledger.set_want(1, ("", "default"), 1)
+        (g,) = ledger.pump()
+        served[g.session.registrant] += 1
+        ledger.give_back(g.session.id, 1)
+    assert set(served.values()) == {100}
+
+
+def test_prefetch_spreads_over_registrants() -> None:
+    ledger = make(registrants=2, sessions=4)
+    ledger.set_want(1, ("", "default"), 1)
+    grants = ledger.pump(prefetch=1)
+    assert len(grants) == 2
+    assert len({g.session.registrant for g in grants}) == 2
+
+
+def test_remove_worker_reclaims_only_its_leases() -> None:
+    ledger = make(registrants=1, sessions=4)
+    ledger.set_want(1, ("", "default"), 2)
+    ledger.set_want(2, ("", "default"), 1)
+    ledger.pump()
+    held = ledger.remove_worker(1)
+    assert len(held) == 2
+    assert ledger.services["svc"].total == 2
+    assert sum(1 for s in ledger.sessions.values() if s.worker == 2) == 1
+
+
+def test_drop_last_session_removes_registrant() -> None:
+    ledger = make(registrants=2, sessions=1)
+    sid = next(iter(ledger.sessions))
+    reg = ledger.sessions[sid].registrant
+    ledger.drop_session(sid)
+    assert reg not in ledger.registrants
+    assert len(ledger.registrants) == 1
+
+
+def test_recall_only_for_waiters_a_worker_cannot_serve_itself() -> None:
+    ledger = make(sessions=2)
+    ledger.set_want(1, ("", "default"), 2)
+    ledger.pump()
+    ledger.set_want(1, ("", "default"), 3)  # worker 1 saturated: its own sessions will do
+    assert ledger.recall_plan() == []
+    ledger.set_want(2, ("", "default"), 1)  # another worker waits: ask worker 1
+    assert ledger.recall_plan() == [(1, "svc", 1)]
+    assert ledger.recall_plan() == []  # already asked
+
+
+def test_policy_change_moves_waiters_of_removed_slice_to_default() -> None:
+    ledger = make(TWO_SLICES, sessions=0)
+    ledger.set_want(1, ("", "mobile"), 2)
+    ledger.set_policy(policy_from_data({}))
+    assert {k for _, k in ledger.queue.values()} == {("", "default")}
+
+
+def test_random_operations_keep_books_consistent() -> None:
+    rng = random.Random(7)
+    ledger = make(TWO_SLICES, registrants=3, sessions=4)
+    leased: dict[int, int] = {}
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.4:
+            ledger.set_want(rng.choice([1, 2]), ("", rng.choice(["mobile", "default"])),
+                            rng.randrange(0, 6))
+        elif op < 0.7 and leased:
+            sid = rng.choice(list(leased))
+            ledger.give_back(sid, leased.pop(sid))
+        elif op < 0.75 and leased:
+            sid = rng.choice(list(leased))
+            leased.pop(sid)
+            ledger.drop_session(sid)
+        grants = ledger.pump(prefetch=rng.randrange(3))
+        for g in grants:
+            assert g.session.id not in leased
+            leased[g.session.id] = g.worker
+        book = ledger.services["svc"]
+        assert book.total == len(ledger.sessions)
+        assert book.total - book.idle_count == len(leased) == sum(book.leased.values())
+        if any(g.session.slice == "mobile" for g in grants):
+            # Dropped sessions can shrink a quota below running leases (nothing is
+            # preempted), but a grant never takes mobile (no borrowing) past it.
+            assert book.leased["mobile"] <= ledger.quotas("svc")["mobile"]

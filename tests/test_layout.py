@@ -1,0 +1,81 @@
+"""Guards the source layout: the namespace mapping and the component boundaries."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import operator
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPONENTS = ("acceptor", "sidecar", "operator")
+
+
+def test_operator_folder_is_not_a_top_level_package() -> None:
+    assert not (ROOT / "operator" / "__init__.py").exists()
+    # The standard library's operator module must still be the one Python finds,
+    # also when the repository root is the working directory.
+    out = subprocess.run(
+        [sys.executable, "-c", "import operator; print(operator.__file__); print(operator.add(2, 3))"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert "site-packages" not in out[0] and str(ROOT / "operator") not in out[0]
+    assert out[1] == "5"
+    assert operator.itemgetter(1)([0, 7]) == 7
+
+
+def test_package_dir_mapping_is_explicit() -> None:
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = cfg["package-dir"]
+    assert mapping["backdial"] == "src/backdial"
+    for comp in COMPONENTS:
+        assert mapping[f"backdial.{comp}"] == f"{comp}/backdial/{comp}"
+        assert (ROOT / mapping[f"backdial.{comp}"] / "__init__.py").is_file()
+        assert f"backdial.{comp}" in cfg["packages"]
+    # backdial is a namespace split over source roots: no __init__ in any portion.
+    assert not (ROOT / "src/backdial/__init__.py").exists()
+    for comp in COMPONENTS:
+        assert not (ROOT / comp / "backdial" / "__init__.py").exists()
+    # Every package directory on disk is listed, so nothing is silently left out of a wheel.
+    listed = set(cfg["packages"])
+    for init in ROOT.glob("src/backdial/**/__init__.py"):
+        rel = init.parent.relative_to(ROOT / "src").as_posix().replace("/", ".")
+        assert rel in listed, f"{rel} missing from [tool.setuptools] packages"
+
+
+def test_components_import_from_the_mapped_folders() -> None:
+    for comp in COMPONENTS:
+        mod = importlib.import_module(f"backdial.{comp}")
+        assert Path(mod.__file__ or "").resolve().parent == ROOT / comp / "backdial" / comp
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_components_never_import_each_other() -> None:
+    for comp in COMPONENTS:
+        for path in (ROOT / comp).rglob("*.py"):
+            for name in _imports(path):
+                for other in COMPONENTS:
+                    if other != comp:
+                        assert not name.startswith(f"backdial.{other}"), f"{path} imports {name}"
+
+
+def test_shared_code_does_not_import_components() -> None:
+    # Only the console-script dispatcher may name components (it imports them lazily).
+    for path in (ROOT / "src" / "backdial").rglob("*.py"):
+        if path.name == "cli.py" and path.parent.name == "backdial":
+            continue
+        for name in _imports(path):
+            for comp in COMPONENTS:
+                assert not name.startswith(f"backdial.{comp}"), f"{path} imports {name}"
