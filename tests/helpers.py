@@ -49,7 +49,9 @@ def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condi
         except (OSError, AssertionError, KeyError, ValueError) as exc:
             last = exc
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last})" if last else ""))
+    raise AssertionError(
+        f"timed out waiting for {what}" + (f" (last error: {last})" if last else "")
+    )
 
 
 class Proc:
@@ -62,7 +64,10 @@ class Proc:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.p = subprocess.Popen(
             [sys.executable, "-m", "backdial.cli", *args],
-            stdout=self._fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
         )
 
     @property
@@ -106,7 +111,9 @@ def processes(tmp: Path) -> Iterator[Callable[..., Proc]]:
         yield start
     except BaseException:
         for proc in started:
-            sys.stderr.write(f"\n----- {proc.args[0]} log ({proc.log}) -----\n{proc.output()[-4000:]}")
+            sys.stderr.write(
+                f"\n----- {proc.args[0]} log ({proc.log}) -----\n{proc.output()[-4000:]}"
+            )
         raise
     finally:
         for proc in reversed(started):

@@ -19,8 +19,15 @@ def test_operator_folder_is_not_a_top_level_package() -> None:
     # The standard library's operator module must still be the one Python finds,
     # also when the repository root is the working directory.
     out = subprocess.run(
-        [sys.executable, "-c", "import operator; print(operator.__file__); print(operator.add(2, 3))"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import operator; print(operator.__file__); print(operator.add(2, 3))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert "site-packages" not in out[0] and str(ROOT / "operator") not in out[0]
     assert out[1] == "5"

@@ -8,6 +8,7 @@ by Content-Length up to a small limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -47,13 +48,23 @@ class AdminResponse:
 
 
 Handler = Callable[[AdminRequest], Awaitable[AdminResponse]]
-_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found",
-            405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
-async def _serve_one(handler: Handler, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+async def _serve_one(
+    handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         lines = head.decode("latin-1").split("\r\n")
@@ -82,12 +93,11 @@ async def _serve_one(handler: Handler, reader: asyncio.StreamReader,
     reason = _REASONS.get(resp.status, "Status")
     writer.write(
         f"HTTP/1.1 {resp.status} {reason}\r\nContent-Type: {resp.content_type}\r\n"
-        f"Content-Length: {len(resp.body)}\r\nConnection: close\r\n\r\n".encode() + resp.body
+        f"Content-Length: {len(resp.body)}\r\nConnection: close\r\n\r\n".encode()
+        + resp.body
     )
-    try:
+    with contextlib.suppress(ConnectionError):
         await writer.drain()
-    except ConnectionError:
-        pass
     writer.close()
 
 

@@ -110,9 +110,7 @@ class Stats:
     counters: dict[str, float] = field(default_factory=dict)
 
 
-Message = (
-    Hello | ConfigMsg | Want | Grant | Release | Recall | Listen | Listener | Error | Stats
-)
+Message = Hello | ConfigMsg | Want | Grant | Release | Recall | Listen | Listener | Error | Stats
 
 _KIND: dict[type[Any], Kind] = {
     Hello: Kind.HELLO,
@@ -175,6 +173,9 @@ def _build(kind: Kind, data: dict[str, Any]) -> Message:
     return msg
 
 
+_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "str": str, "float": (int, float)}
+
+
 def _fields(data: Any, cls: type[Any]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TypeError("expected an object")
@@ -183,7 +184,7 @@ def _fields(data: Any, cls: type[Any]) -> dict[str, Any]:
     out = {k: v for k, v in data.items() if k in names}
     for name, f in names.items():
         if name in out:
-            expected = {"int": int, "str": str, "float": (int, float)}.get(str(f.type))
+            expected: type | tuple[type, ...] | None = _TYPES.get(str(f.type))
             if expected is not None and (
                 not isinstance(out[name], expected) or isinstance(out[name], bool)
             ):

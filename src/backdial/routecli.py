@@ -25,8 +25,11 @@ def _call(admin: str, method: str, path: str, body: Any = None) -> tuple[int, An
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="backdial route", description=__doc__)
-    p.add_argument("--admin", default=env("ADMIN", "127.0.0.1:9901"),
-                   help="acceptor admin HOST:PORT (env BACKDIAL_ADMIN; default 127.0.0.1:9901)")
+    p.add_argument(
+        "--admin",
+        default=env("ADMIN", "127.0.0.1:9901"),
+        help="acceptor admin HOST:PORT (env BACKDIAL_ADMIN; default 127.0.0.1:9901)",
+    )
     sub = p.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="add or replace a route")
     add.add_argument("name")

@@ -46,12 +46,24 @@ def parser() -> argparse.ArgumentParser:
         prog="backdial up",
         description="Run acceptor, sidecar and the demo service locally; Ctrl-C stops them.",
     )
-    p.add_argument("--port", type=int, default=int(env("PORT", "8080") or 8080),
-                   help="client port of the sidecar (default 8080)")
-    p.add_argument("--admin-port", type=int, default=int(env("ADMIN_PORT", "9901") or 9901),
-                   help="acceptor admin port; the sidecar's admin is the next port (default 9901)")
-    p.add_argument("--sessions", type=int, default=int(env("SESSIONS", "16") or 16),
-                   help="sessions the demo service registers (default 16)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(env("PORT", "8080") or 8080),
+        help="client port of the sidecar (default 8080)",
+    )
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        default=int(env("ADMIN_PORT", "9901") or 9901),
+        help="acceptor admin port; the sidecar's admin is the next port (default 9901)",
+    )
+    p.add_argument(
+        "--sessions",
+        type=int,
+        default=int(env("SESSIONS", "16") or 16),
+        help="sessions the demo service registers (default 16)",
+    )
     p.add_argument("--workers", type=int, default=1, help="sidecar worker processes (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--config", help="acceptor config file (slices, routes, limits)")
@@ -74,10 +86,27 @@ def main(argv: list[str]) -> int:
     acceptor = _cmd("acceptor", "--run-dir", str(run_dir), "--admin", acceptor_admin)
     if ns.config:
         acceptor += ["--config", ns.config]
-    sidecar = _cmd("sidecar", "--run-dir", str(run_dir), "--listen", f"{ns.host}:{ns.port}",
-                   "--admin", sidecar_admin, "--workers", str(ns.workers))
-    service = _cmd("serve", ns.app, "--register", f"unix://{run_dir}/register.sock",
-                   "--sessions", str(ns.sessions), "--service", "demo")
+    sidecar = _cmd(
+        "sidecar",
+        "--run-dir",
+        str(run_dir),
+        "--listen",
+        f"{ns.host}:{ns.port}",
+        "--admin",
+        sidecar_admin,
+        "--workers",
+        str(ns.workers),
+    )
+    service = _cmd(
+        "serve",
+        ns.app,
+        "--register",
+        f"unix://{run_dir}/register.sock",
+        "--sessions",
+        str(ns.sessions),
+        "--service",
+        "demo",
+    )
     procs: list[subprocess.Popen[bytes]] = []
     stopping: list[int] = []
     # Ctrl-C goes to the whole foreground process group; each child starts its own

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 MAGIC = b"BDREG/1"
 VERSION = 1
@@ -26,7 +26,7 @@ _REQUIRED = ("service", "instance")
 _OPTIONAL = ("slice", "token")
 
 
-class ErrCode(str, Enum):
+class ErrCode(StrEnum):
     """Machine-readable reason carried by an ``ERR`` reply."""
 
     VERSION = "version"
@@ -64,7 +64,7 @@ class Preamble:
             parts.append(b"token=" + _check(self.token))
         line = b" ".join(parts) + b"\r\n"
         if len(line) > MAX_PREAMBLE:
-            raise ValueError("preamble longer than %d bytes" % MAX_PREAMBLE)
+            raise ValueError(f"preamble longer than {MAX_PREAMBLE} bytes")
         return line
 
 
@@ -104,7 +104,9 @@ def parse_preamble(line: bytes) -> Preamble:
     if not head.startswith(b"BDREG/"):
         raise PreambleError(ErrCode.MALFORMED, "preamble must start with BDREG/<version>")
     if head != MAGIC:
-        raise PreambleError(ErrCode.VERSION, f"unsupported version {head[6:]!r}; this acceptor speaks 1")
+        raise PreambleError(
+            ErrCode.VERSION, f"unsupported version {head[6:]!r}; this acceptor speaks 1"
+        )
     fields: dict[str, str] = {}
     for word in words[1:]:
         key, eq, value = word.partition(b"=")
@@ -160,6 +162,6 @@ def parse_reply(line: bytes) -> Reply:
         fields = dict(w.split(b"=", 1) for w in body.split(b" ")[1:] if b"=" in w)
         return Reply(True, int(fields.get(b"session", b"0")), int(fields.get(b"registrant", b"0")))
     if body.startswith(b"ERR "):
-        _, code, message = (body.split(b" ", 2) + [b""])[:3]
+        _, code, message = [*body.split(b" ", 2), b""][:3]
         return Reply(False, code=code.decode(), message=message.decode("ascii", "replace"))
     raise ValueError(f"not a BDREG/1 reply: {line[:60]!r}")

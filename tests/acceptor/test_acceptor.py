@@ -7,6 +7,7 @@ the protocol can be spoken from scratch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.helpers import free_port, get_json, http_get, register, wait_for
 
 from backdial import control, fdpass, wire
-from tests.helpers import free_port, get_json, http_get, register, wait_for
 
 PRE = b"BDREG/1 service=demo instance=a1\r\n"
 
@@ -75,15 +76,15 @@ def test_registration_ok_and_state(acceptor, run_dir: Path) -> None:  # type: ig
         (b"BDREG/1 service=" + b"x" * 2000 + b"\r\n", b"too-long"),
     ],
 )
-def test_bad_preambles_get_err_and_change_nothing(acceptor, run_dir: Path, line: bytes,
-                                                  code: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_bad_preambles_get_err_and_change_nothing(
+    acceptor, run_dir: Path, line: bytes, code: bytes
+) -> None:  # type: ignore[no-untyped-def]
     proc, admin, _ = acceptor()
     sock, reply = register(run_dir / "register.sock", line)
     assert reply.startswith(b"BDREG/1 ERR " + code + b" "), reply
-    try:
-        assert sock.recv(10) == b""  # closed after the ERR ...
-    except ConnectionResetError:
-        pass  # ... or reset, when the client had sent more than was read
+    # Closed after the ERR (or reset, when the client had sent more than was read).
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(10) == b""
     assert services(admin) == {}
     # ... and the acceptor still works.
     assert register(run_dir / "register.sock", PRE)[1].startswith(b"BDREG/1 OK")
@@ -92,13 +93,17 @@ def test_bad_preambles_get_err_and_change_nothing(acceptor, run_dir: Path, line:
 
 def test_preamble_timeout_and_tokens(acceptor, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
     _, admin, _ = acceptor("tokens: [s3cret]\nlimits: {preambleTimeout: 300ms}\n")
-    sock, reply = register(run_dir / "register.sock", b"BDREG/1 serv")
+    _, reply = register(run_dir / "register.sock", b"BDREG/1 serv")
     assert reply.startswith(b"BDREG/1 ERR timeout"), reply
     _, reply = register(run_dir / "register.sock", PRE)
     assert reply.startswith(b"BDREG/1 ERR auth"), reply
-    _, reply = register(run_dir / "register.sock", b"BDREG/1 service=demo instance=a token=nope\r\n")
+    _, reply = register(
+        run_dir / "register.sock", b"BDREG/1 service=demo instance=a token=nope\r\n"
+    )
     assert reply.startswith(b"BDREG/1 ERR auth"), reply
-    _, reply = register(run_dir / "register.sock", b"BDREG/1 token=s3cret service=demo instance=a\r\n")
+    _, reply = register(
+        run_dir / "register.sock", b"BDREG/1 token=s3cret service=demo instance=a\r\n"
+    )
     assert reply.startswith(b"BDREG/1 OK"), reply
     metrics = http_get(f"http://{admin}/metrics")[1].decode()
     assert 'backdial_registrations_total{result="auth"} 2' in metrics
@@ -126,13 +131,17 @@ def test_tcp_registration(acceptor) -> None:  # type: ignore[no-untyped-def]
 def test_dead_and_retired_sessions_are_dropped_alone(acceptor, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
     _, admin, _ = acceptor()
     a = [register(run_dir / "register.sock", PRE)[0] for _ in range(3)]
-    b = [register(run_dir / "register.sock", b"BDREG/1 service=demo instance=b\r\n")[0]
-         for _ in range(2)]
+    b = [
+        register(run_dir / "register.sock", b"BDREG/1 service=demo instance=b\r\n")[0]
+        for _ in range(2)
+    ]
     a[0].close()
     a[1].sendall(wire.RETIRE_LINE)
     assert a[1].recv(10) == b""  # the acceptor closes a retired session
     wait_for(lambda: services(admin)["demo"]["registered"] == 3, what="drops")
-    regs = {r["instance"]: r["sessions"] for r in get_json(f"http://{admin}/v1/state")["registrants"]}
+    regs = {
+        r["instance"]: r["sessions"] for r in get_json(f"http://{admin}/v1/state")["registrants"]
+    }
     assert regs == {"a1": 1, "b": 2}
     for s in b:
         s.close()
@@ -185,10 +194,8 @@ def test_control_grant_release_and_http_over_leased_fd(acceptor, run_dir: Path) 
     received = b""
     for s in service_side:
         s.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             received += s.recv(100)
-        except BlockingIOError:
-            pass
     assert received == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     state = services(admin)["demo"]
     assert state["slices"]["default"]["leased"] == len(grant.leases)
@@ -206,7 +213,7 @@ def test_killed_worker_leases_are_reclaimed(acceptor, run_dir: Path) -> None:  #
 import os, socket, sys, time
 from backdial import control, fdpass
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-s.connect({str(run_dir / 'control.sock')!r})
+s.connect({str(run_dir / "control.sock")!r})
 fdpass.send_record(s, control.encode(control.Hello(os.getpid(), "doomed")))
 fdpass.send_record(s, control.encode(control.Want("", "default", 2)))
 held = 0
@@ -247,8 +254,10 @@ def test_config_reload_keeps_old_config_on_error(acceptor, run_dir: Path) -> Non
     gen = get_json(f"http://{admin}/v1/state")["generation"]
     path = run_dir / "config.yaml"
     path.write_text("slices: [{name: default, share: 90}]\n")  # shares must add up to 100
-    wait_for(lambda: 'result="error"} 1' in http_get(f"http://{admin}/metrics")[1].decode(),
-             what="rejected reload")
+    wait_for(
+        lambda: 'result="error"} 1' in http_get(f"http://{admin}/metrics")[1].decode(),
+        what="rejected reload",
+    )
     assert get_json(f"http://{admin}/v1/state")["generation"] == gen
     assert "slice shares must add up to 100, not 90" in proc.output()
     path.write_text(
@@ -265,17 +274,42 @@ def test_bad_config_file_at_start_exits_1_with_one_line(run_dir: Path) -> None:
     path = run_dir / "bad.yaml"
     path.write_text("slices: [{name: Default!, share: 100}]\n")
     out = subprocess.run(
-        [sys.executable, "-m", "backdial.cli", "acceptor", "--run-dir", str(run_dir), "--config",
-         str(path), "--admin", f"127.0.0.1:{free_port()}"],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "backdial.cli",
+            "acceptor",
+            "--run-dir",
+            str(run_dir),
+            "--config",
+            str(path),
+            "--admin",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("backdial: error: ") and "slices.0.name" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("backdial: error: ") and "slices.0.name" in lines[0]
+    )
     path.write_text("slices: [oops\n")
     out = subprocess.run(
-        [sys.executable, "-m", "backdial.cli", "acceptor", "--run-dir", str(run_dir), "--config",
-         str(path)], capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "backdial.cli",
+            "acceptor",
+            "--run-dir",
+            str(run_dir),
+            "--config",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 1 and "not valid YAML" in out.stderr
 
@@ -284,8 +318,12 @@ def test_route_cli(acceptor, run_dir: Path) -> None:  # type: ignore[no-untyped-
     _, admin, _ = acceptor("routes: [{name: base, service: web}]\n")
 
     def route(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "backdial.cli", "route", "--admin", admin,
-                               *args], capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [sys.executable, "-m", "backdial.cli", "route", "--admin", admin, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     out = route("add", "api", "--service", "api", "--path-prefix", "/api/")
     assert out.returncode == 0, out.stderr
@@ -296,7 +334,8 @@ def test_route_cli(acceptor, run_dir: Path) -> None:  # type: ignore[no-untyped-
     assert bad.returncode == 1 and "pathPrefix must start with '/'" in bad.stderr
     # Routes added by the CLI survive a reload of the file.
     (run_dir / "config.yaml").write_text(
-        "routes: [{name: base, service: web}, {name: other, service: o}]\n")
+        "routes: [{name: base, service: web}, {name: other, service: o}]\n"
+    )
     wait_for(lambda: len(get_json(f"http://{admin}/v1/routes")["routes"]) == 3, what="reload")
     assert route("del", "api").returncode == 0
     assert route("del", "api").returncode == 1

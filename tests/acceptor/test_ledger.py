@@ -12,8 +12,13 @@ from backdial.policy import policy_from_data
 
 TWO_SLICES = {
     "slices": [
-        {"name": "mobile", "match": {"userAgent": "iPhone"}, "share": 25, "borrow": False,
-         "queue": {"maxWaiting": 10, "timeout": "1s"}},
+        {
+            "name": "mobile",
+            "match": {"userAgent": "iPhone"},
+            "share": 25,
+            "borrow": False,
+            "queue": {"maxWaiting": 10, "timeout": "1s"},
+        },
         {"name": "default", "share": 75, "borrow": True},
     ]
 }
@@ -168,8 +173,9 @@ def test_random_operations_keep_books_consistent() -> None:
     for _ in range(3000):
         op = rng.random()
         if op < 0.4:
-            ledger.set_want(rng.choice([1, 2]), ("", rng.choice(["mobile", "default"])),
-                            rng.randrange(0, 6))
+            ledger.set_want(
+                rng.choice([1, 2]), ("", rng.choice(["mobile", "default"])), rng.randrange(0, 6)
+            )
         elif op < 0.7 and leased:
             sid = rng.choice(list(leased))
             ledger.give_back(sid, leased.pop(sid))

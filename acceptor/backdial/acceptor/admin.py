@@ -101,25 +101,51 @@ def metrics(acc: Acceptor) -> bytes:
     for (service, sl), n in waiting.items():
         if service not in ledger.services:  # waiting for a service nobody registered yet
             rows_waiting.append(({"service": service or "(default)", "slice": sl}, float(n)))
-    exp.family("backdial_sessions_registered", "gauge",
-               "Sessions registered by services (shared by every slice).", rows_registered)
-    exp.family("backdial_slice_quota_sessions", "gauge",
-               "Sessions apportioned to the slice from its share.", rows_quota)
-    exp.family("backdial_sessions_leased", "gauge",
-               "Sessions leased to sidecar workers for the slice.", rows_leased)
-    exp.family("backdial_requests_waiting", "gauge",
-               "Requests waiting for a session, summed over all sidecar workers.", rows_waiting)
-    exp.family("backdial_registrants", "gauge", "Registered service instances.",
-               [({}, float(len(ledger.registrants)))])
-    exp.family("backdial_workers", "gauge", "Connected sidecar workers.",
-               [({}, float(len(acc.workers)))])
+    exp.family(
+        "backdial_sessions_registered",
+        "gauge",
+        "Sessions registered by services (shared by every slice).",
+        rows_registered,
+    )
+    exp.family(
+        "backdial_slice_quota_sessions",
+        "gauge",
+        "Sessions apportioned to the slice from its share.",
+        rows_quota,
+    )
+    exp.family(
+        "backdial_sessions_leased",
+        "gauge",
+        "Sessions leased to sidecar workers for the slice.",
+        rows_leased,
+    )
+    exp.family(
+        "backdial_requests_waiting",
+        "gauge",
+        "Requests waiting for a session, summed over all sidecar workers.",
+        rows_waiting,
+    )
+    exp.family(
+        "backdial_registrants",
+        "gauge",
+        "Registered service instances.",
+        [({}, float(len(ledger.registrants)))],
+    )
+    exp.family(
+        "backdial_workers", "gauge", "Connected sidecar workers.", [({}, float(len(acc.workers)))]
+    )
     totals = _worker_totals(acc)
     rejected = [
         ({"slice": key.split("|")[1], "reason": key.split("|")[2]}, float(v))
-        for key, v in sorted(totals.items()) if key.startswith("rejected|")
+        for key, v in sorted(totals.items())
+        if key.startswith("rejected|")
     ]
-    exp.family("backdial_requests_rejected_total", "counter",
-               "Requests answered 503 without a session, by slice and reason.", rejected)
+    exp.family(
+        "backdial_requests_rejected_total",
+        "counter",
+        "Requests answered 503 without a session, by slice and reason.",
+        rejected,
+    )
     hists = []
     for sl in slices:
         hist = Histogram(LATENCY_BUCKETS)
@@ -128,22 +154,53 @@ def metrics(acc: Acceptor) -> bytes:
         hist.count = sum(hist.counts)
         hist.sum = totals.get(f"wait_sum_us|{sl}", 0) / 1e6
         hists.append(({"slice": sl}, hist))
-    exp.histogram("backdial_queue_wait_seconds",
-                  "Time requests waited for a session, by slice.", hists)
+    exp.histogram(
+        "backdial_queue_wait_seconds", "Time requests waited for a session, by slice.", hists
+    )
     c = acc.counters
-    exp.family("backdial_registrations_total", "counter", "Registration attempts by result.",
-               [({"result": "ok"}, float(c.registrations_ok))]
-               + [({"result": k}, float(v)) for k, v in sorted(c.registrations_err.items())])
-    exp.family("backdial_sessions_dropped_total", "counter", "Sessions closed, by reason.",
-               [({"reason": k}, float(v)) for k, v in sorted(c.sessions_dropped.items())])
-    exp.family("backdial_leases_granted_total", "counter", "Leases granted to workers.",
-               [({}, float(c.grants))])
-    exp.family("backdial_leases_recalled_total", "counter", "Leases recalled from workers.",
-               [({}, float(c.recalls))])
-    exp.family("backdial_config_reloads_total", "counter", "Config reloads by result.",
-               [({"result": k}, float(v)) for k, v in sorted(c.reloads.items())])
-    exp.family("backdial_config_generation", "gauge", "Generation of the policy in force.",
-               [({}, float(acc.generation))])
+    exp.family(
+        "backdial_registrations_total",
+        "counter",
+        "Registration attempts by result.",
+        [({"result": "ok"}, float(c.registrations_ok))]
+        + [({"result": k}, float(v)) for k, v in sorted(c.registrations_err.items())],
+    )
+    exp.family(
+        "backdial_sessions_dropped_total",
+        "counter",
+        "Sessions closed, by reason.",
+        [({"reason": k}, float(v)) for k, v in sorted(c.sessions_dropped.items())],
+    )
+    exp.family(
+        "backdial_leases_granted_total",
+        "counter",
+        "Leases granted to workers.",
+        [({}, float(c.grants))],
+    )
+    exp.family(
+        "backdial_leases_recalled_total",
+        "counter",
+        "Leases recalled from workers.",
+        [({}, float(c.recalls))],
+    )
+    exp.family(
+        "backdial_control_records_total",
+        "counter",
+        "Control records received from sidecar workers, by type.",
+        [({"type": k}, float(v)) for k, v in sorted(c.records.items())],
+    )
+    exp.family(
+        "backdial_config_reloads_total",
+        "counter",
+        "Config reloads by result.",
+        [({"result": k}, float(v)) for k, v in sorted(c.reloads.items())],
+    )
+    exp.family(
+        "backdial_config_generation",
+        "gauge",
+        "Generation of the policy in force.",
+        [({}, float(acc.generation))],
+    )
     return exp.render()
 
 

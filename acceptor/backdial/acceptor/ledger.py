@@ -272,8 +272,9 @@ class Ledger:
             waiting[(service, key[1])] -= 1
         # A worker that was just served may take a few idle sessions more, spread over
         # registrants, so its own rotation stays fair without another round trip.
-        for worker, key, service in {(g.worker, (g.requested, g.session.slice), g.session.service)
-                                     for g in grants}:
+        for worker, key, service in {
+            (g.worker, (g.requested, g.session.slice), g.session.service) for g in grants
+        }:
             for _ in range(prefetch):
                 if not self.permitted(service, key[1], waiting) or self.queue:
                     break

@@ -41,23 +41,41 @@ def parser() -> argparse.ArgumentParser:
         prog="backdial acceptor",
         description="Own registered service sessions and lease them to sidecar workers.",
     )
-    p.add_argument("--run-dir", default=env("RUN_DIR", "/var/run/backdial"),
-                   help="directory for register.sock and control.sock "
-                        "(env BACKDIAL_RUN_DIR; default /var/run/backdial)")
-    p.add_argument("--config", default=env("CONFIG"),
-                   help="slices/routes/limits file, YAML or JSON (env BACKDIAL_CONFIG); "
-                        "without it one default slice takes every request")
-    p.add_argument("--admin", default=env("ADMIN", "127.0.0.1:9901"),
-                   help="HOST:PORT for /metrics, /healthz, /readyz, /v1/state, /v1/routes "
-                        "(env BACKDIAL_ADMIN; default 127.0.0.1:9901)")
-    p.add_argument("--register-tcp", default=env("REGISTER_TCP"),
-                   help="also accept registrations on HOST:PORT (env BACKDIAL_REGISTER_TCP)")
-    p.add_argument("--reload-interval", type=float,
-                   default=float(env("RELOAD_INTERVAL", "1.0") or 1.0),
-                   help="seconds between config file change checks; 0 disables polling "
-                        "(SIGHUP always reloads)")
-    p.add_argument("--log-level", default=env("LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--run-dir",
+        default=env("RUN_DIR", "/var/run/backdial"),
+        help="directory for register.sock and control.sock "
+        "(env BACKDIAL_RUN_DIR; default /var/run/backdial)",
+    )
+    p.add_argument(
+        "--config",
+        default=env("CONFIG"),
+        help="slices/routes/limits file, YAML or JSON (env BACKDIAL_CONFIG); "
+        "without it one default slice takes every request",
+    )
+    p.add_argument(
+        "--admin",
+        default=env("ADMIN", "127.0.0.1:9901"),
+        help="HOST:PORT for /metrics, /healthz, /readyz, /v1/state, /v1/routes "
+        "(env BACKDIAL_ADMIN; default 127.0.0.1:9901)",
+    )
+    p.add_argument(
+        "--register-tcp",
+        default=env("REGISTER_TCP"),
+        help="also accept registrations on HOST:PORT (env BACKDIAL_REGISTER_TCP)",
+    )
+    p.add_argument(
+        "--reload-interval",
+        type=float,
+        default=float(env("RELOAD_INTERVAL", "1.0") or 1.0),
+        help="seconds between config file change checks; 0 disables polling "
+        "(SIGHUP always reloads)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
     return p
 
 
@@ -124,9 +142,12 @@ async def serve(cfg: AcceptorSettings, policy: Policy, stop: asyncio.Event) -> i
     reloader = Reloader(acc, cfg.config, overlay)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, reloader.check, True)
-    log.info("acceptor ready: run dir %s, admin http://%s:%d%s", cfg.run_dir, *cfg.admin,
-             f", register tcp {cfg.register_tcp[0]}:{cfg.register_tcp[1]}"
-             if cfg.register_tcp else "")
+    log.info(
+        "acceptor ready: run dir %s, admin http://%s:%d%s",
+        cfg.run_dir,
+        *cfg.admin,
+        f", register tcp {cfg.register_tcp[0]}:{cfg.register_tcp[1]}" if cfg.register_tcp else "",
+    )
     try:
         while not stop.is_set():
             timeout = cfg.reload_interval or None

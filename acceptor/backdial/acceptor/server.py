@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ class Counters:
     grants: int = 0
     recalls: int = 0
     reloads: collections.Counter[str] = field(default_factory=collections.Counter)
+    records: collections.Counter[str] = field(default_factory=collections.Counter)
     retired_workers: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -228,8 +230,8 @@ class Acceptor:
             self._next_worker += 1
             channel = fdpass.Channel(
                 conn,
-                lambda msg, fds, wid=wid: self._on_record(wid, msg, fds),
-                lambda exc, wid=wid: self._on_worker_gone(wid, exc),
+                functools.partial(self._on_record, wid),
+                functools.partial(self._on_worker_gone, wid),
             )
             self.workers[wid] = Worker(wid, channel)
 
@@ -239,6 +241,7 @@ class Acceptor:
         worker = self.workers.get(wid)
         if worker is None:
             return
+        self.counters.records[type(msg).__name__.lower()] += 1
         if isinstance(msg, control.Hello):
             worker.pid, worker.name = msg.pid, msg.name
             self.ledger.add_worker(wid)
@@ -300,8 +303,9 @@ class Acceptor:
         for sess in held:
             self._close_session_leased(sess, "reclaimed")
         if held or exc:
-            log.warning("worker %d gone (%s); reclaimed %d leased sessions",
-                        wid, exc or "closed", len(held))
+            log.warning(
+                "worker %d gone (%s); reclaimed %d leased sessions", wid, exc or "closed", len(held)
+            )
         self.broadcast_config()
         self.schedule_pump()
 
@@ -340,7 +344,8 @@ class Acceptor:
             for start in range(0, len(sessions), control.MAX_FDS):
                 batch = sessions[start : start + control.MAX_FDS]
                 leases = [
-                    control.Lease(s.id, s.service, s.slice, s.registrant, requested[s.id]) for s in batch
+                    control.Lease(s.id, s.service, s.slice, s.registrant, requested[s.id])
+                    for s in batch
                 ]
                 channel.send(control.Grant(leases), [s.fd for s in batch])
             self.counters.grants += len(sessions)

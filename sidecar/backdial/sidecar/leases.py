@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -80,6 +81,11 @@ class SliceStats:
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
+def _resolve(fut: asyncio.Future[None], exc: Exception | None) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _granted(fut: asyncio.Future[UpstreamConn]) -> bool:
     return fut.done() and not fut.cancelled() and fut.exception() is None
 
@@ -106,6 +112,7 @@ class LeasePool:
         self.stats: dict[str, SliceStats] = collections.defaultdict(SliceStats)
         self.registered = 0  # sessions registered at the acceptor, as last announced
         self.closing = False
+        self._drained = asyncio.Event()  # set when closing and no session is busy
         self.connected = asyncio.Event()
         self.configured = asyncio.Event()
         self._channel: fdpass.Channel | None = None
@@ -132,12 +139,15 @@ class LeasePool:
     def release(self, conn: UpstreamConn, state: str) -> None:
         lease = conn.lease
         self.busy.discard(lease.session)
+        if self.closing and not self.busy:
+            self._drained.set()
         if lease.session not in self.held:
             conn.close()
             return
         if state != "idle" or lease.epoch != self._epoch or self.closing:
-            self._give_back(conn, state if state != "idle" or lease.epoch == self._epoch
-                            else "broken")
+            self._give_back(
+                conn, state if state != "idle" or lease.epoch == self._epoch else "broken"
+            )
             return
         if self.recall[lease.service] > 0:
             self.recall[lease.service] -= 1
@@ -281,7 +291,7 @@ class LeasePool:
             self._channel = fdpass.Channel(
                 sock,
                 self._on_record,
-                lambda exc: closed.done() or closed.set_result(None),
+                functools.partial(_resolve, closed),
             )
             self._channel.send(control.Hello(os.getpid(), self.name))
             self.connected.set()
@@ -321,8 +331,15 @@ class LeasePool:
             for entry, fd in zip(msg.leases, fds, strict=True):
                 sock = socket.socket(fileno=fd)
                 sock.setblocking(False)
-                lease = Lease(entry.session, entry.service, entry.slice, entry.registrant, sock,
-                              (entry.requested, entry.slice), epoch=self._epoch)
+                lease = Lease(
+                    entry.session,
+                    entry.service,
+                    entry.slice,
+                    entry.registrant,
+                    sock,
+                    (entry.requested, entry.slice),
+                    epoch=self._epoch,
+                )
                 self._spawn(self._adopt(lease))
         elif isinstance(msg, control.ConfigMsg):
             self._apply_config(msg)
@@ -414,9 +431,9 @@ class LeasePool:
         task.add_done_callback(self._tasks.discard)
 
     # -- listening socket ----------------------------------------------------------------
-    async def listener(self, address: str, timeout: float = 10.0) -> socket.socket:
+    async def listener(self, address: str, wait: float = 10.0) -> socket.socket:
         """The client listening socket the acceptor holds for *address*."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait):
             await self.connected.wait()
             fut = self._listen_waiters.get(address)
             if fut is None or fut.done():
@@ -453,17 +470,17 @@ class LeasePool:
     async def close(self, deadline: float) -> None:
         """Stop leasing: fail waiters, give idle sessions back, wait for busy ones."""
         self.closing = True
-        for queue in self.waiters.values():
-            while queue:
-                fut = queue.popleft()
+        for waiting in self.waiters.values():
+            while waiting:
+                fut = waiting.popleft()
                 if not fut.done():
                     fut.set_exception(NoCapacity(self.policy.limits.retry_after, "draining"))
-        for queue in self.idle.values():
-            while queue:
-                self._give_back(queue.popleft(), "idle")
-        end = time.monotonic() + deadline
-        while self.busy and time.monotonic() < end:
-            await asyncio.sleep(0.02)
+        for idle in self.idle.values():
+            while idle:
+                self._give_back(idle.popleft(), "idle")
+        if self.busy:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), deadline)
         self.send_stats()
         self._flush_release()
         await asyncio.sleep(0)  # let the channel write what is queued

@@ -1,0 +1,333 @@
+"""``backdial sidecar``: settings, the worker process, admin and graceful stop.
+
+A worker connects to the acceptor's control socket, takes the shared client
+listening socket from it, and serves clients with the proxy protocol.  On
+SIGTERM it stops accepting (the socket stays open in the acceptor and in any
+new sidecar, so no connection is refused), lets in-flight requests finish
+within ``--drain-timeout``, gives its leases back, and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from backdial.sidecar.proxy import ProxySettings, ProxyStats, make_protocol_factory
+
+from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
+from backdial.metrics import Exposition
+from backdial.runtime import ConfigError, env, fail, parse_hostport, run, setup_logging
+from backdial.sidecar.leases import LeasePool
+from backdial.sidecar.supervisor import Supervisor
+from backdial.sidecar.upstream import conn_factory
+
+log = logging.getLogger("backdial.sidecar")
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarSettings:
+    run_dir: Path
+    listen: str
+    admin: tuple[str, int | str]
+    workers: int
+    worker_name: str
+    drain_timeout: float
+    stats_interval: float
+    proxy: ProxySettings
+    log_level: str
+
+
+def _size(value: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    v = value.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(v[-1:], 1)
+    number = v[:-1] if v[-1:] in units else v
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid size {value!r}; use e.g. 1048576, 512k, 1m")
+    return int(number) * scale
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="backdial sidecar",
+        description="HTTP/1.1 proxy that relays client requests over leased sessions.",
+    )
+    p.add_argument(
+        "--run-dir",
+        default=env("RUN_DIR", "/var/run/backdial"),
+        help="directory holding the acceptor's control.sock (env BACKDIAL_RUN_DIR)",
+    )
+    p.add_argument(
+        "--listen",
+        default=env("LISTEN", "0.0.0.0:8080"),
+        help="client HOST:PORT; the acceptor binds it and hands it over "
+        "(env BACKDIAL_LISTEN; default 0.0.0.0:8080)",
+    )
+    p.add_argument(
+        "--admin",
+        default=env("SIDECAR_ADMIN", "127.0.0.1:9902"),
+        help="HOST:PORT or unix:PATH for /metrics, /healthz, /readyz, /v1/state "
+        "(env BACKDIAL_SIDECAR_ADMIN; default 127.0.0.1:9902)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(env("WORKERS", "1") or 1),
+        help="worker processes sharing the listening socket (default 1)",
+    )
+    p.add_argument("--worker-name", default="", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(env("DRAIN_TIMEOUT", "30") or 30),
+        help="seconds SIGTERM waits for in-flight requests (default 30)",
+    )
+    p.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        default=env("PROXY_PROTOCOL", "") in ("1", "true"),
+        help="expect a PROXY protocol v1/v2 header on every client connection",
+    )
+    p.add_argument(
+        "--max-request-body",
+        type=_size,
+        default="1m",
+        help="request bodies up to this size are buffered before a session is leased (default 1m)",
+    )
+    p.add_argument(
+        "--max-request-body-stream",
+        type=_size,
+        default="64m",
+        help="larger bodies up to this size are streamed; beyond it 413 (default 64m)",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=_size,
+        default="64k",
+        help="request head limit; beyond it 431 (default 64k)",
+    )
+    p.add_argument(
+        "--response-buffer",
+        type=_size,
+        default="1m",
+        help="response bytes drained from a session before the client reads them (default 1m)",
+    )
+    p.add_argument(
+        "--upstream-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a response to start; then 504 (default 60)",
+    )
+    p.add_argument(
+        "--client-idle-timeout",
+        type=float,
+        default=75.0,
+        help="seconds a keep-alive client connection may sit idle (default 75)",
+    )
+    p.add_argument("--stats-interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--log-level",
+        default=env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    return p
+
+
+def settings_from(argv: list[str]) -> SidecarSettings:
+    ns = parser().parse_args(argv)
+    if ns.workers < 1 or ns.workers > 64:
+        raise ConfigError("--workers must be between 1 and 64")
+    parse_hostport(ns.listen, "--listen")
+    if ns.admin.startswith("unix:"):
+        admin: tuple[str, int | str] = ("unix", ns.admin[5:])
+    else:
+        admin = parse_hostport(ns.admin, "--admin")
+    if ns.max_request_body > ns.max_request_body_stream:
+        raise ConfigError("--max-request-body must not exceed --max-request-body-stream")
+    proxy = ProxySettings(
+        max_request_body=ns.max_request_body,
+        max_request_body_stream=ns.max_request_body_stream,
+        max_header_bytes=ns.max_header_bytes,
+        response_buffer=ns.response_buffer,
+        upstream_timeout=ns.upstream_timeout,
+        client_idle_timeout=ns.client_idle_timeout,
+        proxy_protocol=ns.proxy_protocol,
+    )
+    return SidecarSettings(
+        run_dir=Path(ns.run_dir),
+        listen=ns.listen,
+        admin=admin,
+        workers=ns.workers,
+        worker_name=ns.worker_name or f"pid-{os.getpid()}",
+        drain_timeout=ns.drain_timeout,
+        stats_interval=ns.stats_interval,
+        proxy=proxy,
+        log_level=ns.log_level,
+    )
+
+
+class WorkerAdmin:
+    def __init__(self, pool: LeasePool, stats: ProxyStats, name: str) -> None:
+        self.pool, self.stats, self.name = pool, stats, name
+        self.draining = False
+
+    def ready(self) -> bool:
+        return (
+            not self.draining
+            and self.pool.connected.is_set()
+            and (self.pool.registered > 0 or bool(self.pool.held))
+        )
+
+    async def __call__(self, req: AdminRequest) -> AdminResponse:
+        if req.path == "/metrics":
+            exp = Exposition()
+            self.stats.render(exp)
+            pool = self.pool
+            exp.family(
+                "backdial_sidecar_leases_held",
+                "gauge",
+                "Sessions this worker holds (busy + idle).",
+                [({}, float(len(pool.held)))],
+            )
+            exp.family(
+                "backdial_sidecar_leases_busy",
+                "gauge",
+                "Sessions carrying a request now.",
+                [({}, float(len(pool.busy)))],
+            )
+            exp.family(
+                "backdial_sidecar_requests_waiting",
+                "gauge",
+                "Requests waiting in this worker for a session, by slice.",
+                [({"slice": k[1]}, float(len(q))) for k, q in pool.waiters.items()],
+            )
+            return AdminResponse(200, exp.render(), "text/plain; version=0.0.4")
+        if req.path == "/healthz":
+            return AdminResponse.text(200, "ok\n")
+        if req.path == "/readyz":
+            ok = self.ready()
+            return AdminResponse.text(200 if ok else 503, "ready\n" if ok else "not ready\n")
+        if req.path == "/v1/state":
+            pool = self.pool
+            return AdminResponse.of_json(
+                200,
+                {
+                    "worker": self.name,
+                    "pid": os.getpid(),
+                    "acceptor_worker_id": pool.worker_id,
+                    "connected": pool.connected.is_set(),
+                    "registered": pool.registered,
+                    "generation": pool.generation,
+                    "held": len(pool.held),
+                    "busy": len(pool.busy),
+                    "idle": {f"{k[0] or '(default)'}/{k[1]}": len(q) for k, q in pool.idle.items()},
+                    "waiting": {
+                        f"{k[0] or '(default)'}/{k[1]}": len(q) for k, q in pool.waiters.items()
+                    },
+                },
+            )
+        return AdminResponse.text(404, "not found\n")
+
+
+async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
+    pool: LeasePool | None = None
+    stats = ProxyStats()
+    pool = LeasePool(cfg.run_dir, lambda lease: conn_factory(lease, pool_ref()), cfg.worker_name)
+
+    def pool_ref() -> LeasePool:
+        assert pool is not None
+        return pool
+
+    pool.start()
+    admin_api = WorkerAdmin(pool, stats, cfg.worker_name)
+    admin = await start_admin(cfg.admin[0], cfg.admin[1], admin_api)
+    try:
+        listener = await _listener(pool, cfg.listen, stop)
+    except ConnectionError as exc:
+        admin.close()
+        return fail(str(exc))
+    if listener is None:  # stopped before the acceptor answered
+        admin.close()
+        await pool.close(0)
+        return 0
+    loop = asyncio.get_running_loop()
+    factory, state = make_protocol_factory(pool, cfg.proxy, stats)
+    server = await loop.create_server(factory, sock=listener, backlog=4096)
+    log.info(
+        "sidecar %s serving http://%s (acceptor %s)",
+        cfg.worker_name,
+        cfg.listen,
+        cfg.run_dir / "control.sock",
+    )
+    reporter = asyncio.ensure_future(_report(pool, cfg.stats_interval))
+    await stop.wait()
+    # Graceful stop: no new connections here (others keep the socket open), finish work.
+    admin_api.draining = True
+    server.close()
+    await state.shutdown(cfg.drain_timeout)
+    await pool.close(1.0)
+    reporter.cancel()
+    admin.close()
+    if cfg.admin[0] == "unix":
+        os.unlink(str(cfg.admin[1]))
+    return 0
+
+
+async def _listener(pool: LeasePool, address: str, stop: asyncio.Event) -> object | None:
+    """Ask the acceptor for the shared listening socket, waiting for it to appear."""
+    waited = 0
+    while not stop.is_set():
+        try:
+            return await pool.listener(address, wait=5.0)
+        except TimeoutError:
+            waited += 5
+            log.warning("waiting for the acceptor at %s (%ds)", pool.control_path, waited)
+        except OSError as exc:
+            raise ConnectionError(f"acceptor cannot listen on {address}: {exc}") from None
+    return None
+
+
+async def _report(pool: LeasePool, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        pool.send_stats()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = settings_from(args)
+    except ConfigError as exc:
+        return fail(str(exc))
+    setup_logging(cfg.log_level)
+    if cfg.workers > 1:
+        child_args = _strip(args, ("--workers", "--admin", "--worker-name"))
+        sup = Supervisor(child_args, cfg.workers, cfg.run_dir, cfg.drain_timeout)
+        assert isinstance(cfg.admin[1], int), "the supervisor's admin must be TCP"
+        admin_tcp = (cfg.admin[0], cfg.admin[1])
+        return run(lambda stop: sup.run(admin_tcp, stop))
+    return run(lambda stop: serve_worker(cfg, stop))
+
+
+def _strip(args: list[str], names: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in names:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""``--workers N``: N worker processes behind one admin endpoint.
+
+Each worker is the same program with ``--workers 1``; they share the client
+listening socket the acceptor holds, so the kernel spreads connections over
+them.  Workers serve their admin API on a UNIX socket in the run directory;
+the supervisor's ``/metrics`` sums the workers' series, so counts are exact
+across processes.  A worker that dies is restarted with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
+
+log = logging.getLogger("backdial.sidecar")
+
+
+def merge_metrics(texts: list[bytes]) -> bytes:
+    """Sum identical series across workers' Prometheus texts, keeping HELP/TYPE once."""
+    meta: dict[str, list[str]] = {}
+    values: dict[str, float] = collections.OrderedDict()
+    family_of: dict[str, str] = {}
+    for text in texts:
+        family = ""
+        for line in text.decode().splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                family = line.split(" ", 3)[2]
+                entry = meta.setdefault(family, [])
+                if line not in entry:
+                    entry.append(line)
+                continue
+            if not line or line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            values[series] = values.get(series, 0.0) + float(value)
+            family_of.setdefault(series, family)
+    out: list[str] = []
+    done: set[str] = set()
+    for series, total in values.items():
+        family = family_of[series]
+        if family not in done:
+            out.extend(meta.get(family, []))
+            done.add(family)
+        number = str(int(total)) if total == int(total) else repr(total)
+        out.append(f"{series} {number}")
+    return ("\n".join(out) + "\n").encode()
+
+
+async def _unix_get(path: Path, target: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+class Supervisor:
+    def __init__(self, argv: list[str], workers: int, run_dir: Path, drain: float) -> None:
+        self.argv = argv
+        self.count = workers
+        self.run_dir = run_dir
+        self.drain = drain
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+
+    def socket_path(self, index: int) -> Path:
+        return self.run_dir / f"sidecar-worker-{index}.admin.sock"
+
+    async def _keep(self, index: int, stop: asyncio.Event) -> None:
+        delay = 0.1
+        while not stop.is_set():
+            args = [
+                *self.argv,
+                "--workers",
+                "1",
+                "--admin",
+                f"unix:{self.socket_path(index)}",
+                "--worker-name",
+                f"worker-{index}",
+            ]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "backdial.cli", "sidecar", *args
+            )
+            self.procs[index] = proc
+            started = time.monotonic()
+            code = await proc.wait()
+            if stop.is_set():
+                return
+            if time.monotonic() - started > 10:
+                delay = 0.1
+            log.error("worker %d exited with %s; restarting in %.1fs", index, code, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def admin(self, req: AdminRequest) -> AdminResponse:
+        results = await asyncio.gather(
+            *(_unix_get(self.socket_path(i), req.path) for i in range(self.count)),
+            return_exceptions=True,
+        )
+        ok = [r for r in results if isinstance(r, tuple)]
+        if req.path == "/metrics":
+            return AdminResponse(
+                200, merge_metrics([b for _, b in ok]), "text/plain; version=0.0.4"
+            )
+        if req.path in ("/healthz", "/readyz"):
+            # Ready when every worker is; one worker down is not healthy either.
+            good = len(ok) == self.count and all(status == 200 for status, _ in ok)
+            return AdminResponse.text(200 if good else 503, "ok\n" if good else "not ready\n")
+        if req.path == "/v1/state":
+            import json
+
+            states = [json.loads(b) for status, b in ok if status == 200]
+            return AdminResponse.of_json(200, {"workers": states})
+        return AdminResponse.text(404, "not found\n")
+
+    async def run(self, admin: tuple[str, int], stop: asyncio.Event) -> int:
+        server = await start_admin(admin[0], admin[1], self.admin)
+        keepers = [asyncio.ensure_future(self._keep(i, stop)) for i in range(self.count)]
+        await stop.wait()
+        server.close()
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(self.drain + 5):
+                await asyncio.gather(*(p.wait() for p in self.procs.values()))
+        except TimeoutError:
+            for proc in self.procs.values():
+                if proc.returncode is None:
+                    proc.kill()
+        for task in keepers:
+            task.cancel()
+        return 0

@@ -1,0 +1,117 @@
+"""A data-plane stack of real processes for the end-to-end tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Proc, free_port, get_json, http_get, wait_for
+
+
+class Stack:
+    def __init__(self, start: Callable[..., Proc], run_dir: Path) -> None:
+        self._start = start
+        self.run_dir = run_dir
+        self.port = free_port()
+        self.acceptor_admin = f"127.0.0.1:{free_port()}"
+        self.sidecar_admin = f"127.0.0.1:{free_port()}"
+        self.config_path = run_dir / "config.yaml"
+        self.acceptor: Proc
+        self.sidecar: Proc
+        self.services: list[Proc] = []
+
+    def acceptor_url(self, path: str) -> str:
+        return f"http://{self.acceptor_admin}{path}"
+
+    def sidecar_url(self, path: str) -> str:
+        return f"http://{self.sidecar_admin}{path}"
+
+    def registered(self) -> int:
+        services = get_json(self.acceptor_url("/v1/state"))["services"]
+        return sum(s["registered"] for s in services.values())
+
+    def restart_acceptor(self) -> None:
+        self.acceptor = self._start(
+            "acceptor",
+            "--run-dir",
+            str(self.run_dir),
+            "--admin",
+            self.acceptor_admin,
+            "--config",
+            str(self.config_path),
+            "--reload-interval",
+            "0.1",
+            name="acceptor",
+        )
+        wait_for(lambda: http_get(self.acceptor_url("/healthz"))[0] == 200, what="acceptor")
+
+    def restart_sidecar(self, keep_old: bool = False, workers: int = 1) -> None:
+        if keep_old:
+            self.sidecar_admin = f"127.0.0.1:{free_port()}"
+        self.sidecar = self._start(
+            "sidecar",
+            "--run-dir",
+            str(self.run_dir),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--admin",
+            self.sidecar_admin,
+            "--workers",
+            str(workers),
+            "--drain-timeout",
+            "10",
+            name="sidecar",
+        )
+        wait_for(
+            lambda: http_get(self.sidecar_url("/readyz"))[0] == 200,
+            timeout=20,
+            what="sidecar ready",
+        )
+
+    def service(self, instance: str, sessions: int, admin: str | None = None) -> Proc:
+        args = [
+            "serve",
+            "backdial.demo:app",
+            "--register",
+            f"unix://{self.run_dir}/register.sock",
+            "--sessions",
+            str(sessions),
+            "--service",
+            "demo",
+            "--instance",
+            instance,
+        ]
+        if admin:
+            args += ["--admin", admin]
+        proc = self._start(*args, name=f"serve-{instance}", env={"BACKDIAL_INSTANCE": instance})
+        self.services.append(proc)
+        return proc
+
+    def start(self, sessions: int, config: str = "", workers: int = 1) -> None:
+        self.config_path.write_text(config or "slices: [{name: default, share: 100}]\n")
+        self.restart_acceptor()
+        if sessions:
+            self.service("main", sessions)
+            wait_for(lambda: self.registered() == sessions, what=f"{sessions} sessions")
+            self.restart_sidecar(workers=workers)
+        else:
+            # Services come later; the sidecar is ready once they register.
+            self.sidecar = self._start(
+                "sidecar",
+                "--run-dir",
+                str(self.run_dir),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--admin",
+                self.sidecar_admin,
+                "--workers",
+                str(workers),
+                name="sidecar",
+            )
+
+
+@pytest.fixture
+def stack(procs: Callable[..., Proc], run_dir: Path) -> Iterator[Stack]:
+    yield Stack(procs, run_dir)

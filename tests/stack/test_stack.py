@@ -1,0 +1,402 @@
+"""The whole data plane as real processes: acceptor, sidecar, `backdial serve`.
+
+Every request goes from a real HTTP client through the sidecar, over a leased
+session, to the demo app.  These tests prove the design's invariants end to
+end: capacity, bounded waiting, FIFO, fairness, lossless reconfiguration,
+reclaim, restart and exact cross-process metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import http.client
+import json
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.helpers import free_port, get_json, http_get, wait_for
+from tests.stack.conftest import Stack
+
+pytestmark = pytest.mark.slow
+
+
+def request(
+    port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 30.0
+) -> tuple[int, bytes, dict[str, str]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+class Load:
+    """Closed-loop load from threads with keep-alive connections; counts every outcome."""
+
+    def __init__(self, port: int, path: str = "/", clients: int = 4) -> None:
+        self.port, self.path, self.clients = port, path, clients
+        self.codes: collections.Counter[int | str] = collections.Counter()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        conn: http.client.HTTPConnection | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                conn.request("GET", self.path)
+                resp = conn.getresponse()
+                resp.read()
+                code: int | str = resp.status
+                if resp.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as exc:
+                code = type(exc).__name__
+                if conn is not None:
+                    conn.close()
+                conn = None
+            with self._lock:
+                self.codes[code] += 1
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(40)
+
+    @property
+    def total(self) -> int:
+        return sum(self.codes.values())
+
+    def failures(self) -> dict[int | str, int]:
+        return {k: v for k, v in self.codes.items() if k != 200}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = (
+        re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else r"(\{\})?") + r" (\S+)"
+    )
+    m = re.search(r"^" + pattern + r"$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_proxy_answers_through_leased_sessions(stack: Stack) -> None:
+    stack.start(sessions=4)
+    status, body, _ = request(stack.port, "/")
+    assert status == 200 and body == b"hello from backdial\n"
+    state = get_json(stack.acceptor_url("/v1/state"))
+    assert state["services"]["demo"]["registered"] == 4
+    assert http_get(stack.sidecar_url("/readyz"))[0] == 200
+
+
+def test_capacity_holds_under_a_burst_of_ten_times_the_sessions(stack: Stack) -> None:
+    stack.start(
+        sessions=4,
+        config="slices: [{name: default, share: 100, queue: {maxWaiting: 100, timeout: 20s}}]\n",
+    )
+    request(stack.port, "/stats/reset")
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(lambda _: request(stack.port, "/delay?ms=100")[0], range(40)))
+    assert results == [200] * 40
+    stats = json.loads(request(stack.port, "/stats")[1])
+    assert stats["max_concurrency"] <= 4
+    assert stats["max_concurrency"] == 4  # and the capacity was really used
+
+
+def test_fifo_order_and_503_with_retry_after(stack: Stack) -> None:
+    stack.start(
+        sessions=1,
+        config="slices: [{name: default, share: 100, "
+        "queue: {maxWaiting: 5, timeout: 3s}}]\nlimits: {retryAfter: 7}\n",
+    )
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def call(i: int) -> int:
+        status = request(stack.port, f"/delay?ms=150&i={i}")[0]
+        with lock:
+            done.append(i)
+        return status
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = []
+        for i in range(6):
+            futures.append(pool.submit(call, i))
+            time.sleep(0.05)  # arrival order is the index
+        # 1 running + 5 waiting: the queue is full now, a 7th is refused at once.
+        started = time.monotonic()
+        status, _, headers = request(stack.port, "/")
+        assert status == 503 and headers["retry-after"] == "7"
+        assert time.monotonic() - started < 1.0
+        assert [f.result() for f in futures] == [200] * 6
+    assert done == sorted(done)
+    metrics = http_get(stack.acceptor_url("/metrics"))[1].decode()
+    wait_for(
+        lambda: (
+            metric(
+                http_get(stack.acceptor_url("/metrics"))[1].decode(),
+                "backdial_requests_rejected_total",
+                slice="default",
+                reason="queue_full",
+            )
+            == 1
+        ),
+        what="rejection metric",
+    )
+    assert "backdial_queue_wait_seconds_count" in metrics
+
+
+def test_queue_timeout_gives_503(stack: Stack) -> None:
+    stack.start(
+        sessions=1,
+        config="slices: [{name: default, share: 100, queue: {maxWaiting: 5, timeout: 300ms}}]\n",
+    )
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(request, stack.port, "/delay?ms=1500")
+        time.sleep(0.2)
+        started = time.monotonic()
+        status, _, headers = request(stack.port, "/")
+        waited = time.monotonic() - started
+        assert status == 503 and "retry-after" in headers
+        assert 0.25 < waited < 1.2
+        assert slow.result()[0] == 200
+    wait_for(
+        lambda: (
+            metric(
+                http_get(stack.acceptor_url("/metrics"))[1].decode(),
+                "backdial_requests_rejected_total",
+                slice="default",
+                reason="timeout",
+            )
+            == 1
+        ),
+        what="timeout metric",
+    )
+
+
+def test_waiting_count_includes_requests_inside_workers(stack: Stack) -> None:
+    stack.start(
+        sessions=1,
+        config="slices: [{name: default, share: 100, queue: {maxWaiting: 10, timeout: 10s}}]\n",
+    )
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(request, stack.port, "/delay?ms=1500")]
+        time.sleep(0.2)
+        futures += [pool.submit(request, stack.port, "/delay?ms=10") for _ in range(3)]
+        wait_for(
+            lambda: (
+                metric(
+                    http_get(stack.acceptor_url("/metrics"))[1].decode(),
+                    "backdial_requests_waiting",
+                    service="demo",
+                    slice="default",
+                )
+                == 3
+            ),
+            what="waiting == 3",
+        )
+        assert [f.result()[0] for f in futures] == [200] * 4
+    wait_for(
+        lambda: (
+            metric(
+                http_get(stack.acceptor_url("/metrics"))[1].decode(),
+                "backdial_requests_waiting",
+                service="demo",
+                slice="default",
+            )
+            == 0
+        ),
+        what="waiting == 0",
+    )
+
+
+def test_no_control_traffic_at_steady_state(stack: Stack) -> None:
+    stack.start(sessions=4)
+    for _ in range(50):  # warm up: the worker takes its sticky leases
+        assert request(stack.port, "/")[0] == 200
+    before = http_get(stack.acceptor_url("/metrics"))[1].decode()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    for _ in range(500):
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        resp.read()
+    conn.close()
+    after = http_get(stack.acceptor_url("/metrics"))[1].decode()
+    for kind in ("want", "release", "hello", "listen"):
+        assert metric(after, "backdial_control_records_total", type=kind) == metric(
+            before, "backdial_control_records_total", type=kind
+        ), kind
+    assert metric(after, "backdial_leases_granted_total") == metric(
+        before, "backdial_leases_granted_total"
+    )
+
+
+def test_fairness_between_two_registrants(stack: Stack) -> None:
+    stack.start(sessions=0)
+    stack.service("a", sessions=4)
+    stack.service("b", sessions=4)
+    wait_for(
+        lambda: get_json(stack.acceptor_url("/v1/state"))["services"]["demo"]["registered"] == 8,
+        what="8 sessions",
+    )
+    seen: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+        for _ in range(n):
+            conn.request("GET", "/whoami")
+            resp = conn.getresponse()
+            who = json.loads(resp.read())["instance"]
+            with lock:
+                seen[who] += 1
+        conn.close()
+
+    for clients in (1, 6):  # low load (sticky rotation) and high load (the ring)
+        seen.clear()
+        threads = [threading.Thread(target=worker, args=(600 // clients,)) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        total = sum(seen.values())
+        assert total == 600
+        for instance in ("a", "b"):
+            assert abs(seen[instance] / total - 0.5) <= 0.05, (clients, dict(seen))
+
+
+def test_slice_quota_without_borrowing_is_never_exceeded(stack: Stack) -> None:
+    stack.start(
+        sessions=4,
+        config=(
+            "slices:\n"
+            "- {name: mobile, share: 50, borrow: false, match: {userAgent: iPhone},"
+            " queue: {maxWaiting: 50, timeout: 20s}}\n"
+            "- {name: default, share: 50, queue: {maxWaiting: 50, timeout: 20s}}\n"
+        ),
+    )
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            state = get_json(stack.acceptor_url("/v1/state"))
+            peak = max(peak, state["services"]["demo"]["slices"]["mobile"]["leased"])
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            codes = list(
+                pool.map(
+                    lambda _: request(stack.port, "/delay?ms=200", {"User-Agent": "iPhone"})[0],
+                    range(10),
+                )
+            )
+    finally:
+        stop.set()
+        sampler.join()
+    assert codes == [200] * 10
+    assert peak == 2
+
+
+def test_config_reload_under_load_fails_nothing(stack: Stack) -> None:
+    stack.start(sessions=4)
+    configs = [
+        "slices: [{name: mobile, share: 30, match: {userAgent: x}}, {name: default, share: 70}]\n",
+        "slices: [{name: default, share: 100, queue: {maxWaiting: 500, timeout: 5s}}]\n",
+        "slices: [{name: a, share: 50, match: {pathPrefixes: [/a]}}, {name: default, share: 50}]\n",
+    ]
+    with Load(stack.port, "/delay?ms=5", clients=8) as load:
+        for i in range(9):
+            time.sleep(0.3)
+            stack.config_path.write_text(configs[i % 3])
+        gen = get_json(stack.acceptor_url("/v1/state"))["generation"]
+        time.sleep(0.5)
+    assert gen >= 5
+    assert load.failures() == {} and load.total > 100
+
+
+def test_capacity_lowered_and_raised_under_load_fails_nothing(stack: Stack) -> None:
+    stack.start(sessions=0)
+    admin = f"127.0.0.1:{free_port()}"
+    stack.service("a", sessions=6, admin=admin)
+    wait_for(lambda: stack.registered() == 6, what="6 sessions")
+
+    def set_sessions(n: int) -> None:
+        conn = http.client.HTTPConnection(*admin.split(":"), timeout=5)  # type: ignore[arg-type]
+        conn.request("PUT", "/v1/sessions", body=str(n))
+        assert conn.getresponse().status == 200
+        conn.close()
+
+    with Load(stack.port, "/delay?ms=20", clients=6) as load:
+        for n in (2, 8, 1, 5, 3, 6):
+            time.sleep(0.4)
+            set_sessions(n)
+            wait_for(lambda n=n: stack.registered() == n, timeout=10, what=f"{n} sessions")
+        time.sleep(0.3)
+    assert load.failures() == {} and load.total > 100
+
+
+def test_acceptor_restart_then_automatic_reregistration(stack: Stack) -> None:
+    stack.start(sessions=4)
+    assert request(stack.port, "/")[0] == 200
+    stack.acceptor.stop(sig=signal.SIGKILL)
+    stack.restart_acceptor()
+    wait_for(lambda: stack.registered() == 4, timeout=20, what="re-registration")
+    wait_for(
+        lambda: request(stack.port, "/", timeout=5)[0] == 200, timeout=20, what="proxying again"
+    )
+    codes = [request(stack.port, "/")[0] for _ in range(20)]
+    assert codes == [200] * 20
+
+
+def test_killed_sidecar_leases_are_reclaimed_and_capacity_recovers(stack: Stack) -> None:
+    stack.start(sessions=4)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(request, stack.port, "/delay?ms=2000") for _ in range(3)]
+        wait_for(
+            lambda: get_json(stack.acceptor_url("/v1/state"))["services"]["demo"]["leased"] >= 3,
+            what="leases",
+        )
+        stack.sidecar.stop(sig=signal.SIGKILL)
+        for f in futures:
+            with pytest.raises((OSError, http.client.HTTPException)):
+                f.result()
+    # The service lost the reclaimed sessions and dials replacements.
+    wait_for(lambda: stack.registered() == 4, timeout=20, what="capacity back to 4")
+    stack.restart_sidecar()
+    codes = [request(stack.port, "/")[0] for _ in range(10)]
+    assert codes == [200] * 10
+
+
+def test_sidecar_replaced_under_load_fails_nothing(stack: Stack) -> None:
+    stack.start(sessions=8)
+    with Load(stack.port, "/delay?ms=5", clients=8) as load:
+        time.sleep(0.5)
+        old = stack.sidecar
+        stack.restart_sidecar(keep_old=True)
+        time.sleep(0.5)
+        old.stop()  # SIGTERM: stop accepting, drain, give leases back
+        time.sleep(1.0)
+    assert load.failures() == {} and load.total > 100
