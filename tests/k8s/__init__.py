@@ -1,0 +1,1 @@
+"""Tests against the real local Kubernetes control plane (see docs/k8s-harness.md)."""
