@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,7 +279,7 @@ async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
     return 0
 
 
-async def _listener(pool: LeasePool, address: str, stop: asyncio.Event) -> object | None:
+async def _listener(pool: LeasePool, address: str, stop: asyncio.Event) -> socket.socket | None:
     """Ask the acceptor for the shared listening socket, waiting for it to appear."""
     waited = 0
     while not stop.is_set():
