@@ -1,0 +1,982 @@
+"""The client side: an HTTP/1.1 proxy protocol on uvloop + httptools that leases sessions.
+
+One ``ClientProtocol`` per client connection.  Requests are parsed ahead
+(pipelining) but served strictly one at a time, in order.  For each request:
+
+1. the whole request is buffered (head + body up to ``max_request_body``)
+   *before* a session is leased, so a slow client never holds one;
+2. route and slice are classified, ``pool.acquire`` yields a session (an idle
+   sticky lease at once, else a bounded wait that ends in 503 + Retry-After);
+3. the rewritten head and the body are written to the session in one write;
+4. the response is parsed (``upstream.py``) and written to the client as it
+   arrives; the client transport buffers up to ``response_buffer`` bytes, so the
+   session is released the moment the response is complete, before the client
+   has read it.  Only beyond that buffer does the proxy pause the session and
+   stream with back-pressure (counted in ``ProxyStats.responses_streamed``).
+
+Bodies above ``max_request_body`` (up to ``max_request_body_stream``) are
+streamed: the lease is then taken when the buffer limit is crossed and held
+while the rest of the body arrives (``ProxyStats.requests_streamed``).
+
+No logging, pydantic or per-request dict work happens here; the only
+per-request allocations are the request record, its header lines and the
+joined head.  Timeouts use one deadline per connection swept by a single
+timer (``ProxyServerState``), not a timer handle per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
+from backdial.sidecar import http1
+from backdial.sidecar.classify import Classifier, IPAddress, classifier_for, parse_ip
+from backdial.sidecar.http1 import CLOSE, KEEP, KEEP_10, HttpError, Request, canned, failed_request
+from backdial.sidecar.proxyproto import V2_MAX, ProxyHeaderError
+from backdial.sidecar.proxyproto import parse as parse_proxy_header
+from backdial.sidecar.upstream import BROKEN, UpstreamProtocol
+
+if TYPE_CHECKING:
+    from backdial.sidecar.leases import LeasePool
+
+__all__ = [
+    "ClientProtocol",
+    "ProxyServerState",
+    "ProxySettings",
+    "ProxyStats",
+    "make_protocol_factory",
+]
+
+
+# Deadline kinds, one active per connection.
+_T_NONE, _T_IDLE, _T_REQUEST, _T_UPSTREAM, _T_SEND, _T_TUNNEL = range(6)
+
+# Reasons to stop reading from the client (a bit set: reading resumes when all clear).
+_P_PIPELINE, _P_BODY, _P_UPSTREAM, _P_DEAD, _P_ACQUIRE = 1, 2, 4, 8, 16
+
+# How the response body is framed towards the client.
+_M_LENGTH, _M_CHUNK, _M_EOF, _M_NONE, _M_TUNNEL = range(5)
+
+
+class _Drain:
+    """Owns a session whose client went away mid-request: discard the response, release clean.
+
+    Bounded by ``upstream_timeout`` in total; a session that does not finish by then
+    is discarded as broken.
+    """
+
+    __slots__ = ("conn", "handle", "pool")
+
+    def __init__(
+        self,
+        pool: LeasePool,
+        conn: UpstreamProtocol,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+    ) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.handle = loop.call_later(timeout, self._expire)
+        conn.resume_reading()  # it may have been paused for the client's sake
+
+    def resp_head(
+        self, status: int, reason: bytes, lines: list[bytes], length: int, chunked: bool
+    ) -> None:
+        if status == 101:
+            self._expire()  # a tunnel nobody will use
+
+    def resp_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
+        return None
+
+    def resp_body(self, data: bytes) -> None:
+        return None
+
+    def resp_flush(self) -> None:
+        return None
+
+    def resp_done(self, state: str) -> None:
+        self.handle.cancel()
+        self.pool.release(self.conn, state)
+
+    def resp_failed(self, started: bool) -> None:
+        self.handle.cancel()
+        self.pool.release(self.conn, BROKEN)
+
+    def upstream_writable(self, writable: bool) -> None:
+        return None
+
+    def _expire(self) -> None:
+        self.handle.cancel()
+        self.conn.abort()
+        self.pool.release(self.conn, BROKEN)
+
+
+# -- settings and counters ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """Limits and timeouts of one listener (sizes in bytes, times in seconds)."""
+
+    max_request_body: int = 1 << 20  # buffered before a lease is taken
+    max_request_body_stream: int = 64 << 20  # hard cap; between the two the body streams
+    max_header_bytes: int = 64 << 10  # request head; beyond it 431
+    response_buffer: int = 1 << 20  # response bytes held for a slow client before back-pressure
+    upstream_timeout: float = 60.0  # response must start (and keep flowing) within this; else 504
+    client_idle_timeout: float = 75.0  # idle keep-alive client connection
+    request_timeout: float = 30.0  # receiving one request (head + buffered body); else 408
+    send_timeout: float = 60.0  # a client that reads nothing while a lease streams to it
+    proxy_protocol: bool = False  # expect a PROXY v1/v2 header on every connection
+    via: str = "backdial"  # pseudonym in "Via: 1.1 <via>"
+    forwarded_proto: str = "http"  # X-Forwarded-Proto / Forwarded proto=
+    max_retries: int = 2  # idempotent requests whose session failed before any response byte
+    max_pipeline: int = 16  # parsed requests queued per connection before reading pauses
+    tick: float = 0.25  # timeout sweep granularity
+
+
+class SliceCounters:
+    """Requests of one slice: counts by status code and the latency histogram."""
+
+    __slots__ = ("latency", "status")
+
+    def __init__(self) -> None:
+        self.status = [0] * 600
+        self.latency = Histogram(LATENCY_BUCKETS)
+
+
+class ProxyStats:
+    """Plain integer counters the proxy bumps inline; rendered only when scraped."""
+
+    def __init__(self) -> None:
+        self.slices: dict[str, SliceCounters] = {}
+        self.connections_total = 0
+        self.connections_active = 0
+        self.requests_active = 0
+        self.buffered_request_bytes = 0  # gauge: request bodies held before/while leasing
+        self.upstream_failed = 0  # session failed before any response byte
+        self.upstream_broken_mid_response = 0
+        self.upstream_timeouts = 0  # 504s and stalled responses
+        self.retries = 0
+        self.unavailable: dict[str, int] = {"queue_full": 0, "timeout": 0, "no_capacity": 0}
+        self.requests_streamed = 0  # request bodies above max_request_body
+        self.responses_streamed = 0  # responses that outgrew response_buffer under a lease
+        self.tunnels = 0
+        self.client_aborts = 0  # client went away with a request in flight
+        self.proxy_header_errors = 0
+
+    def slice(self, name: str) -> SliceCounters:
+        counters = self.slices.get(name)
+        if counters is None:
+            counters = self.slices[name] = SliceCounters()
+        return counters
+
+    def render(self, exp: Exposition) -> None:
+        p = "backdial_sidecar_"
+        exp.family(
+            p + "requests_total",
+            "counter",
+            "Client requests answered, by slice and status code.",
+            [
+                ({"slice": name or "none", "code": str(code)}, float(n))
+                for name, c in sorted(self.slices.items())
+                for code, n in enumerate(c.status)
+                if n
+            ],
+        )
+        exp.histogram(
+            p + "request_duration_seconds",
+            "From the request head to the last response byte handed to the client.",
+            [({"slice": name or "none"}, c.latency) for name, c in sorted(self.slices.items())],
+        )
+        gauges = (
+            ("client_connections", "Open client connections.", self.connections_active),
+            ("requests_in_flight", "Requests being served.", self.requests_active),
+            ("request_buffered_bytes", "Request body bytes buffered.", self.buffered_request_bytes),
+        )
+        for name, text, value in gauges:
+            exp.family(p + name, "gauge", text, [({}, float(value))])
+        counters = (
+            ("client_connections_total", "Client connections accepted.", self.connections_total),
+            ("upstream_retries_total", "Idempotent requests retried.", self.retries),
+            ("requests_streamed_total", "Bodies streamed under a lease.", self.requests_streamed),
+            ("responses_streamed_total", "Responses over the buffer.", self.responses_streamed),
+            ("tunnels_total", "Upgraded connections tunnelled.", self.tunnels),
+            ("client_aborts_total", "Clients gone mid-request.", self.client_aborts),
+            ("proxy_header_errors_total", "Bad PROXY headers.", self.proxy_header_errors),
+        )
+        for name, text, value in counters:
+            exp.family(p + name, "counter", text, [({}, float(value))])
+        exp.family(
+            p + "upstream_errors_total",
+            "counter",
+            "Session failures: before any response byte, mid-response, timeouts.",
+            [
+                ({"kind": "before_response"}, float(self.upstream_failed)),
+                ({"kind": "mid_response"}, float(self.upstream_broken_mid_response)),
+                ({"kind": "timeout"}, float(self.upstream_timeouts)),
+            ],
+        )
+        exp.family(
+            p + "unavailable_total",
+            "counter",
+            "503 answers by reason (queue_full, timeout, no_capacity).",
+            [({"reason": k}, float(v)) for k, v in self.unavailable.items()],
+        )
+
+
+# -- server state: connections, timeout sweep, graceful stop --------------------------------------
+class ProxyServerState:
+    """What every connection of one listener shares; the worker's handle for a graceful stop."""
+
+    def __init__(self, pool: LeasePool, settings: ProxySettings, stats: ProxyStats) -> None:
+        http1.require_strict_parser()
+        self.pool = pool
+        self.settings = settings
+        self.stats = stats
+        self.connections: set[ClientProtocol] = set()
+        self.draining = False
+        self.via = settings.via.encode("ascii")
+        self.proto = settings.forwarded_proto.encode("ascii")
+        # Optional synchronous fast path: an idle held session without creating a task.
+        self.try_acquire: Callable[[str, str], UpstreamProtocol | None] | None = getattr(
+            pool, "try_acquire", None
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._empty: asyncio.Event | None = None
+
+    def add(self, conn: ClientProtocol) -> None:
+        self.connections.add(conn)
+        self.stats.connections_total += 1
+        self.stats.connections_active += 1
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.settings.tick, self._sweep)
+
+    def remove(self, conn: ClientProtocol) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.stats.connections_active -= 1
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self.connections):
+            if conn.deadline and now >= conn.deadline:
+                conn.on_deadline(now)
+        self._timer = loop.call_later(self.settings.tick, self._sweep)
+
+    async def shutdown(self, timeout: float) -> int:  # noqa: ASYNC109 (the worker's API)
+        """Close idle connections, let in-flight requests finish within *timeout* seconds.
+
+        Call after the listening server stopped accepting.  Responses sent while
+        draining carry ``Connection: close``.  Returns how many connections had to
+        be aborted at the deadline.
+        """
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+        if self.connections:
+            self._empty = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._empty.wait(), max(0.0, timeout))
+        aborted = len(self.connections)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return aborted
+
+
+def make_protocol_factory(
+    pool: LeasePool, settings: ProxySettings, stats: ProxyStats
+) -> tuple[Callable[[], ClientProtocol], ProxyServerState]:
+    """``(factory, state)``: ``loop.create_server(factory, sock=listener)``; ``state.shutdown``."""
+    state = ProxyServerState(pool, settings, stats)
+
+    def factory() -> ClientProtocol:
+        return ClientProtocol(state)
+
+    return factory, state
+
+
+# -- the client connection ------------------------------------------------------------------------
+class ClientProtocol(asyncio.Protocol):
+    """One client connection: parse, classify, lease, relay, release."""
+
+    def __init__(self, state: ProxyServerState) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.stats = state.stats
+        self.pool = state.pool
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.deadline = 0.0  # swept by ProxyServerState; 0 = none
+        self._kind = _T_NONE
+        self._r: Request | None = None  # being parsed
+        self._last: Request | None = None  # last fully parsed
+        self._queue: collections.deque[Request] = collections.deque()
+        self._active: Request | None = None  # being served (at most one)
+        self._conn: UpstreamProtocol | None = None  # the lease of the active request
+        self._task: asyncio.Task[None] | None = None  # a pool.acquire that had to wait
+        self._pause_bits = 0
+        self._write_paused = False
+        self._closed = False
+        self._dead = False  # no more parsing: after an error or an upgrade request
+        self._eof = False  # the client half-closed
+        self._tunnel = False
+        self._mode = _M_NONE
+        self._status = 0
+        self._resp_keep = True
+        self._resp_started = False  # response head written for the active request
+        self._streamed = False
+        self._progress = 0
+        self._seen = 0
+        self._head_bytes = 0
+        self._ip = ""
+        self._ipobj: IPAddress | None = None
+        self._ip_parsed = False
+        self._fwd = b""
+        self._xff = b""
+        self._proxy_buf: bytearray | None = None
+        self._cls: Classifier | None = None
+        self._out: list[bytes] = []  # response bytes of the current session read
+
+    # -- connection lifecycle ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=self.settings.response_buffer)
+        peer = transport.get_extra_info("peername")
+        self._set_client(peer[0] if isinstance(peer, tuple) else "")
+        self.state.add(self)
+        if self.settings.proxy_protocol:
+            self._proxy_buf = bytearray()
+            self._set_deadline(_T_REQUEST, self.settings.request_timeout)
+        else:
+            self._set_deadline(_T_IDLE, self.settings.client_idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.deadline = 0.0
+        self.state.remove(self)
+        if self._task is not None:
+            self._task.cancel()  # the pool hands back a session granted meanwhile
+            self._task = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            r = self._active
+            if self._tunnel or r is None or (r.streaming and not r.complete):
+                conn.abort()  # a tunnel or a half-sent request: the session is unusable
+                self.pool.release(conn, BROKEN)
+            else:
+                # The request is whole on the session: let the response finish into the void
+                # and give the session back clean, rather than make the service re-dial.
+                self.stats.client_aborts += 1
+                conn.set_sink(_Drain(self.pool, conn, self.loop, self.settings.upstream_timeout))
+        stats = self.stats
+        if self._active is not None:
+            stats.requests_active -= 1
+            stats.buffered_request_bytes -= self._active.buffered
+            self._active = None
+        for r in self._queue:
+            stats.buffered_request_bytes -= r.buffered
+        self._queue.clear()
+        if self._r is not None:
+            stats.buffered_request_bytes -= self._r.buffered
+            self._r = None
+
+    def eof_received(self) -> bool:
+        r = self._active
+        if self._tunnel or (r is None and not self._queue):
+            return False  # close now
+        if r is not None and r.streaming and not r.complete:
+            return False  # half a body that can never be finished
+        self._eof = True  # answer what was pipelined before the FIN, then close
+        return True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        conn = self._conn
+        if conn is not None:
+            conn.pause_reading()
+            if not self._streamed and not self._tunnel:
+                self._streamed = True
+                self.stats.responses_streamed += 1
+        self._set_deadline(_T_SEND, self.settings.send_timeout)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        conn = self._conn
+        if conn is not None:
+            conn.resume_reading()
+            if self._tunnel:
+                self._set_deadline(_T_TUNNEL, self.settings.client_idle_timeout)
+            else:
+                self._set_deadline(_T_UPSTREAM, self.settings.upstream_timeout)
+        elif self._active is None:
+            self._next()
+
+    def drain(self) -> None:
+        """Graceful stop: close if idle, else close after the queued responses."""
+        if self._active is None and not self._queue and self._r is None:
+            self._close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.deadline = 0.0
+            if self.transport is not None:
+                self.transport.close()  # flushes what is buffered first
+
+    def _set_client(self, ip: str) -> None:
+        self._ip = ip
+        self._ip_parsed = False
+        self._fwd = http1.forwarding_block(ip, self.state.proto, self.state.via)
+        self._xff = http1.xff_line([], ip)
+
+    def _client_ip(self) -> IPAddress | None:
+        if not self._ip_parsed:
+            self._ipobj = parse_ip(self._ip)
+            self._ip_parsed = True
+        return self._ipobj
+
+    def _set_deadline(self, kind: int, seconds: float) -> None:
+        self._kind = kind
+        self.deadline = self.loop.time() + seconds if seconds > 0 else 0.0
+
+    def _pause(self, bit: int) -> None:
+        if not self._pause_bits and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+        self._pause_bits |= bit
+
+    def _resume(self, bit: int) -> None:
+        if self._pause_bits & bit:
+            self._pause_bits &= ~bit
+            if not self._pause_bits and self.transport is not None and not self._closed:
+                self.transport.resume_reading()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._proxy_buf is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
+        if self._tunnel:
+            self._progress += 1
+            if self._conn is not None:
+                self._conn.write(data)
+            return
+        if self._dead:
+            r = self._last
+            if r is not None and r.upgrade and self._active in (None, r):
+                r.tunnel_pre += data  # early tunnel bytes; reading is paused, so bounded
+            return
+        if self._kind == _T_IDLE:
+            self._set_deadline(_T_REQUEST, self.settings.request_timeout)
+        r = self._r
+        in_head = r is not None and r.in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._parsed_upgrade(data[int(exc.args[0]) :])
+        except httptools.HttpParserError as exc:
+            ctx = exc.__context__
+            if ctx is not None and not isinstance(ctx, HttpError):
+                raise ctx from exc  # a bug in a callback: let the loop report it
+            self._parse_failed(ctx.status if isinstance(ctx, HttpError) else 400)
+        else:
+            if in_head and self._r is r and r is not None and r.in_head:
+                # A read that neither began nor ended the head is all head: httptools buffers
+                # partial fields itself, so bound them here (complete ones are counted exactly).
+                self._head_bytes += len(data)
+                if self._head_bytes > self.settings.max_header_bytes:
+                    self._parse_failed(431)
+        self._next()
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        buf = self._proxy_buf
+        assert buf is not None
+        buf += data
+        try:
+            header = parse_proxy_header(buf)
+            if header is None and len(buf) > V2_MAX:
+                raise ProxyHeaderError("PROXY header too long")
+        except ProxyHeaderError:
+            self.stats.proxy_header_errors += 1
+            self._proxy_buf = None
+            self._dead = True
+            self.abort()  # strict: no valid header, no service
+            return b""
+        if header is None:
+            return b""
+        self._proxy_buf = None
+        if header.client is not None:
+            self._set_client(header.client[0])
+        self._set_deadline(_T_IDLE, self.settings.client_idle_timeout)
+        return bytes(buf[header.length :])
+
+    def _parse_failed(self, status: int) -> None:
+        """Malformed input: nothing more is parsed; the error is answered in order, then close."""
+        self._dead = True
+        self._pause(_P_DEAD)
+        r, self._r = self._r, None
+        if r is not None and r is self._active:  # a streaming body went bad half-way
+            self._abandon_upstream()
+            if not self._resp_started:
+                self._write(canned(status, CLOSE, r.head_only))
+            self._finish(r, status)
+            self._close()
+            return
+        if r is not None:
+            self.stats.buffered_request_bytes -= r.buffered
+        self._queue.append(failed_request(status))
+
+    def _parsed_upgrade(self, rest: bytes) -> None:
+        r = self._last
+        if r is not None and r.upgrade:
+            self._dead = True  # everything after the upgrade request belongs to the tunnel
+            self._pause(_P_DEAD)
+            r.tunnel_pre = rest
+            return
+        # An upgrade this proxy does not tunnel (e.g. h2c): the request was served as plain
+        # HTTP/1.1 with Upgrade removed; continue with the bytes after it.
+        self.parser = httptools.HttpRequestParser(self)
+        if rest:
+            self.data_received(rest)
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        policy = self.pool.policy
+        cls = self._cls
+        if cls is None or cls.policy is not policy:
+            cls = self._cls = classifier_for(policy)
+        self._r = Request(cls.wanted, self.settings.max_header_bytes)
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        r = self._r
+        assert r is not None
+        r.url += url
+        if len(r.url) > self.settings.max_header_bytes:
+            raise HttpError(431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        r = self._r
+        assert r is not None
+        r.add_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        r = self._r
+        cls = self._cls
+        assert r is not None and cls is not None
+        parser = self.parser
+        host = r.check_head(
+            parser.get_http_version(),
+            parser.get_method(),
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+            self.settings.max_request_body_stream,
+        )
+        path = http1.path_of(r.url)
+        r.service = cls.service(host, path)
+        if cls.trivial_slices:
+            r.slice = cls.default_slice
+        else:
+            r.slice = cls.slice(self._client_ip() if cls.uses_ip else None, r.hv, path)
+        r.t0 = self.loop.time()
+        if r.expect_continue and self._active is None and not self._queue:
+            self._send_continue(r)
+
+    def on_body(self, body: bytes) -> None:
+        r = self._r
+        assert r is not None
+        r.body_len += len(body)
+        if r.body_len > self.settings.max_request_body_stream:
+            raise HttpError(413)
+        if r.streaming:
+            conn = self._conn
+            if conn is not None:
+                conn.write(http1.chunk(body) if r.chunked else body)
+                self._progress += 1
+            else:
+                r.body.append(body)  # still leasing; reading is paused, so this is bounded
+            return
+        r.body.append(body)
+        r.buffered += len(body)
+        self.stats.buffered_request_bytes += len(body)
+        if r.body_len > self.settings.max_request_body:
+            if self._active is None and not self._queue:
+                self._start_streaming(r)
+            else:
+                self._pause(_P_BODY)  # wait for our turn before taking a lease
+
+    def on_message_complete(self) -> None:
+        r = self._r
+        assert r is not None
+        self._r = None
+        self._last = r
+        r.complete = True
+        if r.streaming:
+            conn = self._conn
+            if conn is not None:
+                if r.chunked:
+                    conn.write(http1.LAST_CHUNK)  # trailers are not forwarded
+                self._set_deadline(_T_UPSTREAM, self.settings.upstream_timeout)
+            return
+        self._resume(_P_BODY)  # a big body that waited for its turn is whole now
+        self._queue.append(r)
+        if len(self._queue) >= self.settings.max_pipeline:
+            self._pause(_P_PIPELINE)
+
+    # -- serving, one request at a time -----------------------------------------------------------
+    def _next(self) -> None:
+        """Start the next parsed request if nothing is being served."""
+        if self._active is not None or self._closed:
+            return
+        if self._queue:
+            if self._write_paused:
+                return  # resume_writing calls back: no lease for a client that is not reading
+            first = self._queue.popleft()
+            if len(self._queue) < self.settings.max_pipeline:
+                self._resume(_P_PIPELINE)
+            self._dispatch(first)
+            return
+        if self._eof:
+            self._close()  # a request cut by the client's FIN can never complete
+            return
+        r = self._r
+        if r is not None:
+            if not r.in_head:
+                if r.expect_continue and not r.continue_sent:
+                    self._send_continue(r)
+                if r.body_len > self.settings.max_request_body and not r.streaming:
+                    self._resume(_P_BODY)
+                    self._start_streaming(r)
+                    return
+            if self._kind != _T_REQUEST:  # counted from the request's start, not per read
+                self._set_deadline(_T_REQUEST, self.settings.request_timeout)
+        elif self._dead or self.state.draining:
+            self._close()
+        else:
+            self._set_deadline(_T_IDLE, self.settings.client_idle_timeout)
+
+    def _send_continue(self, r: Request) -> None:
+        r.continue_sent = True
+        self._write(http1.CONTINUE_100)
+
+    def _start_streaming(self, r: Request) -> None:
+        r.streaming = True
+        self.stats.requests_streamed += 1
+        self._pause(_P_ACQUIRE)  # the rest of the body waits for the session
+        self._dispatch(r)
+
+    def _dispatch(self, r: Request) -> None:
+        self._active = r
+        self.stats.requests_active += 1
+        self._resp_started = self._streamed = False
+        if r.error is not None:
+            self._write(r.error)
+            self._finish(r, int(r.error[9:12]))
+            self._close()
+            return
+        r.wire = r.build_head(self._fwd, self._xff, self._ip)
+        if not r.streaming:
+            if r.body:
+                r.body.insert(0, r.wire)
+                r.wire = b"".join(r.body)
+            r.body = []
+        self._acquire(r)
+
+    def _acquire(self, r: Request) -> None:
+        fast = self.state.try_acquire
+        if fast is not None:
+            conn = fast(r.service, r.slice)
+            if conn is not None:
+                self._send(r, conn)
+                return
+        self._kind, self.deadline = _T_NONE, 0.0  # the slice's queue timeout bounds the wait
+        self._task = self.loop.create_task(self._acquire_wait(r))
+
+    async def _acquire_wait(self, r: Request) -> None:
+        from backdial.sidecar.leases import NoCapacity, QueueFull, QueueTimeout
+
+        try:
+            conn = await self.pool.acquire(r.service, r.slice)
+        except QueueFull as exc:
+            self._task = None
+            self._unavailable(r, "queue_full", exc.retry_after)
+            return
+        except QueueTimeout as exc:
+            self._task = None
+            self._unavailable(r, "timeout", exc.retry_after)
+            return
+        except NoCapacity as exc:
+            self._task = None
+            self._unavailable(r, "no_capacity", exc.retry_after)
+            return
+        self._task = None
+        if self._active is not r or self._closed:
+            self.pool.release(conn, "idle")  # never written to: still clean
+            return
+        self._send(r, cast(UpstreamProtocol, conn))
+
+    def _send(self, r: Request, conn: UpstreamProtocol) -> None:
+        data = r.wire
+        if r.streaming:
+            pieces = [http1.chunk(b) for b in r.body] if r.chunked else r.body
+            if r.complete and r.chunked:
+                pieces.append(http1.LAST_CHUNK)
+            data = b"".join([data, *pieces])
+            r.body = []
+        self._conn = conn
+        if not conn.start(data, self, r.head_only, r.upgrade):
+            self._conn = None
+            self.pool.release(conn, BROKEN)
+            self.resp_failed_on(r, False)
+            return
+        self._seen = self._progress
+        if r.streaming and not r.complete:
+            self._set_deadline(_T_REQUEST, self.settings.request_timeout)
+            self._resume(_P_ACQUIRE)
+        else:
+            self._set_deadline(_T_UPSTREAM, self.settings.upstream_timeout)
+
+    def _unavailable(self, r: Request, reason: str, retry_after: int) -> None:
+        if self._active is not r or self._closed:
+            return
+        self.stats.unavailable[reason] += 1
+        self._respond_error(r, 503, retry_after)
+
+    def _respond_error(self, r: Request, status: int, retry_after: int = -1) -> None:
+        if (
+            (r.streaming and not r.complete)
+            or not r.keep_alive
+            or self._dead
+            or (self.state.draining and not self._queue)
+        ):
+            mode = CLOSE
+        else:
+            mode = KEEP_10 if r.v10 else KEEP
+        self._write(canned(status, mode, r.head_only, retry_after))
+        self._finish(r, status)
+        if mode == CLOSE:
+            self._close()
+        else:
+            self._next()
+
+    def _finish(self, r: Request, status: int) -> None:
+        counters = self.stats.slice(r.slice)
+        counters.status[status if 100 <= status < 600 else 0] += 1
+        if r.t0:
+            counters.latency.observe(self.loop.time() - r.t0)
+        self.stats.requests_active -= 1
+        self.stats.buffered_request_bytes -= r.buffered
+        r.buffered = 0
+        r.wire = b""
+        if self._active is r:
+            self._active = None
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def _abandon_upstream(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+            self.pool.release(conn, BROKEN)
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    # -- ResponseSink: called by the session's UpstreamProtocol -----------------------------------
+    def resp_head(
+        self, status: int, reason: bytes, lines: list[bytes], length: int, chunked: bool
+    ) -> None:
+        r = self._active
+        assert r is not None
+        self._resp_started = True
+        self._status = status
+        self._progress += 1
+        if r.head_only or status == 204 or status == 304:
+            mode = _M_NONE
+        elif status == 101:
+            mode = _M_TUNNEL
+        elif length >= 0:
+            mode = _M_LENGTH
+        elif r.v10:
+            mode = _M_EOF  # an HTTP/1.0 client cannot take chunked: close-delimited
+        else:
+            mode = _M_CHUNK
+        self._mode = mode
+        keep = (
+            r.keep_alive
+            and mode != _M_EOF
+            and not (r.upgrade and status != 101)
+            and not (r.streaming and not r.complete)
+            and not (self.state.draining and not self._queue)
+        )
+        self._resp_keep = keep
+        if mode == _M_TUNNEL:
+            tail = b"\r\n"  # Connection: Upgrade and Upgrade are in lines
+        elif not keep:
+            tail = b"Connection: close\r\n\r\n"
+        elif r.v10:
+            tail = b"Connection: keep-alive\r\n\r\n"
+        else:
+            tail = b"\r\n"
+        if mode == _M_CHUNK:
+            tail = b"Transfer-Encoding: chunked\r\n" + tail
+        # Buffered until the end of this session read: head and body leave in one send().
+        self._out.append(b"".join((http1.cached_status_line(status, reason), *lines, tail)))
+        if mode == _M_TUNNEL:
+            self._open_tunnel(r)
+
+    def resp_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
+        # 1xx (e.g. 103 Early Hints) go to HTTP/1.1 clients; 100 is ours to send, not the service's.
+        r = self._active
+        if r is not None and not r.v10 and status != 100:
+            self._out.append(b"".join((http1.cached_status_line(status, reason), *lines, b"\r\n")))
+
+    def resp_body(self, data: bytes) -> None:
+        self._progress += 1
+        mode = self._mode
+        if mode in (_M_LENGTH, _M_EOF):
+            self._out.append(data)
+        elif mode == _M_CHUNK:
+            if data:
+                self._out.append(http1.chunk(data))
+        elif mode == _M_TUNNEL:
+            self._write(data)
+
+    def resp_flush(self) -> None:
+        """End of one session read: write what it produced in one call."""
+        out = self._out
+        if out:
+            self._write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def resp_done(self, state: str) -> None:
+        r = self._active
+        conn, self._conn = self._conn, None
+        assert r is not None and conn is not None
+        if r.streaming and not r.complete:
+            state = BROKEN  # the service answered before the whole body: the session is dirty
+        self.pool.release(conn, state)
+        if self._mode == _M_CHUNK:
+            self._out.append(http1.LAST_CHUNK)
+        self.resp_flush()
+        self._finish(r, self._status)
+        if self._tunnel or not self._resp_keep:
+            self._close()
+        else:
+            self._next()
+
+    def resp_failed(self, started: bool) -> None:
+        r = self._active
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self.pool.release(conn, BROKEN)
+        if r is not None:
+            self.resp_failed_on(r, started)
+
+    def resp_failed_on(self, r: Request, started: bool) -> None:
+        """The session failed; retry an idempotent request that got no response byte."""
+        if self._resp_started:  # the client has part of a response: all we can do is cut it
+            self._out.clear()
+            self.stats.upstream_broken_mid_response += 1
+            self._finish(r, self._status)
+            self.abort()
+            return
+        self.stats.upstream_failed += 1
+        if (
+            not started
+            and r.idempotent
+            and not r.streaming
+            and r.retries < self.settings.max_retries
+            and not self._closed
+        ):
+            r.retries += 1
+            self.stats.retries += 1
+            self._acquire(r)
+            return
+        self._respond_error(r, 502)
+
+    def upstream_writable(self, writable: bool) -> None:
+        # Only streamed bodies and tunnels can fill the session's buffer: stop the client.
+        if writable:
+            self._resume(_P_UPSTREAM)
+        else:
+            self._pause(_P_UPSTREAM)
+
+    def _open_tunnel(self, r: Request) -> None:
+        self.resp_flush()
+        self._tunnel = True
+        self.stats.tunnels += 1
+        conn = self._conn
+        if conn is not None and r.tunnel_pre:
+            conn.write(r.tunnel_pre)
+        r.tunnel_pre = b""
+        self._dead = False
+        self._pause_bits = 0
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+        self._set_deadline(_T_TUNNEL, self.settings.client_idle_timeout)
+
+    # -- timeouts (called by the server's sweep) --------------------------------------------------
+    def on_deadline(self, now: float) -> None:
+        kind = self._kind
+        flowing = kind in (_T_UPSTREAM, _T_TUNNEL) or (kind == _T_REQUEST and self._streaming())
+        if flowing and self._progress != self._seen:  # still flowing: only silence times out
+            self._seen = self._progress
+            if kind == _T_UPSTREAM:
+                self.deadline = now + self.settings.upstream_timeout
+            elif kind == _T_TUNNEL:
+                self.deadline = now + self.settings.client_idle_timeout
+            else:
+                self.deadline = now + self.settings.request_timeout
+            return
+        self.deadline = 0.0
+        r = self._active
+        if kind == _T_UPSTREAM and r is not None:
+            self.stats.upstream_timeouts += 1
+            self._abandon_upstream()
+            if self._resp_started:
+                self._finish(r, self._status)
+                self.abort()
+            else:
+                self._respond_error(r, 504)
+        elif kind == _T_REQUEST and r is None and self._proxy_buf is None:
+            self._write(http1.RESP_408)  # nothing in flight: safe to answer in order
+            self._dead = True
+            self._close()
+        elif kind == _T_REQUEST and r is not None and r.streaming:
+            self._abandon_upstream()
+            if not self._resp_started:
+                self._write(http1.RESP_408)
+            self._finish(r, 408)
+            self._close()
+        elif kind == _T_IDLE:
+            self._close()
+        else:  # stalled send, dead tunnel, or a PROXY header that never came
+            if r is not None and self._conn is not None:
+                self._abandon_upstream()
+                self._finish(r, self._status or 408)
+            self.abort()
+
+    def _streaming(self) -> bool:
+        r = self._active
+        return r is not None and r.streaming and not r.complete

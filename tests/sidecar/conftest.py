@@ -1,0 +1,578 @@
+"""Harness for the sidecar proxy tests: a recording backend, a stand-in lease pool, a runner.
+
+``StandInPool`` stands in for ``backdial.sidecar.leases.LeasePool``: it has the
+same surface the proxy uses (``policy``, ``acquire``, ``release``, ``lost``,
+the ``QueueFull``/``QueueTimeout``/``NoCapacity`` exceptions) but creates its
+sessions locally as real ``socketpair``s whose far end is served by
+``Backend``, a small blocking HTTP/1.1 server thread per session that records
+every byte it receives.  The proxy itself runs unchanged on uvloop in a
+background thread (``ProxyRunner``) and is exercised with real clients: raw
+sockets, httpx and curl.  End-to-end tests against the real acceptor and pool
+live in ``test_proxy_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvloop
+
+from backdial.policy import Policy, policy_from_data
+from backdial.sidecar.leases import Lease, NoCapacity, QueueFull, QueueTimeout
+from backdial.sidecar.proxy import ProxySettings, ProxyStats, make_protocol_factory
+from backdial.sidecar.upstream import UpstreamProtocol, conn_factory
+from backdial.wire import RETIRE_LINE
+
+TIMEOUT = 5.0
+
+
+# -- the service side -----------------------------------------------------------------------------
+@dataclass
+class Received:
+    session: int
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    raw_head: bytes
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return ", ".join(values) if values else None
+
+
+class Backend:
+    """HTTP/1.1 server threads on session sockets; behaviour chosen by the request path."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.raw: list[bytes] = []  # every byte received, per recv
+        self.requests: list[Received] = []
+        self.threads: list[threading.Thread] = []
+        self.socks: list[socket.socket] = []
+        self.gate = threading.Event()  # /wait blocks until set
+        self.gate.set()
+        self.flaky: set[str] = set()  # /flaky?id=X dies on the first attempt per id
+
+    @property
+    def raw_bytes(self) -> bytes:
+        with self.lock:
+            return b"".join(self.raw)
+
+    def attach(self, sock: socket.socket, session: int) -> None:
+        sock.settimeout(TIMEOUT * 2)
+        self.socks.append(sock)
+        t = threading.Thread(target=self._serve, args=(sock, session), daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def close(self) -> None:
+        self.gate.set()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+        for t in self.threads:
+            t.join(timeout=2)
+
+    def _recv(self, sock: socket.socket) -> bytes:
+        data = sock.recv(65536)
+        if data:
+            with self.lock:
+                self.raw.append(data)
+        return data
+
+    def _serve(self, sock: socket.socket, session: int) -> None:
+        buf = b""
+        with contextlib.suppress(OSError):
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = self._recv(sock)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = [tuple(x.split(": ", 1)) for x in lines[1:]]
+                req = Received(session, method, target, headers, b"", head)  # type: ignore[arg-type]
+                length = req.header("content-length")
+                if req.header("transfer-encoding") == "chunked":
+                    body, buf = self._read_chunked(sock, buf)
+                else:
+                    need = int(length or 0)
+                    while len(buf) < need:
+                        data = self._recv(sock)
+                        if not data:
+                            return
+                        buf += data
+                    body, buf = buf[:need], buf[need:]
+                req.body = body
+                with self.lock:
+                    self.requests.append(req)
+                if not self._respond(sock, req):
+                    return
+
+    def _read_chunked(self, sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+        body = b""
+        while True:
+            while b"\r\n" not in buf:
+                buf += self._recv(sock)
+            size_line, buf = buf.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            while len(buf) < size + 2:
+                buf += self._recv(sock)
+            if size == 0:
+                return body, buf[2:]
+            body += buf[:size]
+            buf = buf[size + 2 :]
+
+    def _respond(self, sock: socket.socket, req: Received) -> bool:
+        """Write the response for *req*; False ends the session."""
+        path, _, query = req.target.partition("?")
+        args = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        head_only = req.method == "HEAD"
+
+        def send(status: str, body: bytes, extra: str = "", close: bool = False) -> None:
+            hdr = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}"
+            if close:
+                hdr += "Connection: close\r\n"
+            sock.sendall(hdr.encode() + b"\r\n" + (b"" if head_only else body))
+
+        if path == "/die":
+            sock.close()
+            return False
+        if path == "/flaky":
+            with self.lock:
+                first = args.get("id", "") not in self.flaky
+                self.flaky.add(args.get("id", ""))
+            if first:
+                sock.close()
+                return False
+        if path == "/die-mid":
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+            sock.close()
+            return False
+        if path == "/wait":
+            self.gate.wait(TIMEOUT * 2)
+        if path == "/sleep":
+            time.sleep(float(args.get("s", "0.5")))
+        if path == "/big":
+            n = int(args.get("n", "1000"))
+            send("200 OK", b"x" * n)
+            return True
+        if path == "/chunked":
+            parts = [b"hello ", b"chunked ", b"world"]
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts)
+                + b"0\r\nX-Trailer: t\r\n\r\n"
+            )
+            return True
+        if path == "/eof":
+            sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+            sock.close()
+            return False
+        if path == "/close":
+            send("200 OK", b"closing", close=True)
+            sock.close()
+            return False
+        if path == "/retire-before":
+            sock.sendall(RETIRE_LINE)
+            time.sleep(0.05)
+            send("200 OK", b"after retire", close=True)
+            return True  # keeps reading until the proxy closes it
+        if path == "/retire-after":
+            body = b"then retire"
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s%s"
+                % (len(body), body, RETIRE_LINE)
+            )
+            return True
+        if path == "/retire-split":
+            body = b"then retire"
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s%s"
+                % (len(body), body, RETIRE_LINE[:5])
+            )
+            time.sleep(0.05)
+            sock.sendall(RETIRE_LINE[5:])
+            return True
+        if path == "/retire-idle":
+            send("200 OK", b"ok")
+            time.sleep(0.1)
+            sock.sendall(RETIRE_LINE)
+            return True
+        if path == "/garbage-idle":
+            send("200 OK", b"ok")
+            time.sleep(0.1)
+            sock.sendall(b"junk")
+            return True
+        if path == "/early-hints":
+            sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+            send("200 OK", b"hinted")
+            return True
+        if path.startswith("/status/"):
+            code = int(path.rsplit("/", 1)[1])
+            if code in (204, 304):
+                sock.sendall(b"HTTP/1.1 %d X\r\n\r\n" % code)
+            else:
+                send(f"{code} X", b"status")
+            return True
+        if path == "/hop":
+            send(
+                "200 OK", b"hop", "Connection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
+            )
+            return True
+        if path == "/garbage":
+            sock.sendall(b"NOT-HTTP garbage\r\n\r\n")
+            return True
+        if path == "/ws-refuse":
+            send("426 Upgrade Required", b"no")
+            return True
+        if path == "/ws":
+            if (req.header("upgrade") or "").lower() != "websocket":
+                send("400 Bad Request", b"not an upgrade")
+                return True
+            sock.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\nhello-from-ws"
+            )
+            while True:  # echo until EOF
+                data = self._recv(sock)
+                if not data:
+                    return False
+                sock.sendall(data.upper())
+        info = {
+            "session": req.session,
+            "method": req.method,
+            "target": req.target,
+            "headers": req.headers,
+            "body": req.body.decode("latin-1"),
+        }
+        send("200 OK", json.dumps(info).encode(), "Content-Type: application/json\r\n")
+        return True
+
+
+# -- the stand-in lease pool ----------------------------------------------------------------------
+@dataclass
+class StandInPool:
+    """Stands in for LeasePool: real session sockets, local capacity and a bounded FIFO."""
+
+    backend: Backend
+    sessions: int = 4
+    max_waiting: int = 100
+    queue_timeout: float = 1.0
+    retry_after: int = 1
+    policy: Policy = field(default_factory=Policy)
+    closed: bool = False
+    idle: collections.deque[UpstreamProtocol] = field(default_factory=collections.deque)
+    busy: set[int] = field(default_factory=set)
+    waiters: collections.deque[asyncio.Future[UpstreamProtocol]] = field(
+        default_factory=collections.deque
+    )
+    events: list[tuple[str, int, str]] = field(default_factory=list)
+    acquires: list[tuple[str, str]] = field(default_factory=list)
+    made: int = 0
+    live: int = 0
+
+    async def acquire(self, service: str, slice_name: str) -> UpstreamProtocol:
+        self.acquires.append((service, slice_name))
+        if self.closed:
+            raise NoCapacity(self.retry_after, "draining")
+        while self.idle:
+            conn = self.idle.popleft()
+            if not conn.closed:
+                self.busy.add(conn.lease.session)
+                return conn
+        if self.live < self.sessions:
+            conn = await self._new(service, slice_name)
+            self.busy.add(conn.lease.session)
+            return conn
+        if len(self.waiters) >= self.max_waiting:
+            raise QueueFull(self.retry_after, "queue_full")
+        fut: asyncio.Future[UpstreamProtocol] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                conn = await fut
+        except TimeoutError:
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(fut)
+            raise QueueTimeout(self.retry_after, "timeout") from None
+        self.busy.add(conn.lease.session)
+        return conn
+
+    async def _new(self, service: str, slice_name: str) -> UpstreamProtocol:
+        self.made += 1
+        self.live += 1
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.backend.attach(theirs, self.made)
+        lease = Lease(self.made, service or "default", slice_name, 1, ours)
+        return await conn_factory(lease, self)  # type: ignore[arg-type]
+
+    def release(self, conn: UpstreamProtocol, state: str) -> None:
+        self.events.append(("release", conn.lease.session, state))
+        self.busy.discard(conn.lease.session)
+        if state == "idle" and not conn.closed:
+            while self.waiters:
+                fut = self.waiters.popleft()
+                if not fut.done():
+                    self.busy.add(conn.lease.session)
+                    fut.set_result(conn)
+                    return
+            self.idle.append(conn)
+            return
+        conn.close()
+        self.live -= 1
+        self._refill()
+
+    def lost(self, conn: UpstreamProtocol, state: str) -> None:
+        self.events.append(("lost", conn.lease.session, state))
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+        conn.close()
+        self.live -= 1
+        self._refill()
+
+    def _refill(self) -> None:
+        # A waiter may use the capacity a closed session freed.
+        if self.waiters and self.live < self.sessions:
+
+            async def hand_over() -> None:
+                conn = await self._new("", "")
+                self.release(conn, "idle")
+
+            self._task = asyncio.ensure_future(hand_over())
+
+    def states(self, kind: str = "release") -> list[str]:
+        return [state for k, _, state in self.events if k == kind]
+
+
+# -- running the proxy ----------------------------------------------------------------------------
+class ProxyRunner:
+    """The proxy on uvloop in a background thread, listening on 127.0.0.1."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        policy: Policy | None,
+        pool_factory: Callable[[Backend], Awaitable[Any]] | None = None,
+        backend: Backend | None = None,
+        **pool: Any,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend or Backend()
+        self._pool_factory = pool_factory
+        self.stats = ProxyStats()
+        self.loop = uvloop.new_event_loop()
+        self._ready = threading.Event()
+        self._pool_kwargs = pool
+        self._policy = policy
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        if not self._ready.wait(TIMEOUT):
+            raise RuntimeError("proxy did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._setup())
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _setup(self) -> None:
+        if self._pool_factory is not None:
+            self.pool = await self._pool_factory(self.backend)
+        else:
+            self.pool = StandInPool(self.backend, **self._pool_kwargs)
+        if self._policy is not None:
+            self.pool.policy = self._policy
+        factory, self.state = make_protocol_factory(self.pool, self.settings, self.stats)  # type: ignore[arg-type]
+        self.server = await self.loop.create_server(factory, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run *fn* (a plain function or a coroutine function) in the proxy's loop."""
+
+        async def wrapper() -> Any:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(TIMEOUT * 3)
+
+    def stop(self) -> None:
+        async def down() -> None:
+            self.server.close()
+            await self.state.shutdown(0.5)
+            if isinstance(self.pool, StandInPool):
+                for conn in list(self.pool.idle):
+                    conn.close()
+            else:
+                await self.pool.close(1.0)
+            me = asyncio.current_task()
+            leftovers = [t for t in asyncio.all_tasks() if t is not me]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.call(down)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+        self.backend.close()
+        self.loop.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.call(predicate):
+                return True
+            time.sleep(0.01)
+        return False
+
+
+@pytest.fixture
+def make_proxy() -> Iterator[Callable[..., ProxyRunner]]:
+    runners: list[ProxyRunner] = []
+
+    def make(
+        policy: dict[str, Any] | None = None, pool: dict[str, Any] | None = None, **settings: Any
+    ) -> ProxyRunner:
+        settings.setdefault("tick", 0.05)
+        runner = ProxyRunner(
+            ProxySettings(**settings),
+            policy_from_data(policy) if policy is not None else None,
+            **(pool or {}),
+        )
+        runners.append(runner)
+        return runner
+
+    yield make
+    for runner in runners:
+        runner.stop()
+
+
+@pytest.fixture
+def proxy(make_proxy: Callable[..., ProxyRunner]) -> ProxyRunner:
+    return make_proxy()
+
+
+# -- a raw HTTP/1.1 client ------------------------------------------------------------------------
+@dataclass
+class Response:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    raw_head: bytes
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return ", ".join(values) if values else None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class RawClient:
+    """A socket with a persistent read buffer, for pipelining and byte-exact requests."""
+
+    def __init__(self, port: int, timeout: float = TIMEOUT) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def read_response(self, head_only: bool = False) -> Response:
+        while b"\r\n\r\n" not in self.buf:
+            if not self._fill():
+                raise EOFError(f"connection closed; got {self.buf!r}")
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        _, code, *reason = lines[0].split(" ", 2)
+        headers = [tuple(x.split(": ", 1)) for x in lines[1:]]
+        resp = Response(int(code), reason[0] if reason else "", headers, b"", head)  # type: ignore[arg-type]
+        status = resp.status
+        if head_only or status in (204, 304) or 100 <= status < 200:
+            return resp
+        if resp.header("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                while b"\r\n" not in self.buf:
+                    if not self._fill():
+                        raise EOFError("truncated chunked body")
+                size_line, self.buf = self.buf.split(b"\r\n", 1)
+                size = int(size_line, 16)
+                while len(self.buf) < size + 2:
+                    if not self._fill():
+                        raise EOFError("truncated chunk")
+                if size == 0:
+                    self.buf = self.buf[2:]
+                    break
+                body += self.buf[:size]
+                self.buf = self.buf[size + 2 :]
+            resp.body = body
+        elif resp.header("content-length") is not None:
+            need = int(resp.header("content-length") or 0)
+            while len(self.buf) < need:
+                if not self._fill():
+                    raise EOFError("truncated body")
+            resp.body, self.buf = self.buf[:need], self.buf[need:]
+        else:
+            while self._fill():
+                pass
+            resp.body, self.buf = self.buf, b""
+        return resp
+
+    def closed(self, timeout: float = TIMEOUT) -> bool:
+        """True when the peer closed (EOF or reset) with nothing more to read."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buf += data
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_client() -> Iterator[Callable[[int], RawClient]]:
+    clients: list[RawClient] = []
+
+    def make(port: int) -> RawClient:
+        c = RawClient(port)
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.close()

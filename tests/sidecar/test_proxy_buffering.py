@@ -1,0 +1,159 @@
+"""Slow clients do not hold sessions: request buffering, response draining, explicit streaming."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+from tests.sidecar.conftest import ProxyRunner, RawClient
+
+Raw = Callable[[int], RawClient]
+
+
+def test_slow_upload_takes_no_session_until_complete(proxy: ProxyRunner, raw_client: Raw) -> None:
+    c = raw_client(proxy.port)
+    body = b"0123456789" * 100
+    c.send(b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body))
+    for i in range(0, len(body), 100):
+        c.send(body[i : i + 100])
+        time.sleep(0.01)
+        if i + 100 < len(body):
+            assert proxy.call(lambda: len(proxy.pool.acquires)) == 0
+            assert proxy.call(lambda: proxy.stats.buffered_request_bytes) == i + 100
+    info = c.read_response().json()
+    assert info["body"] == body.decode()
+    assert proxy.pool.acquires == [("", "default")]
+    assert proxy.call(lambda: proxy.stats.buffered_request_bytes) == 0
+
+
+def test_response_drained_before_client_reads(proxy: ProxyRunner) -> None:
+    """600 KB fit the 1 MiB response buffer: the session is free before the client reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.connect(("127.0.0.1", proxy.port))
+    sock.settimeout(5)
+    try:
+        sock.sendall(b"GET /big?n=600000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"])
+        assert proxy.call(lambda: proxy.stats.responses_streamed) == 0
+        data = b""
+        while len(data) < 600000:
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+        assert (
+            data.endswith(b"\r\n\r\n" + b"x" * 600000)
+            or len(data.split(b"\r\n\r\n", 1)[1]) <= 600000
+        )
+    finally:
+        sock.close()
+
+
+def test_response_over_buffer_streams_with_backpressure(
+    make_proxy: Callable[..., ProxyRunner],
+) -> None:
+    proxy = make_proxy(response_buffer=64 * 1024)
+    n = 8 << 20
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.connect(("127.0.0.1", proxy.port))
+    sock.settimeout(5)
+    try:
+        sock.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
+        assert proxy.wait_for(lambda: proxy.stats.responses_streamed == 1)
+        time.sleep(0.2)
+        # The client is not reading: the lease is still held, nothing was released.
+        assert proxy.pool.states() == []
+        assert proxy.call(lambda: len(proxy.pool.busy)) == 1
+        got = 0
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+        got = len(head.split(b"\r\n\r\n", 1)[1])
+        while got < n:
+            chunk = sock.recv(1 << 20)
+            assert chunk
+            got += len(chunk)
+        assert got == n
+        assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"])
+    finally:
+        sock.close()
+
+
+def test_body_over_hard_cap_is_413(make_proxy: Callable[..., ProxyRunner], raw_client: Raw) -> None:
+    proxy = make_proxy(max_request_body=1000, max_request_body_stream=1000)
+    c = raw_client(proxy.port)
+    c.send(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\n\r\n")
+    r = c.read_response()  # answered from the head alone, before any body byte
+    assert r.status == 413 and r.header("connection") == "close"
+    c = raw_client(proxy.port)
+    c.send(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    c.send(b"3e8\r\n" + b"a" * 1000 + b"\r\n")
+    c.send(b"1\r\nb\r\n0\r\n\r\n")
+    assert c.read_response().status == 413
+    assert proxy.backend.raw_bytes == b""
+    # Exactly at the limit is fine.
+    c = raw_client(proxy.port)
+    c.send(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n" + b"a" * 1000)
+    assert len(c.read_response().json()["body"]) == 1000
+    assert proxy.stats.requests_streamed == 0
+
+
+def test_body_between_limits_streams(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    proxy = make_proxy(max_request_body=1000, max_request_body_stream=1 << 20)
+    body = bytes(range(256)) * 400  # 102400 bytes
+    c = raw_client(proxy.port)
+    c.send(b"POST /s HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body))
+    c.send(body[:5000])
+    # Past max_request_body the request streams: the lease is taken now, mid-body.
+    assert proxy.wait_for(lambda: len(proxy.pool.busy) == 1)
+    c.send(body[5000:])
+    info = c.read_response().json()
+    assert info["body"].encode("latin-1") == body
+    # Chunked streams chunked, the service sees the same bytes.
+    c.send(b"POST /s2 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for i in range(0, len(body), 10000):
+        part = body[i : i + 10000]
+        c.send(b"%x\r\n%s\r\n" % (len(part), part))
+    c.send(b"0\r\nX-T: 1\r\n\r\n")
+    info = c.read_response().json()
+    assert info["body"].encode("latin-1") == body
+    te = [v for k, v in info["headers"] if k.lower() == "transfer-encoding"]
+    assert te == ["chunked"]
+    assert proxy.stats.requests_streamed == 2
+    assert proxy.pool.states() == ["idle", "idle"]
+
+
+def test_streamed_body_over_hard_cap_breaks_session(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    proxy = make_proxy(max_request_body=1000, max_request_body_stream=5000)
+    c = raw_client(proxy.port)
+    c.send(b"POST /s HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    c.send((b"3e8\r\n" + b"z" * 1000 + b"\r\n") * 2)
+    assert proxy.wait_for(lambda: len(proxy.pool.busy) == 1)  # streaming under a lease
+    c.send((b"3e8\r\n" + b"z" * 1000 + b"\r\n") * 6)
+    r = c.read_response()
+    assert r.status == 413
+    assert c.closed()
+    # The service saw a partial request: that session can never be reused.
+    assert proxy.wait_for(lambda: proxy.pool.states() == ["broken"])
+
+
+def test_pipelined_big_body_waits_its_turn(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    proxy = make_proxy(max_request_body=1000)
+    c = raw_client(proxy.port)
+    big = b"q" * 3000
+    c.send(
+        b"GET /sleep?s=0.3 HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\n\r\n" + big
+    )
+    time.sleep(0.1)
+    assert proxy.call(lambda: len(proxy.pool.acquires)) == 1  # the second waits its turn
+    assert c.read_response().status == 200
+    assert c.read_response().json()["body"] == big.decode()
