@@ -138,7 +138,7 @@ class Limits(_Model):
     preamble_timeout: Duration = Field(default=5.0, alias="preambleTimeout")
     max_sessions: int = Field(default=4096, ge=1, alias="maxSessions")
     max_sessions_per_registrant: int = Field(default=1024, ge=1, alias="maxSessionsPerRegistrant")
-    lease_prefetch: int = Field(default=2, ge=0, le=64, alias="leasePrefetch")
+    lease_prefetch: int = Field(default=8, ge=0, le=64, alias="leasePrefetch")
     lease_idle_release: Duration = Field(default=2.0, alias="leaseIdleRelease")
     retry_after: int = Field(default=1, ge=0, le=3600, alias="retryAfter")
 

@@ -120,12 +120,23 @@ def test_ring_alternates_registrants() -> None:
     assert set(served.values()) == {100}
 
 
-def test_prefetch_spreads_over_registrants() -> None:
-    ledger = make(registrants=2, sessions=4)
+@pytest.mark.parametrize("registrants", [1, 2, 3, 5])
+def test_prefetch_only_evens_out_holdings_per_registrant(registrants: int) -> None:
+    ledger = make(registrants=registrants, sessions=4)
     ledger.set_want(1, ("", "default"), 1)
-    grants = ledger.pump(prefetch=1)
-    assert len(grants) == 2
-    assert len({g.session.registrant for g in grants}) == 2
+    grants = ledger.pump(prefetch=8)
+    assert len(grants) == registrants
+    assert len({g.session.registrant for g in grants}) == registrants
+
+
+def test_grants_balance_what_each_worker_holds() -> None:
+    ledger = make(registrants=2, sessions=4)
+    ledger.set_want(1, ("", "default"), 3)  # worker 1: A, B, A
+    ledger.pump()
+    ledger.set_want(1, ("", "default"), 1)  # the next one must be B, whatever the ring says
+    (g,) = ledger.pump()
+    held = collections.Counter(s.registrant for s in ledger.sessions.values() if s.worker == 1)
+    assert sorted(held.values()) == [2, 2], g
 
 
 def test_remove_worker_reclaims_only_its_leases() -> None:

@@ -64,6 +64,9 @@ class Stack:
             "10",
             name="sidecar",
         )
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
         wait_for(
             lambda: http_get(self.sidecar_url("/readyz"))[0] == 200,
             timeout=20,

@@ -92,6 +92,7 @@ class Ledger:
         self._rid = itertools.count(1)
         self.recalls: collections.Counter[tuple[int, str]] = collections.Counter()
         self._quota_cache: dict[str, dict[str, int]] = {}
+        self.held_by: collections.Counter[tuple[int, int]] = collections.Counter()
 
     # -- policy ---------------------------------------------------------------
     def set_policy(self, policy: Policy) -> None:
@@ -160,6 +161,7 @@ class Ledger:
         book.total -= 1
         if sess.worker:
             book.leased[sess.slice] -= 1
+            self.held_by[(sess.worker, sess.registrant)] -= 1
         else:
             reg.idle.remove(sid)
             book.idle_count -= 1
@@ -167,6 +169,8 @@ class Ledger:
         if not reg.sessions:
             del self.registrants[reg.id]
             book.registrants.remove(reg.id)
+            for hkey in [k for k in self.held_by if k[1] == reg.id]:
+                del self.held_by[hkey]
         return sess
 
     # -- workers ----------------------------------------------------------------
@@ -180,6 +184,8 @@ class Ledger:
         self.wants.pop(worker, None)
         for rkey in [k for k in self.recalls if k[0] == worker]:
             del self.recalls[rkey]
+        for hkey in [k for k in self.held_by if k[0] == worker]:
+            del self.held_by[hkey]
         held = [s for s in self.sessions.values() if s.worker == worker]
         for sess in held:
             self.drop_session(sess.id)
@@ -230,26 +236,53 @@ class Ledger:
                 owed += min(max(0, quota - book.leased[other]), waiting[(service, other)])
         return book.idle_count - owed >= 1
 
-    def _take_idle(self, book: ServiceBook) -> Session:
-        """Next idle session on the registrant ring (round-robin across instances)."""
-        ring = book.registrants
-        for _ in range(len(ring)):
-            reg = self.registrants[ring[book.cursor % len(ring)]]
-            book.cursor = (book.cursor + 1) % len(ring)
-            if reg.idle:
-                sess = self.sessions[reg.idle.popleft()]
-                reg.served += 1
-                return sess
-        raise AssertionError("idle_count and the ring disagree")
+    def _pick_registrant(self, book: ServiceBook, worker: int) -> Registrant | None:
+        """The registrant to lease from: the one this worker holds fewest sessions of,
+        ties broken by the round-robin ring.
 
-    def lease(self, sess_service: str, worker: int, slice_name: str) -> Session:
-        book = self.services[sess_service]
-        sess = self._take_idle(book)
+        Balancing what each worker holds keeps the worker's own rotation fair
+        (invariant 8): a worker holding two sessions of A and one of B would
+        serve A twice as often whenever B's session is busy.
+        """
+        ring = book.registrants
+        best: Registrant | None = None
+        best_held = 0
+        best_pos = 0
+        for step in range(len(ring)):
+            pos = (book.cursor + step) % len(ring)
+            reg = self.registrants[ring[pos]]
+            if not reg.idle:
+                continue
+            held = self.held_by[(worker, reg.id)]
+            if best is None or held < best_held:
+                best, best_held, best_pos = reg, held, pos
+        if best is not None:
+            book.cursor = (best_pos + 1) % len(ring)
+        return best
+
+    def lease(self, service: str, worker: int, slice_name: str) -> Session:
+        book = self.services[service]
+        reg = self._pick_registrant(book, worker)
+        if reg is None:
+            raise AssertionError("idle_count and the ring disagree")
+        sess = self.sessions[reg.idle.popleft()]
+        reg.served += 1
         book.idle_count -= 1
         book.leased[slice_name] += 1
+        self.held_by[(worker, reg.id)] += 1
         sess.worker = worker
         sess.slice = slice_name
         return sess
+
+    def _balanced(self, service: str, worker: int) -> bool:
+        """True when no registrant with idle sessions is held less by *worker* than another."""
+        book = self.services[service]
+        counts = [self.held_by[(worker, r)] for r in book.registrants]
+        lowest_idle = min(
+            (self.held_by[(worker, r)] for r in book.registrants if self.registrants[r].idle),
+            default=None,
+        )
+        return lowest_idle is None or lowest_idle >= max(counts, default=0)
 
     def pump(self, prefetch: int = 0) -> list[GrantAction]:
         """Serve waiting units in FIFO order while sessions and quotas allow."""
@@ -270,15 +303,21 @@ class Ledger:
             if wants[key] <= 0:
                 del wants[key]
             waiting[(service, key[1])] -= 1
-        # A worker that was just served may take a few idle sessions more, spread over
-        # registrants, so its own rotation stays fair without another round trip.
-        for worker, key, service in {
-            (g.worker, (g.requested, g.session.slice), g.session.service) for g in grants
-        }:
+        # A worker that was just served may take a few idle sessions more, only to even
+        # out how many it holds per registrant (so its rotation is fair without another
+        # round trip), and only while nobody else waits.
+        served = {(g.worker, g.requested, g.session.slice, g.session.service) for g in grants}
+        for worker, requested, slice_name, service in served:
             for _ in range(prefetch):
-                if not self.permitted(service, key[1], waiting) or self.queue:
+                if (
+                    self.queue
+                    or self._balanced(service, worker)
+                    or not self.permitted(service, slice_name, waiting)
+                ):
                     break
-                grants.append(GrantAction(worker, self.lease(service, worker, key[1]), key[0]))
+                grants.append(
+                    GrantAction(worker, self.lease(service, worker, slice_name), requested)
+                )
         return grants
 
     def give_back(self, sid: int, worker: int) -> bool:
@@ -289,6 +328,7 @@ class Ledger:
         book = self.services[sess.service]
         book.leased[sess.slice] -= 1
         book.idle_count += 1
+        self.held_by[(worker, sess.registrant)] -= 1
         sess.worker = 0
         sess.slice = ""
         self.registrants[sess.registrant].idle.append(sid)

@@ -29,6 +29,7 @@ from typing import Protocol
 from backdial import control, fdpass
 from backdial.metrics import LATENCY_BUCKETS, Histogram
 from backdial.policy import Policy
+from backdial.sidecar.idlering import IdleRing
 
 log = logging.getLogger("backdial.sidecar")
 
@@ -100,9 +101,7 @@ class LeasePool:
         self.workers = 1
         self.index = 0
         self.worker_id = 0
-        self.idle: dict[Key, collections.deque[UpstreamConn]] = collections.defaultdict(
-            collections.deque
-        )
+        self.idle: dict[Key, IdleRing[UpstreamConn]] = collections.defaultdict(IdleRing)
         self.waiters: dict[Key, collections.deque[asyncio.Future[UpstreamConn]]] = (
             collections.defaultdict(collections.deque)
         )
@@ -126,15 +125,27 @@ class LeasePool:
         self._loop = asyncio.get_running_loop()
 
     # -- public API used by the proxy --------------------------------------------------
-    async def acquire(self, service: str, slice_name: str) -> UpstreamConn:
+    def try_acquire(self, service: str, slice_name: str) -> UpstreamConn | None:
+        """The no-wait path: an idle session this worker holds, or None.
+
+        Synchronous, so the proxy needs no task per request at steady state.  It
+        never jumps a queue: with waiters for the key, idle sessions go to them.
+        """
         key = (service, slice_name)
         idle = self.idle.get(key)
-        while idle:
-            conn = idle.popleft()
+        if not idle or self.waiters.get(key):
+            return None
+        while (conn := idle.take()) is not None:
             if conn.lease.session in self.held:
                 self.busy.add(conn.lease.session)
                 return conn
-        return await self._wait(key)
+        return None
+
+    async def acquire(self, service: str, slice_name: str) -> UpstreamConn:
+        conn = self.try_acquire(service, slice_name)
+        if conn is not None:
+            return conn
+        return await self._wait((service, slice_name))
 
     def release(self, conn: UpstreamConn, state: str) -> None:
         lease = conn.lease
@@ -160,8 +171,7 @@ class LeasePool:
         lease = conn.lease
         if lease.session not in self.held:
             return
-        with contextlib.suppress(ValueError):
-            self.idle[lease.key].remove(conn)
+        self.idle[lease.key].remove(conn)
         self._give_back(conn, state)
 
     @property
@@ -297,8 +307,10 @@ class LeasePool:
             self.connected.set()
             self._mark_want()
             idle_task = asyncio.ensure_future(self._idle_sweeper())
-            await closed
-            idle_task.cancel()
+            try:
+                await closed
+            finally:
+                idle_task.cancel()
             self.connected.clear()
             self._channel = None
             self._orphan_leases()
@@ -307,9 +319,8 @@ class LeasePool:
 
     def _orphan_leases(self) -> None:
         """The acceptor reclaimed our leases: close idle ones now, busy ones after their request."""
-        for queue in self.idle.values():
-            while queue:
-                conn = queue.popleft()
+        for ring in self.idle.values():
+            for conn in ring.drain():
                 self.held.pop(conn.lease.session, None)
                 conn.close()
         for sid in list(self.held):
@@ -394,25 +405,19 @@ class LeasePool:
         valid = {s.name for s in self.policy.slices}
         # Waiters of a removed slice keep waiting until their own timeout; leases for it
         # go back when idle so the acceptor re-counts them under the new slices.
-        for key, queue in list(self.idle.items()):
+        for key, ring in list(self.idle.items()):
             if key[1] not in valid:
-                while queue:
-                    self._give_back(queue.popleft(), "idle")
+                for conn in ring.drain():
+                    self._give_back(conn, "idle")
         self.configured.set()
 
     def _on_recall(self, service: str, n: int) -> None:
-        for key, queue in self.idle.items():
+        for ring in self.idle.values():
             if n <= 0:
                 break
-            keep: collections.deque[UpstreamConn] = collections.deque()
-            while queue:
-                conn = queue.popleft()
-                if n > 0 and conn.lease.service == service:
-                    self._give_back(conn, "idle")
-                    n -= 1
-                else:
-                    keep.append(conn)
-            self.idle[key] = keep
+            for conn in ring.take_if(lambda c: c.lease.service == service, n):
+                self._give_back(conn, "idle")
+                n -= 1
         if n > 0:
             self.recall[service] += n
 
@@ -421,9 +426,10 @@ class LeasePool:
             limit = self.policy.limits.lease_idle_release
             await asyncio.sleep(max(0.05, min(limit / 2, 1.0)))
             cutoff = time.monotonic() - limit
-            for queue in self.idle.values():
-                while queue and queue[0].lease.idle_since < cutoff:
-                    self._give_back(queue.popleft(), "idle")
+            for ring in self.idle.values():
+                for conn in [c for c in ring if c.lease.idle_since < cutoff]:
+                    ring.remove(conn)
+                    self._give_back(conn, "idle")
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -475,9 +481,9 @@ class LeasePool:
                 fut = waiting.popleft()
                 if not fut.done():
                     fut.set_exception(NoCapacity(self.policy.limits.retry_after, "draining"))
-        for idle in self.idle.values():
-            while idle:
-                self._give_back(idle.popleft(), "idle")
+        for ring in self.idle.values():
+            for conn in ring.drain():
+                self._give_back(conn, "idle")
         if self.busy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), deadline)

@@ -10,6 +10,7 @@ within ``--drain-timeout``, gives its leases back, and exits.
 from __future__ import annotations
 
 import argparse
+import collections
 import asyncio
 import logging
 import os
@@ -18,12 +19,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from backdial.sidecar.proxy import ProxySettings, ProxyStats, make_protocol_factory
-
 from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
 from backdial.metrics import Exposition
 from backdial.runtime import ConfigError, env, fail, parse_hostport, run, setup_logging
 from backdial.sidecar.leases import LeasePool
+from backdial.sidecar.proxy import ProxySettings, ProxyStats, make_protocol_factory
 from backdial.sidecar.supervisor import Supervisor
 from backdial.sidecar.upstream import conn_factory
 
@@ -225,6 +225,9 @@ class WorkerAdmin:
                     "registered": pool.registered,
                     "generation": pool.generation,
                     "held": len(pool.held),
+                    "held_by_registrant": dict(
+                        collections.Counter(str(c.lease.registrant) for c in pool.held.values())
+                    ),
                     "busy": len(pool.busy),
                     "idle": {f"{k[0] or '(default)'}/{k[1]}": len(q) for k, q in pool.idle.items()},
                     "waiting": {

@@ -129,6 +129,7 @@ class ProxySettings:
     response_buffer: int = 1 << 20  # response bytes held for a slow client before back-pressure
     upstream_timeout: float = 60.0  # response must start (and keep flowing) within this; else 504
     client_idle_timeout: float = 75.0  # idle keep-alive client connection
+    drain_idle_grace: float = 1.0  # on graceful stop, idle connections may send one more request
     request_timeout: float = 30.0  # receiving one request (head + buffered body); else 408
     send_timeout: float = 60.0  # a client that reads nothing while a lease streams to it
     proxy_protocol: bool = False  # expect a PROXY v1/v2 header on every connection
@@ -426,9 +427,15 @@ class ClientProtocol(asyncio.Protocol):
             self._next()
 
     def drain(self) -> None:
-        """Graceful stop: close if idle, else close after the queued responses."""
+        """Graceful stop: an idle connection gets ``drain_idle_grace`` to send one more request.
+
+        Closing an idle keep-alive connection at once races with a request the
+        client may be sending right now, which it would see fail.  During the
+        grace a request is still served (with ``Connection: close``); a busy
+        connection closes after its queued responses.
+        """
         if self._active is None and not self._queue and self._r is None:
-            self._close()
+            self._set_deadline(_T_IDLE, self.settings.drain_idle_grace)
 
     def abort(self) -> None:
         if self.transport is not None:
