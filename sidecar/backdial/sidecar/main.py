@@ -10,8 +10,8 @@ within ``--drain-timeout``, gives its leases back, and exits.
 from __future__ import annotations
 
 import argparse
-import collections
 import asyncio
+import collections
 import logging
 import os
 import socket
