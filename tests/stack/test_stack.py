@@ -404,3 +404,20 @@ def test_sidecar_replaced_under_load_fails_nothing(stack: Stack) -> None:
         old.stop()  # SIGTERM: stop accepting, drain, give leases back
         time.sleep(1.0)
     assert load.failures() == {} and load.total > 100
+
+
+def test_two_workers_share_the_listener_and_metrics_are_summed(stack: Stack) -> None:
+    stack.start(sessions=6, workers=2)
+    state = get_json(stack.acceptor_url("/v1/state"))
+    assert len(state["workers"]) == 2
+    with Load(stack.port, "/delay?ms=2", clients=8) as load:
+        time.sleep(1.5)
+    assert load.failures() == {}
+    text = http_get(stack.sidecar_url("/metrics"))[1].decode()
+    served = metric(text, "backdial_sidecar_requests_total", slice="default", code="200")
+    assert served == load.total
+    # Both workers served: each one's own share shows in the merged state.
+    workers = get_json(stack.sidecar_url("/v1/state"))["workers"]
+    assert len(workers) == 2
+    stack.sidecar.stop()
+    assert not any((stack.run_dir / f"sidecar-worker-{i}.admin.sock").exists() for i in range(2))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, get_json, http_get, wait_for
+from tests.helpers import free_port, free_port_pair, get_json, http_get, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +23,10 @@ def _children(pid: int) -> set[int]:
 
 
 def test_up_serves_through_leased_sessions_and_stops_cleanly(run_dir) -> None:  # type: ignore[no-untyped-def]
-    port, admin = free_port(), free_port()
-    while admin + 1 == port:
-        admin = free_port()
+    admin = free_port_pair()
+    port = free_port()
+    while port in (admin, admin + 1):
+        port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
