@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class Stack:
         )
         wait_for(lambda: http_get(self.acceptor_url("/healthz"))[0] == 200, what="acceptor")
 
-    def restart_sidecar(self, keep_old: bool = False, workers: int = 1) -> None:
+    def restart_sidecar(self, keep_old: bool = False, workers: int = 1, wait: bool = True) -> None:
         if keep_old:
             self.sidecar_admin = f"127.0.0.1:{free_port()}"
         self.sidecar = self._start(
@@ -64,7 +65,8 @@ class Stack:
             "10",
             name="sidecar",
         )
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def wait_ready(self) -> None:
         wait_for(
@@ -101,18 +103,21 @@ class Stack:
             self.restart_sidecar(workers=workers)
         else:
             # Services come later; the sidecar is ready once they register.
-            self.sidecar = self._start(
-                "sidecar",
-                "--run-dir",
-                str(self.run_dir),
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--admin",
-                self.sidecar_admin,
-                "--workers",
-                str(workers),
-                name="sidecar",
-            )
+            self.restart_sidecar(workers=workers, wait=False)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(http_get(self.acceptor_url("/metrics"))[1].decode(), name, **labels)
+
+    def wait_metric(self, value: float, name: str, **labels: str) -> None:
+        wait_for(lambda: self.metric(name, **labels) == value, what=f"{name}{labels} == {value}")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else r"(?:\{\})?")
+    m = re.search(r"^" + pattern + r" (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 @pytest.fixture

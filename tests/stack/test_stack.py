@@ -12,7 +12,6 @@ import collections
 import concurrent.futures
 import http.client
 import json
-import re
 import signal
 import threading
 import time
@@ -20,7 +19,7 @@ import time
 import pytest
 
 from tests.helpers import free_port, get_json, http_get, wait_for
-from tests.stack.conftest import Stack
+from tests.stack.conftest import Stack, metric
 
 pytestmark = pytest.mark.slow
 
@@ -88,15 +87,6 @@ class Load:
         return {k: v for k, v in self.codes.items() if k != 200}
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = (
-        re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else r"(?:\{\})?") + r" (\S+)"
-    )
-    m = re.search(r"^" + pattern + r"$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def test_proxy_answers_through_leased_sessions(stack: Stack) -> None:
     stack.start(sessions=4)
     status, body, _ = request(stack.port, "/")
@@ -148,17 +138,11 @@ def test_fifo_order_and_503_with_retry_after(stack: Stack) -> None:
         assert [f.result() for f in futures] == [200] * 6
     assert done == sorted(done)
     metrics = http_get(stack.acceptor_url("/metrics"))[1].decode()
-    wait_for(
-        lambda: (
-            metric(
-                http_get(stack.acceptor_url("/metrics"))[1].decode(),
-                "backdial_requests_rejected_total",
-                slice="default",
-                reason="queue_full",
-            )
-            == 1
-        ),
-        what="rejection metric",
+    stack.wait_metric(
+        1,
+        "backdial_requests_rejected_total",
+        slice="default",
+        reason="queue_full",
     )
     assert "backdial_queue_wait_seconds_count" in metrics
 
@@ -177,17 +161,11 @@ def test_queue_timeout_gives_503(stack: Stack) -> None:
         assert status == 503 and "retry-after" in headers
         assert 0.25 < waited < 1.2
         assert slow.result()[0] == 200
-    wait_for(
-        lambda: (
-            metric(
-                http_get(stack.acceptor_url("/metrics"))[1].decode(),
-                "backdial_requests_rejected_total",
-                slice="default",
-                reason="timeout",
-            )
-            == 1
-        ),
-        what="timeout metric",
+    stack.wait_metric(
+        1,
+        "backdial_requests_rejected_total",
+        slice="default",
+        reason="timeout",
     )
 
 
@@ -200,30 +178,18 @@ def test_waiting_count_includes_requests_inside_workers(stack: Stack) -> None:
         futures = [pool.submit(request, stack.port, "/delay?ms=1500")]
         time.sleep(0.2)
         futures += [pool.submit(request, stack.port, "/delay?ms=10") for _ in range(3)]
-        wait_for(
-            lambda: (
-                metric(
-                    http_get(stack.acceptor_url("/metrics"))[1].decode(),
-                    "backdial_requests_waiting",
-                    service="demo",
-                    slice="default",
-                )
-                == 3
-            ),
-            what="waiting == 3",
+        stack.wait_metric(
+            3,
+            "backdial_requests_waiting",
+            service="demo",
+            slice="default",
         )
         assert [f.result()[0] for f in futures] == [200] * 4
-    wait_for(
-        lambda: (
-            metric(
-                http_get(stack.acceptor_url("/metrics"))[1].decode(),
-                "backdial_requests_waiting",
-                service="demo",
-                slice="default",
-            )
-            == 0
-        ),
-        what="waiting == 0",
+    stack.wait_metric(
+        0,
+        "backdial_requests_waiting",
+        service="demo",
+        slice="default",
     )
 
 

@@ -160,11 +160,16 @@ class LeasePool:
                 conn, state if state != "idle" or lease.epoch == self._epoch else "broken"
             )
             return
-        if self.recall[lease.service] > 0:
-            self.recall[lease.service] -= 1
+        self._settle(conn)
+
+    def _settle(self, conn: UpstreamConn) -> None:
+        """A clean session is free: honour a pending recall first, else reuse it here."""
+        service = conn.lease.service
+        if self.recall[service] > 0:
+            self.recall[service] -= 1
             self._give_back(conn, "idle")
-            return
-        self._offer(conn)
+        else:
+            self._offer(conn)
 
     def lost(self, conn: UpstreamConn, state: str) -> None:
         """An idle held session died or was retired by its service."""
@@ -386,11 +391,7 @@ class LeasePool:
             self.held.pop(lease.session, None)
             conn.close()
             return
-        if self.recall[lease.service] > 0:
-            self.recall[lease.service] -= 1
-            self._give_back(conn, "idle")
-            return
-        self._offer(conn)
+        self._settle(conn)
 
     def _apply_config(self, msg: control.ConfigMsg) -> None:
         from backdial.policy import PolicyError, policy_from_data
