@@ -10,8 +10,8 @@ possible: two precomputed messages, no parsing.  Routes:
 * ``GET /status/CODE`` -> a response with that status
 * ``GET /stats`` -> ``{"requests", "in_flight", "max_concurrency"}``;
   ``POST /stats/reset`` zeroes the counters
-* ``GET /whoami`` -> ``{"instance", "pid", "client", "headers"}`` (what a proxy
-  forwarded, and from which connection)
+* ``GET /whoami[?ms=N]`` -> ``{"instance", "pid", "client", "headers"}`` (what a
+  proxy forwarded, and from which connection), optionally after sleeping N ms
 
 ``max_concurrency`` is the largest number of requests this process was
 handling at the same time since start (or reset): the direct observation
@@ -134,6 +134,9 @@ async def _route(scope: Any, receive: Any, send: Any) -> None:
         stats.max_concurrency = stats.in_flight
         await _respond(send, 200, json.dumps(stats.as_dict()).encode() + b"\n", (_JSON,))
     elif path == "/whoami":
+        ms = _int_param(query, "ms", 0, 0, 60_000)
+        if ms:  # optional fixed service time, so tests can measure fairness, not CPU speed
+            await asyncio.sleep(ms / 1000)
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:
             key = name.decode("latin-1")
