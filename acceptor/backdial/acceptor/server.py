@@ -60,6 +60,7 @@ class Acceptor:
         self.generation = 1
         self.started = time.time()
         self.draining = False
+        self.closing = False
         self._next_worker = 1
         self._pump_scheduled = False
         self._announced = -1  # registered-session count last sent to workers
@@ -90,7 +91,10 @@ class Acceptor:
         self._servers.append(sock)
 
     def close(self) -> None:
+        """Stop: idle sessions are shut down (their services redial the next acceptor);
+        leased ones are only let go, so requests running on them still finish."""
         assert self._loop is not None
+        self.closing = True
         for sock in self._servers:
             self._loop.remove_reader(sock.fileno())
             sock.close()
@@ -210,9 +214,7 @@ class Acceptor:
         if not sess.worker:
             self._loop.remove_reader(sess.fd)
         if reason in ("broken", "reclaimed", "shutdown"):
-            # Make the service see EOF even if another process still holds a copy.
-            with contextlib.suppress(OSError):
-                socket.socket(fileno=os.dup(sess.fd)).shutdown(socket.SHUT_RDWR)
+            _shutdown(sess.fd)
         os.close(sess.fd)
         self.counters.sessions_dropped[reason] += 1
 
@@ -274,9 +276,11 @@ class Acceptor:
             self._close_session_leased(sess, item.state)
 
     def _close_session_leased(self, sess: Session, reason: str) -> None:
-        if reason in ("broken", "reclaimed"):
-            with contextlib.suppress(OSError):
-                socket.socket(fileno=os.dup(sess.fd)).shutdown(socket.SHUT_RDWR)
+        if reason == "broken" or (reason == "reclaimed" and not self.closing):
+            # A vanished worker's sessions are in an unknown state: make their services
+            # see end-of-file even if a stuck worker process still holds a copy.  When
+            # the acceptor itself stops, workers are alive and finish what they run.
+            _shutdown(sess.fd)
         os.close(sess.fd)
         self.counters.sessions_dropped[reason] += 1
 
@@ -361,6 +365,11 @@ class Acceptor:
         self._announced = registered
         for worker in self.workers.values():
             worker.channel.send(control.Stats({"registered": float(registered)}))
+
+
+def _shutdown(fd: int) -> None:
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _unix_listener(path: Path, kind: int) -> socket.socket:
