@@ -329,7 +329,7 @@ def test_capacity_lowered_and_raised_under_load_fails_nothing(stack: Stack) -> N
     assert load.failures() == {} and load.total > 100
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_acceptor_restart_then_automatic_reregistration(stack: Stack, sig: int) -> None:
     stack.start(sessions=4)
     assert request(stack.port, "/")[0] == 200
