@@ -65,6 +65,7 @@ class Lease:
     slice: str
     registrant: int
     requested: str = ""  # the service key the worker asked under ("" = default service)
+    prefetch: bool = False  # an extra session, not one that served a WANT unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,8 @@ def _fields(data: Any, cls: type[Any]) -> dict[str, Any]:
     for name, f in names.items():
         if name in out:
             expected: type | tuple[type, ...] | None = _TYPES.get(str(f.type))
+            if str(f.type) == "bool" and not isinstance(out[name], bool):
+                raise TypeError(f"{name} must be bool")
             if expected is not None and (
                 not isinstance(out[name], expected) or isinstance(out[name], bool)
             ):

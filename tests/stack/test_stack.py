@@ -13,6 +13,7 @@ import concurrent.futures
 import http.client
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -394,3 +395,32 @@ def test_two_workers_share_the_listener_and_metrics_are_summed(stack: Stack) -> 
     assert len(workers) == 2
     stack.sidecar.stop()
     assert not any((stack.run_dir / f"sidecar-worker-{i}.admin.sock").exists() for i in range(2))
+
+
+def test_slow_reader_does_not_hold_the_only_session(stack: Stack) -> None:
+    """Invariant 5 end to end: the response is drained from the session into the
+    sidecar's buffer, so a client that reads nothing does not keep the session."""
+    stack.start(sessions=1)
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", stack.port))
+    try:
+        # 512 KiB: far more than the client's socket buffer, less than the sidecar's.
+        slow.sendall(b"GET /stream?chunks=64&size=8192 HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.5)  # the client reads nothing
+        started = time.monotonic()
+        status, _, _ = request(stack.port, "/", timeout=5)
+        assert status == 200
+        assert time.monotonic() - started < 2.0
+        # ... and the slow client still gets every byte when it finally reads.
+        slow.settimeout(10)
+        data = b""
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = slow.recv(65536)
+            assert chunk, "connection closed early"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert len(body) > 64 * 8192
+    finally:
+        slow.close()

@@ -47,6 +47,7 @@ class GrantAction:
     worker: int
     session: Session
     requested: str  # the service key the worker asked under
+    prefetch: bool = False  # not counted against the worker's WANT
 
 
 @dataclass(slots=True)
@@ -315,9 +316,8 @@ class Ledger:
                     or not self.permitted(service, slice_name, waiting)
                 ):
                     break
-                grants.append(
-                    GrantAction(worker, self.lease(service, worker, slice_name), requested)
-                )
+                sess = self.lease(service, worker, slice_name)
+                grants.append(GrantAction(worker, sess, requested, prefetch=True))
         return grants
 
     def give_back(self, sid: int, worker: int) -> bool:

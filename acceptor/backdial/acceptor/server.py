@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backdial import control, fdpass, wire
-from backdial.acceptor.ledger import Ledger, Session
+from backdial.acceptor.ledger import GrantAction, Ledger, Session
 from backdial.policy import Policy
 
 log = logging.getLogger("backdial.acceptor")
@@ -337,22 +337,27 @@ class Acceptor:
         assert self._loop is not None
         self._pump_scheduled = False
         grants = self.ledger.pump(self.policy.limits.lease_prefetch)
-        by_worker: dict[int, list[Session]] = collections.defaultdict(list)
-        requested: dict[int, str] = {}
+        by_worker: dict[int, list[GrantAction]] = collections.defaultdict(list)
         for g in grants:
             self._loop.remove_reader(g.session.fd)
-            by_worker[g.worker].append(g.session)
-            requested[g.session.id] = g.requested
-        for wid, sessions in by_worker.items():
+            by_worker[g.worker].append(g)
+        for wid, actions in by_worker.items():
             channel = self.workers[wid].channel
-            for start in range(0, len(sessions), control.MAX_FDS):
-                batch = sessions[start : start + control.MAX_FDS]
+            for start in range(0, len(actions), control.MAX_FDS):
+                batch = actions[start : start + control.MAX_FDS]
                 leases = [
-                    control.Lease(s.id, s.service, s.slice, s.registrant, requested[s.id])
-                    for s in batch
+                    control.Lease(
+                        g.session.id,
+                        g.session.service,
+                        g.session.slice,
+                        g.session.registrant,
+                        g.requested,
+                        g.prefetch,
+                    )
+                    for g in batch
                 ]
-                channel.send(control.Grant(leases), [s.fd for s in batch])
-            self.counters.grants += len(sessions)
+                channel.send(control.Grant(leases), [g.session.fd for g in batch])
+            self.counters.grants += len(actions)
         for wid, service, n in self.ledger.recall_plan():
             self.workers[wid].channel.send(control.Recall(service, n))
             self.counters.recalls += n

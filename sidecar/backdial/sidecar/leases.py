@@ -34,6 +34,7 @@ from backdial.sidecar.idlering import IdleRing
 log = logging.getLogger("backdial.sidecar")
 
 Key = tuple[str, str]  # (service as requested, slice)
+WANT_INTERVAL = 0.02  # seconds between coalesced WANT updates for keys already waiting
 
 
 @dataclass(slots=True)
@@ -55,6 +56,25 @@ class UpstreamConn(Protocol):
 
 
 ConnFactory = Callable[[Lease], Awaitable[UpstreamConn]]
+
+
+class Waiter(Protocol):
+    """Who waits for a session: told exactly once, by one of the two calls."""
+
+    def lease_ready(self, conn: UpstreamConn) -> None: ...
+
+    def lease_refused(self, reason: str, retry_after: int) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """One waiting request in a slice's FIFO; ``cancel`` it when the client goes away."""
+
+    waiter: Waiter
+    key: Key
+    started: float
+    deadline: float
+    active: bool = True
 
 
 class _Refused(Exception):
@@ -87,8 +107,24 @@ def _resolve(fut: asyncio.Future[None], exc: Exception | None) -> None:
         fut.set_result(None)
 
 
-def _granted(fut: asyncio.Future[UpstreamConn]) -> bool:
-    return fut.done() and not fut.cancelled() and fut.exception() is None
+class _FutureWaiter:
+    """Adapts the callback API to ``await pool.acquire()``."""
+
+    __slots__ = ("fut", "pool")
+
+    def __init__(self, pool: LeasePool, fut: asyncio.Future[UpstreamConn]) -> None:
+        self.pool, self.fut = pool, fut
+
+    def lease_ready(self, conn: UpstreamConn) -> None:
+        if self.fut.done():  # the awaiting task was cancelled meanwhile
+            self.pool.release(conn, "idle")
+        else:
+            self.fut.set_result(conn)
+
+    def lease_refused(self, reason: str, retry_after: int) -> None:
+        if not self.fut.done():
+            cls = {"timeout": QueueTimeout, "queue_full": QueueFull}.get(reason, NoCapacity)
+            self.fut.set_exception(cls(retry_after, reason))
 
 
 class LeasePool:
@@ -102,9 +138,11 @@ class LeasePool:
         self.index = 0
         self.worker_id = 0
         self.idle: dict[Key, IdleRing[UpstreamConn]] = collections.defaultdict(IdleRing)
-        self.waiters: dict[Key, collections.deque[asyncio.Future[UpstreamConn]]] = (
-            collections.defaultdict(collections.deque)
+        self.waiters: dict[Key, collections.deque[Ticket]] = collections.defaultdict(
+            collections.deque
         )
+        self._timer: asyncio.TimerHandle | None = None  # fires at the earliest queue deadline
+        self._timer_at = 0.0
         self.held: dict[int, UpstreamConn] = {}  # every session this worker holds, by id
         self.busy: set[int] = set()
         self.recall: collections.Counter[str] = collections.Counter()  # by actual service
@@ -118,6 +156,8 @@ class LeasePool:
         self._epoch = 0
         self._reported: dict[Key, int] = {}
         self._want_dirty = False
+        self._want_urgent = False
+        self._last_want = 0.0
         self._release_buf: list[control.Released] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -142,10 +182,17 @@ class LeasePool:
         return None
 
     async def acquire(self, service: str, slice_name: str) -> UpstreamConn:
+        """``try_acquire``, else wait in the slice's queue (raises the 503 exceptions)."""
         conn = self.try_acquire(service, slice_name)
         if conn is not None:
             return conn
-        return await self._wait((service, slice_name))
+        fut: asyncio.Future[UpstreamConn] = self._loop.create_future()
+        ticket = self.wait(service, slice_name, _FutureWaiter(self, fut))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.cancel(ticket)
+            raise
 
     def release(self, conn: UpstreamConn, state: str) -> None:
         lease = conn.lease
@@ -191,75 +238,108 @@ class LeasePool:
         return share + (1 if self.index < extra else 0)
 
     # -- waiting ----------------------------------------------------------------------
-    async def _wait(self, key: Key) -> UpstreamConn:
-        spec = next((s for s in self.policy.slices if s.name == key[1]), None)
+    # Waiters are callbacks, not tasks: a request that waits costs a small record
+    # in a FIFO, and one timer per pool (for the earliest deadline) bounds all waits.
+    def wait(self, service: str, slice_name: str, waiter: Waiter) -> Ticket:
+        """Queue *waiter* for a session; raises QueueFull or NoCapacity at once."""
+        key = (service, slice_name)
+        spec = next((s for s in self.policy.slices if s.name == slice_name), None)
         retry_after = self.policy.limits.retry_after
-        stats = self.stats[key[1]]
+        stats = self.stats[slice_name]
         if self.closing:
             stats.rejected["draining"] += 1
             raise NoCapacity(retry_after, "draining")
         queue = self.waiters[key]
-        if spec is None or len(queue) >= self.queue_limit(key[1]):
+        if spec is None or len(queue) >= self.queue_limit(slice_name):
             stats.rejected["queue_full"] += 1
             raise QueueFull(retry_after, "queue_full")
-        fut: asyncio.Future[UpstreamConn] = self._loop.create_future()
-        queue.append(fut)
-        self._mark_want()
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(spec.queue.timeout):
-                conn = await fut
-        except TimeoutError:
-            if not _granted(fut):
-                self._forget(key, fut)
-                stats.rejected["timeout"] += 1
-                stats.wait.observe(time.monotonic() - started)
-                raise QueueTimeout(retry_after, "timeout") from None
-            conn = fut.result()  # handed over at the deadline: use it rather than lose it
-        except BaseException:
-            # The client went away (task cancelled) or the pool is closing.
-            if _granted(fut):
-                self.release(fut.result(), "idle")
-            else:
-                self._forget(key, fut)
-            raise
-        stats.wait.observe(time.monotonic() - started)
-        return conn
+        now = time.monotonic()
+        ticket = Ticket(waiter, key, now, now + spec.queue.timeout)
+        queue.append(ticket)
+        # A key the acceptor does not know to be waiting is told at once; later count
+        # changes on a waiting key are coalesced (the acceptor is already serving it).
+        self._mark_want(urgent=key not in self._reported)
+        if self._timer is None or ticket.deadline < self._timer_at:
+            self._arm(ticket.deadline, now)
+        return ticket
 
-    def _forget(self, key: Key, fut: asyncio.Future[UpstreamConn]) -> None:
-        with contextlib.suppress(ValueError):
-            self.waiters[key].remove(fut)
-        self._mark_want()
+    def _arm(self, deadline: float, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(self._loop.time() + deadline - now, self._expire)
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The client went away: leave the queue (no-op when already served)."""
+        if ticket.active:
+            ticket.active = False
+            with contextlib.suppress(ValueError):
+                self.waiters[ticket.key].remove(ticket)
+            self._mark_want()
+
+    def _expire(self) -> None:
+        """Refuse every waiter whose slice timeout has passed; re-arm for the next one."""
+        self._timer = None
+        now = time.monotonic()
+        retry_after = self.policy.limits.retry_after
+        earliest = 0.0
+        for queue in self.waiters.values():
+            while queue and queue[0].deadline <= now:
+                ticket = queue.popleft()
+                ticket.active = False
+                stats = self.stats[ticket.key[1]]
+                stats.rejected["timeout"] += 1
+                stats.wait.observe(now - ticket.started)
+                self._mark_want()
+                ticket.waiter.lease_refused("timeout", retry_after)
+            if queue and (not earliest or queue[0].deadline < earliest):
+                earliest = queue[0].deadline
+        if earliest:
+            self._arm(earliest, now)
 
     def _offer(self, conn: UpstreamConn) -> None:
         """Hand a clean session to this key's oldest waiter, else keep it idle (sticky)."""
         lease = conn.lease
         queue = self.waiters.get(lease.key)
-        while queue:
-            fut = queue.popleft()
-            if not fut.done():
-                self.busy.add(lease.session)
-                fut.set_result(conn)
-                self._mark_want()
-                return
+        if queue:
+            ticket = queue.popleft()
+            ticket.active = False
+            self.busy.add(lease.session)
+            self.stats[lease.key[1]].wait.observe(time.monotonic() - ticket.started)
+            self._mark_want()
+            ticket.waiter.lease_ready(conn)
+            return
         lease.idle_since = time.monotonic()
         self.idle[lease.key].append(conn)
 
-    def _mark_want(self) -> None:
-        # WANT is absolute and coalesced per loop iteration: a burst of arrivals costs one
-        # record, and nothing is sent while waiter counts do not change.
-        if not self._want_dirty:
-            self._want_dirty = True
+    def _mark_want(self, urgent: bool = False) -> None:
+        # WANT is absolute and coalesced: a burst of arrivals costs one record, nothing
+        # is sent while counts do not change, and a saturated worker that serves its
+        # own queue reports at most once per WANT_INTERVAL instead of per request.
+        if self._want_urgent or (self._want_dirty and not urgent):
+            return
+        if urgent:
+            self._want_urgent = True
             self._loop.call_soon(self._flush_want)
+        elif not self._want_dirty:
+            delay = self._last_want + WANT_INTERVAL - time.monotonic()
+            if delay <= 0:
+                self._loop.call_soon(self._flush_want)
+            else:
+                self._loop.call_later(delay, self._flush_want)
+        self._want_dirty = True
 
     def _flush_want(self) -> None:
-        self._want_dirty = False
+        if not self._want_dirty:
+            return  # an urgent flush already sent this one
+        self._want_dirty = self._want_urgent = False
+        self._last_want = time.monotonic()
         channel = self._channel
         if channel is None or channel.closed:
             return
         keys = set(self._reported) | {k for k, q in self.waiters.items() if q}
         for key in keys:
-            n = sum(1 for f in self.waiters.get(key, ()) if not f.done())
+            n = len(self.waiters.get(key, ()))
             if self._reported.get(key, 0) != n:
                 channel.send(control.Want(key[0], key[1], n))
                 if n:
@@ -345,6 +425,16 @@ class LeasePool:
                 log.error("GRANT with %d leases but %d descriptors", len(msg.leases), len(fds))
                 return
             for entry, fd in zip(msg.leases, fds, strict=True):
+                if not entry.prefetch:
+                    # The acceptor took one unit off our WANT for this key: mirror it, so
+                    # the next change of our count is measured against what it now knows.
+                    key = (entry.requested, entry.slice)
+                    left = self._reported.get(key, 0) - 1
+                    if left > 0:
+                        self._reported[key] = left
+                    else:
+                        self._reported.pop(key, None)
+                    self._mark_want()
                 sock = socket.socket(fileno=fd)
                 sock.setblocking(False)
                 lease = Lease(
@@ -479,9 +569,12 @@ class LeasePool:
         self.closing = True
         for waiting in self.waiters.values():
             while waiting:
-                fut = waiting.popleft()
-                if not fut.done():
-                    fut.set_exception(NoCapacity(self.policy.limits.retry_after, "draining"))
+                ticket = waiting.popleft()
+                ticket.active = False
+                ticket.waiter.lease_refused("draining", self.policy.limits.retry_after)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for ring in self.idle.values():
             for conn in ring.drain():
                 self._give_back(conn, "idle")

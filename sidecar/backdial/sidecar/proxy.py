@@ -36,6 +36,7 @@ import httptools
 from backdial.sidecar import http1
 from backdial.sidecar.classify import Classifier, IPAddress, classifier_for, parse_ip
 from backdial.sidecar.http1 import CLOSE, KEEP, KEEP_10, HttpError, Request, canned, failed_request
+from backdial.sidecar.leases import NoCapacity, QueueFull, QueueTimeout, Ticket, UpstreamConn
 from backdial.sidecar.proxyproto import V2_MAX, ProxyHeaderError
 from backdial.sidecar.proxyproto import parse as parse_proxy_header
 from backdial.sidecar.proxystate import ProxyServerState, ProxySettings, ProxyStats
@@ -149,6 +150,7 @@ class ClientProtocol(asyncio.Protocol):
         self._active: Request | None = None  # being served (at most one)
         self._conn: UpstreamProtocol | None = None  # the lease of the active request
         self._task: asyncio.Task[None] | None = None  # a pool.acquire that had to wait
+        self._ticket: Ticket | None = None  # ... or our place in the pool's queue
         self._pause_bits = 0
         self._write_paused = False
         self._closed = False
@@ -190,9 +192,7 @@ class ClientProtocol(asyncio.Protocol):
         self._closed = True
         self.deadline = 0.0
         self.state.remove(self)
-        if self._task is not None:
-            self._task.cancel()  # the pool hands back a session granted meanwhile
-            self._task = None
+        self._leave_queue()
         conn, self._conn = self._conn, None
         if conn is not None:
             r = self._active
@@ -536,11 +536,33 @@ class ClientProtocol(asyncio.Protocol):
                 self._send(r, conn)
                 return
         self._kind, self.deadline = _T_NONE, 0.0  # the slice's queue timeout bounds the wait
-        self._task = self.loop.create_task(self._acquire_wait(r))
+        wait = self.state.wait
+        if wait is None:  # a pool without the callback API: wait in a task
+            self._task = self.loop.create_task(self._acquire_wait(r))
+            return
+        try:
+            self._ticket = wait(r.service, r.slice, self)
+        except QueueFull as exc:
+            self._unavailable(r, "queue_full", exc.retry_after)
+        except NoCapacity as exc:
+            self._unavailable(r, "no_capacity", exc.retry_after)
+
+    # -- Waiter: called by the pool once for a request that had to wait ---------------------------
+    def lease_ready(self, conn: UpstreamConn) -> None:
+        self._ticket = None
+        r = self._active
+        if r is None or self._closed or self._conn is not None:
+            self.pool.release(conn, "idle")  # never written to: still clean
+            return
+        self._send(r, cast(UpstreamProtocol, conn))
+
+    def lease_refused(self, reason: str, retry_after: int) -> None:
+        self._ticket = None
+        r = self._active
+        if r is not None:
+            self._unavailable(r, "no_capacity" if reason == "draining" else reason, retry_after)
 
     async def _acquire_wait(self, r: Request) -> None:
-        from backdial.sidecar.leases import NoCapacity, QueueFull, QueueTimeout
-
         try:
             conn = await self.pool.acquire(r.service, r.slice)
         except QueueFull as exc:
@@ -626,9 +648,15 @@ class ClientProtocol(asyncio.Protocol):
         if conn is not None:
             conn.abort()
             self.pool.release(conn, BROKEN)
+        self._leave_queue()
+
+    def _leave_queue(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            self._task.cancel()  # the pool hands back a session granted meanwhile
             self._task = None
+        if self._ticket is not None:
+            self.pool.cancel(self._ticket)
+            self._ticket = None
 
     # -- ResponseSink: called by the session's UpstreamProtocol -----------------------------------
     def resp_head(

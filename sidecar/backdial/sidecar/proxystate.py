@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
 from backdial.sidecar import http1
 from backdial.sidecar.upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
-    from backdial.sidecar.leases import LeasePool
+    from backdial.sidecar.leases import LeasePool, Ticket
     from backdial.sidecar.proxy import ClientProtocol
 
 
@@ -153,6 +153,8 @@ class ProxyServerState:
         self.try_acquire: Callable[[str, str], UpstreamProtocol | None] | None = getattr(
             pool, "try_acquire", None
         )
+        # Optional callback waiting (LeasePool.wait): no task per waiting request.
+        self.wait: Callable[[str, str, Any], Ticket] | None = getattr(pool, "wait", None)
         self._timer: asyncio.TimerHandle | None = None
         self._empty: asyncio.Event | None = None
 
