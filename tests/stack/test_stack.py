@@ -347,6 +347,13 @@ def test_acceptor_restart_then_automatic_reregistration(stack: Stack, sig: int) 
     )
     codes = [request(stack.port, "/")[0] for _ in range(20)]
     assert codes == [200] * 20
+    # The new acceptor got the listening socket back from the surviving sidecar,
+    # so a sidecar replacement still works after the acceptor restart.
+    old = stack.sidecar
+    stack.restart_sidecar(keep_old=True)
+    old.stop()
+    codes = [request(stack.port, "/")[0] for _ in range(10)]
+    assert codes == [200] * 10
 
 
 def test_killed_sidecar_leases_are_reclaimed_and_capacity_recovers(stack: Stack) -> None:

@@ -238,7 +238,11 @@ class Acceptor:
             self.workers[wid] = Worker(wid, channel)
 
     def _on_record(self, wid: int, msg: control.Message, fds: list[int]) -> None:
-        for fd in fds:  # workers never send descriptors to the acceptor
+        handed_back = isinstance(msg, control.Listen) and len(fds) == 1
+        if handed_back:
+            assert isinstance(msg, control.Listen)
+            self._adopt_listener(msg.address, fds.pop())
+        for fd in fds:  # otherwise workers send no descriptors to the acceptor
             os.close(fd)
         worker = self.workers.get(wid)
         if worker is None:
@@ -258,7 +262,14 @@ class Acceptor:
                 self._on_release(wid, item)
             self.schedule_pump()
         elif isinstance(msg, control.Listen):
-            self._on_listen(worker, msg.address)
+            if handed_back:
+                return
+            if msg.address in self.listeners:
+                worker.channel.send(
+                    control.Listener(msg.address), [self.listeners[msg.address].fileno()]
+                )
+            else:
+                self._on_listen(worker, msg.address)
         elif isinstance(msg, control.Stats):
             worker.stats = msg.counters
         else:
@@ -283,6 +294,18 @@ class Acceptor:
             _shutdown(sess.fd)
         os.close(sess.fd)
         self.counters.sessions_dropped[reason] += 1
+
+    def _adopt_listener(self, address: str, fd: int) -> None:
+        """A worker that outlived the previous acceptor hands back the listening socket,
+        so the next sidecar can take it over instead of failing to bind the port."""
+        sock = socket.socket(fileno=fd)
+        if address in self.listeners or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            sock.close()
+            return
+        self.listeners[address] = sock
+        log.info("adopted client listener %s from a sidecar worker", address)
 
     def _on_listen(self, worker: Worker, address: str) -> None:
         sock = self.listeners.get(address)

@@ -162,6 +162,7 @@ class LeasePool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._listen_waiters: dict[str, asyncio.Future[socket.socket]] = {}
+        self._listeners: dict[str, socket.socket] = {}  # what the acceptor handed us
         self._loop = asyncio.get_running_loop()
 
     # -- public API used by the proxy --------------------------------------------------
@@ -389,6 +390,9 @@ class LeasePool:
                 functools.partial(_resolve, closed),
             )
             self._channel.send(control.Hello(os.getpid(), self.name))
+            for address, listener in self._listeners.items():
+                # A new acceptor does not hold our listening socket yet: hand it a copy.
+                self._channel.send(control.Listen(address), [listener.fileno()])
             self.connected.set()
             self._mark_want()
             idle_task = asyncio.ensure_future(self._idle_sweeper())
@@ -546,7 +550,9 @@ class LeasePool:
             for fd in fds:
                 os.close(fd)
             return
-        fut.set_result(socket.socket(fileno=fds[0]))
+        sock = socket.socket(fileno=fds[0])
+        self._listeners[address] = sock
+        fut.set_result(sock)
 
     # -- stats and shutdown ------------------------------------------------------------------
     def counters(self) -> dict[str, float]:
