@@ -143,6 +143,7 @@ class LeasePool:
         )
         self._timer: asyncio.TimerHandle | None = None  # fires at the earliest queue deadline
         self._timer_at = 0.0
+        self._handoffs: list[tuple[Ticket, UpstreamConn]] = []
         self.held: dict[int, UpstreamConn] = {}  # every session this worker holds, by id
         self.busy: set[int] = set()
         self.recall: collections.Counter[str] = collections.Counter()  # by actual service
@@ -308,10 +309,20 @@ class LeasePool:
             self.busy.add(lease.session)
             self.stats[lease.key[1]].wait.observe(time.monotonic() - ticket.started)
             self._mark_want()
-            ticket.waiter.lease_ready(conn)
+            # Hand-offs are delivered together at the end of this loop iteration: writing
+            # a queued request onto the session right here would wake its service in the
+            # middle of our own callback and, on a shared core, preempt us once per request.
+            if not self._handoffs:
+                self._loop.call_soon(self._deliver)
+            self._handoffs.append((ticket, conn))
             return
         lease.idle_since = time.monotonic()
         self.idle[lease.key].append(conn)
+
+    def _deliver(self) -> None:
+        handoffs, self._handoffs = self._handoffs, []
+        for ticket, conn in handoffs:
+            ticket.waiter.lease_ready(conn)
 
     def _mark_want(self, urgent: bool = False) -> None:
         # WANT is absolute and coalesced: a burst of arrivals costs one record, nothing
