@@ -26,6 +26,8 @@ import os
 from typing import Any
 from urllib.parse import parse_qs
 
+from backdial.sdk.lifespan import acknowledge_lifespan
+
 Message = dict[str, Any]
 
 _HELLO = b"hello from backdial\n"
@@ -75,22 +77,12 @@ def _int_param(query: bytes, name: str, default: int, low: int, high: int) -> in
     return max(low, min(high, value))
 
 
-async def _lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 async def app(scope: Any, receive: Any, send: Any) -> None:
     """The demo ASGI 3 application."""
     kind = scope["type"]
     if kind != "http":
         if kind == "lifespan":
-            await _lifespan(receive, send)
+            await acknowledge_lifespan(receive, send)
         return
     s = stats
     s.requests += 1

@@ -270,47 +270,27 @@ def test_config_reload_keeps_old_config_on_error(acceptor, run_dir: Path) -> Non
     assert get_json(f"http://{admin}/v1/state")["generation"] == gen + 1
 
 
-def test_bad_config_file_at_start_exits_1_with_one_line(run_dir: Path) -> None:
-    path = run_dir / "bad.yaml"
-    path.write_text("slices: [{name: Default!, share: 100}]\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "backdial.cli",
-            "acceptor",
-            "--run-dir",
-            str(run_dir),
-            "--config",
-            str(path),
-            "--admin",
-            f"127.0.0.1:{free_port()}",
-        ],
+def _acceptor_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "backdial.cli", "acceptor", *args],
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_bad_config_file_at_start_exits_1_with_one_line(run_dir: Path) -> None:
+    path = run_dir / "bad.yaml"
+    path.write_text("slices: [{name: Default!, share: 100}]\n")
+    admin = f"127.0.0.1:{free_port()}"
+    out = _acceptor_cli("--run-dir", str(run_dir), "--config", str(path), "--admin", admin)
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert (
         len(lines) == 1 and lines[0].startswith("backdial: error: ") and "slices.0.name" in lines[0]
     )
     path.write_text("slices: [oops\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "backdial.cli",
-            "acceptor",
-            "--run-dir",
-            str(run_dir),
-            "--config",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = _acceptor_cli("--run-dir", str(run_dir), "--config", str(path), "--admin", admin)
     assert out.returncode == 1 and "not valid YAML" in out.stderr
 
 
