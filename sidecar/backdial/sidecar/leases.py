@@ -28,7 +28,7 @@ from typing import Protocol
 
 from backdial import control, fdpass
 from backdial.metrics import LATENCY_BUCKETS, Histogram
-from backdial.policy import Policy
+from backdial.policy import Policy, PolicyError, Slice, policy_from_data
 from backdial.sidecar.idlering import IdleRing
 
 log = logging.getLogger("backdial.sidecar")
@@ -133,6 +133,7 @@ class LeasePool:
         self.conn_factory = conn_factory
         self.name = name
         self.policy = Policy()
+        self._queues: dict[str, tuple[Slice, int]] = {}
         self.generation = 0
         self.workers = 1
         self.index = 0
@@ -165,6 +166,7 @@ class LeasePool:
         self._listen_waiters: dict[str, asyncio.Future[socket.socket]] = {}
         self._listeners: dict[str, socket.socket] = {}  # what the acceptor handed us
         self._loop = asyncio.get_running_loop()
+        self._split_queues()
 
     # -- public API used by the proxy --------------------------------------------------
     def try_acquire(self, service: str, slice_name: str) -> UpstreamConn | None:
@@ -234,10 +236,17 @@ class LeasePool:
 
     def queue_limit(self, slice_name: str) -> int:
         """This worker's part of the slice's maxWaiting (split exactly over workers)."""
-        spec = next((s for s in self.policy.slices if s.name == slice_name), None)
-        total = spec.queue.max_waiting if spec else 0
-        share, extra = divmod(total, max(1, self.workers))
-        return share + (1 if self.index < extra else 0)
+        entry = self._queues.get(slice_name)
+        return entry[1] if entry else 0
+
+    def _split_queues(self) -> None:
+        """Per slice: its spec and this worker's exact share of ``maxWaiting``, computed
+        once per CONFIG rather than per waiting request."""
+        workers = max(1, self.workers)
+        self._queues = {}
+        for spec in self.policy.slices:
+            share, extra = divmod(spec.queue.max_waiting, workers)
+            self._queues[spec.name] = (spec, share + (1 if self.index < extra else 0))
 
     # -- waiting ----------------------------------------------------------------------
     # Waiters are callbacks, not tasks: a request that waits costs a small record
@@ -245,18 +254,18 @@ class LeasePool:
     def wait(self, service: str, slice_name: str, waiter: Waiter) -> Ticket:
         """Queue *waiter* for a session; raises QueueFull or NoCapacity at once."""
         key = (service, slice_name)
-        spec = next((s for s in self.policy.slices if s.name == slice_name), None)
+        entry = self._queues.get(slice_name)
         retry_after = self.policy.limits.retry_after
         stats = self.stats[slice_name]
         if self.closing:
             stats.rejected["draining"] += 1
             raise NoCapacity(retry_after, "draining")
         queue = self.waiters[key]
-        if spec is None or len(queue) >= self.queue_limit(slice_name):
+        if entry is None or len(queue) >= entry[1]:
             stats.rejected["queue_full"] += 1
             raise QueueFull(retry_after, "queue_full")
         now = time.monotonic()
-        ticket = Ticket(waiter, key, now, now + spec.queue.timeout)
+        ticket = Ticket(waiter, key, now, now + entry[0].queue.timeout)
         queue.append(ticket)
         # A key the acceptor does not know to be waiting is told at once; later count
         # changes on a waiting key are coalesced (the acceptor is already serving it).
@@ -499,8 +508,6 @@ class LeasePool:
         self._settle(conn)
 
     def _apply_config(self, msg: control.ConfigMsg) -> None:
-        from backdial.policy import PolicyError, policy_from_data
-
         try:
             self.policy = policy_from_data(msg.config, "acceptor config")
         except PolicyError as exc:  # the acceptor validated it; a mismatch is a version skew
@@ -508,6 +515,7 @@ class LeasePool:
             return
         self.generation, self.worker_id = msg.generation, msg.worker
         self.workers, self.index = msg.workers, msg.index
+        self._split_queues()
         valid = {s.name for s in self.policy.slices}
         # Waiters of a removed slice keep waiting until their own timeout; leases for it
         # go back when idle so the acceptor re-counts them under the new slices.
