@@ -40,7 +40,7 @@ from backdial.sidecar.leases import NoCapacity, QueueFull, QueueTimeout, Ticket,
 from backdial.sidecar.proxyproto import V2_MAX, ProxyHeaderError
 from backdial.sidecar.proxyproto import parse as parse_proxy_header
 from backdial.sidecar.proxystate import ProxyServerState, ProxySettings, ProxyStats
-from backdial.sidecar.upstream import BROKEN, UpstreamProtocol
+from backdial.sidecar.upstream import BROKEN, DrainSink, UpstreamProtocol
 
 if TYPE_CHECKING:
     from backdial.sidecar.leases import LeasePool
@@ -62,59 +62,6 @@ _P_PIPELINE, _P_BODY, _P_UPSTREAM, _P_DEAD, _P_ACQUIRE = 1, 2, 4, 8, 16
 
 # How the response body is framed towards the client.
 _M_LENGTH, _M_CHUNK, _M_EOF, _M_NONE, _M_TUNNEL = range(5)
-
-
-class _Drain:
-    """Owns a session whose client went away mid-request: discard the response, release clean.
-
-    Bounded by ``upstream_timeout`` in total; a session that does not finish by then
-    is discarded as broken.
-    """
-
-    __slots__ = ("conn", "handle", "pool")
-
-    def __init__(
-        self,
-        pool: LeasePool,
-        conn: UpstreamProtocol,
-        loop: asyncio.AbstractEventLoop,
-        timeout: float,
-    ) -> None:
-        self.pool = pool
-        self.conn = conn
-        self.handle = loop.call_later(timeout, self._expire)
-        conn.resume_reading()  # it may have been paused for the client's sake
-
-    def resp_head(
-        self, status: int, reason: bytes, lines: list[bytes], length: int, chunked: bool
-    ) -> None:
-        if status == 101:
-            self._expire()  # a tunnel nobody will use
-
-    def resp_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
-        return None
-
-    def resp_body(self, data: bytes) -> None:
-        return None
-
-    def resp_flush(self) -> None:
-        return None
-
-    def resp_done(self, state: str) -> None:
-        self.handle.cancel()
-        self.pool.release(self.conn, state)
-
-    def resp_failed(self, started: bool) -> None:
-        self.handle.cancel()
-        self.pool.release(self.conn, BROKEN)
-
-    def upstream_writable(self, writable: bool) -> None:
-        return None
-
-    def _expire(self) -> None:
-        self.handle.cancel()
-        self.conn.abort()
-        self.pool.release(self.conn, BROKEN)
 
 
 # Settings, counters and the listener state live in proxystate.py.
@@ -203,7 +150,7 @@ class ClientProtocol(asyncio.Protocol):
                 # The request is whole on the session: let the response finish into the void
                 # and give the session back clean, rather than make the service re-dial.
                 self.stats.client_aborts += 1
-                conn.set_sink(_Drain(self.pool, conn, self.loop, self.settings.upstream_timeout))
+                conn.set_sink(DrainSink(self.pool, conn, self.loop, self.settings.upstream_timeout))
         stats = self.stats
         if self._active is not None:
             stats.requests_active -= 1

@@ -418,6 +418,59 @@ class UpstreamProtocol(asyncio.Protocol):
         self._complete = True
 
 
+class DrainSink:
+    """Owns a session whose client went away mid-request: discard the response, release clean.
+
+    Bounded by ``upstream_timeout`` in total; a session that does not finish by then
+    is discarded as broken.
+    """
+
+    __slots__ = ("conn", "handle", "pool")
+
+    def __init__(
+        self,
+        pool: LeasePool,
+        conn: UpstreamProtocol,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+    ) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.handle = loop.call_later(timeout, self._expire)
+        conn.resume_reading()  # it may have been paused for the client's sake
+
+    def resp_head(
+        self, status: int, reason: bytes, lines: list[bytes], length: int, chunked: bool
+    ) -> None:
+        if status == 101:
+            self._expire()  # a tunnel nobody will use
+
+    def resp_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
+        return None
+
+    def resp_body(self, data: bytes) -> None:
+        return None
+
+    def resp_flush(self) -> None:
+        return None
+
+    def resp_done(self, state: str) -> None:
+        self.handle.cancel()
+        self.pool.release(self.conn, state)
+
+    def resp_failed(self, started: bool) -> None:
+        self.handle.cancel()
+        self.pool.release(self.conn, BROKEN)
+
+    def upstream_writable(self, writable: bool) -> None:
+        return None
+
+    def _expire(self) -> None:
+        self.handle.cancel()
+        self.conn.abort()
+        self.pool.release(self.conn, BROKEN)
+
+
 async def conn_factory(
     lease: Lease, pool: LeasePool | None = None, max_head: int = MAX_RESPONSE_HEAD
 ) -> UpstreamProtocol:
