@@ -23,636 +23,104 @@ Typical use::
         cluster.api.request("GET", "/api/v1/namespaces")
 
 Only the Python standard library and PyYAML are used.
+
+The pieces live in sibling modules, re-exported here: ``util`` (errors, logging, polling),
+``binaries`` (caches and ``build.sh``), ``certs`` (PKI and kubeconfigs), ``apiclient`` (HTTPS
+to the API server), ``processes`` (start, liveness, stop, logs) and ``components`` (command
+lines and health probes). This module orchestrates them into a :class:`Cluster`.
 """
 
 from __future__ import annotations
 
-import base64
-import ctypes
 import functools
-import http.client
 import json
 import os
-import secrets
 import shutil
-import signal
-import socket
-import ssl
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
 
-import yaml
+from apiclient import ApiClient, ApiResponse
+from binaries import (
+    BUILD_SCRIPT,
+    HERE,
+    TOOL_NAMES,
+    Binaries,
+    build,
+    cache_root,
+    default_state_dir,
+    find_go,
+    missing_prerequisites,
+)
+from certs import (
+    ADMIN_USER,
+    DEFAULT_SERVICE_CIDR,
+    DEFAULT_SERVICE_IP,
+    PKI,
+    CertPair,
+    write_kubeconfig,
+)
+from clients import ClusterClients
+from components import (
+    KWOK_NODE_ANNOTATION,
+    KWOK_NODE_ANNOTATION_VALUE,
+    KWOK_STAGES,
+    Endpoints,
+    apiserver_args,
+    apiserver_ready,
+    component_healthy,
+    controller_manager_args,
+    create_node,
+    default_service_account,
+    etcd_args,
+    etcd_healthy,
+    kwok_args,
+    node_ready,
+    scheduler_args,
+)
+from processes import Process, _tail, stop_processes
+from util import HarnessError, LogFn, ToolchainMissingError, _free_port, _stderr_log, poll
 
-HERE = Path(__file__).resolve().parent
-BUILD_SCRIPT = HERE / "build.sh"
-KWOK_STAGES = HERE / "kwok" / "stages.yaml"
-
-#: Annotation (key and value) marking the Node objects that kwok manages.
-KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
-KWOK_NODE_ANNOTATION_VALUE = "fake"
+__all__ = [
+    "ADMIN_USER",
+    "BUILD_SCRIPT",
+    "DEFAULT_NODE_NAMES",
+    "DEFAULT_POD_CIDR",
+    "DEFAULT_SERVICE_CIDR",
+    "DEFAULT_SERVICE_IP",
+    "HERE",
+    "KWOK_NODE_ANNOTATION",
+    "KWOK_NODE_ANNOTATION_VALUE",
+    "KWOK_STAGES",
+    "PKI",
+    "STATE_FILE",
+    "TOOL_NAMES",
+    "ApiClient",
+    "ApiResponse",
+    "Binaries",
+    "CertPair",
+    "Cluster",
+    "Endpoints",
+    "HarnessError",
+    "LogFn",
+    "Process",
+    "ToolchainMissingError",
+    "build",
+    "cache_root",
+    "default_state_dir",
+    "find_go",
+    "missing_prerequisites",
+    "poll",
+    "stop_processes",
+    "write_kubeconfig",
+]
 
 DEFAULT_NODE_NAMES: tuple[str, ...] = ("backdial-kwok-0",)
-DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
-DEFAULT_SERVICE_IP = "10.96.0.1"  # first address of DEFAULT_SERVICE_CIDR: the `kubernetes` svc
 DEFAULT_POD_CIDR = "10.244.0.0/16"  # kwok writes pod IPs from here into pod status only
-ADMIN_USER = "backdial-admin"
 STATE_FILE = "state.json"
-
-T = TypeVar("T")
-LogFn = Callable[[str], None]
-
-
-class HarnessError(RuntimeError):
-    """The control plane could not be built, started or stopped."""
-
-
-class ToolchainMissingError(HarnessError):
-    """A tool needed to build or run the control plane (go, openssl, bash) is missing."""
-
-
-def _stderr_log(message: str) -> None:
-    print(f"[k8s-harness] {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Locations and tools
-# --------------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """Root of backdial's caches: ``$BACKDIAL_CACHE_DIR`` or ``~/.cache/backdial``."""
-    explicit = os.environ.get("BACKDIAL_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "backdial"
-
-
-def default_state_dir() -> Path:
-    """State directory of ``cluster up``: ``$BACKDIAL_CLUSTER_DIR`` or the cache's."""
-    explicit = os.environ.get("BACKDIAL_CLUSTER_DIR")
-    return Path(explicit).expanduser() if explicit else cache_root() / "cluster-state"
-
-
-def find_go() -> str | None:
-    """Path of the Go toolchain: ``$GO``, ``go`` on PATH, or ``/usr/local/go/bin/go``."""
-    candidates = [os.environ.get("GO"), shutil.which("go"), "/usr/local/go/bin/go"]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def missing_prerequisites() -> list[str]:
-    """Human-readable list of missing tools; empty when the harness can run."""
-    missing: list[str] = []
-    if find_go() is None:
-        missing.append("Go toolchain (go on PATH, $GO or /usr/local/go/bin/go)")
-    if shutil.which("openssl") is None:
-        missing.append("openssl CLI (apt-get install openssl)")
-    if shutil.which("bash") is None:
-        missing.append("bash")
-    return missing
-
-
-@dataclass(frozen=True)
-class Binaries:
-    """Paths of the built control-plane and client binaries."""
-
-    etcd: Path
-    kube_apiserver: Path
-    kube_controller_manager: Path
-    kube_scheduler: Path
-    kubectl: Path
-    kwok: Path
-    helm: Path
-
-    @classmethod
-    def from_tools(cls, tools: Mapping[str, str]) -> Binaries:
-        """Build from a ``{"kube-apiserver": "/path", ...}`` mapping (build.sh's output)."""
-        try:
-            return cls(**{name.replace("-", "_"): Path(tools[name]) for name in TOOL_NAMES})
-        except KeyError as exc:
-            raise HarnessError(f"build.sh did not report a path for {exc.args[0]}") from exc
-
-    def as_tools(self) -> dict[str, str]:
-        """Inverse of :meth:`from_tools`."""
-        return {name: str(getattr(self, name.replace("-", "_"))) for name in TOOL_NAMES}
-
-
-TOOL_NAMES: tuple[str, ...] = (
-    "etcd",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kubectl",
-    "kwok",
-    "helm",
-)
-
-
-def build(
-    *, print_only: bool = False, timeout: float = 3600.0, log: LogFn = _stderr_log
-) -> Binaries:
-    """Build (or find in the cache) every binary by running ``build.sh``.
-
-    ``build.sh`` writes its progress and timings to stderr (passed through) and one
-    ``tool=/path`` line per binary to stdout. With ``print_only`` nothing is built and a missing
-    binary is an error. Raises :class:`ToolchainMissingError` without a Go toolchain.
-    """
-    go = find_go()
-    if go is None:
-        raise ToolchainMissingError(
-            "no Go toolchain found (go on PATH, $GO or /usr/local/go/bin/go)"
-        )
-    bash = shutil.which("bash")
-    if bash is None:
-        raise ToolchainMissingError("bash is required to run build.sh")
-    env = dict(os.environ, GO=go)
-    args = [bash, str(BUILD_SCRIPT)] + (["--print-only"] if print_only else [])
-    started = time.monotonic()
-    try:
-        proc = subprocess.run(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise HarnessError(f"build.sh did not finish within {timeout:.0f}s") from exc
-    if proc.returncode != 0:
-        raise HarnessError(f"build.sh failed with exit code {proc.returncode} (see stderr)")
-    tools: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
-        name, sep, path = line.partition("=")
-        if sep:
-            tools[name.strip()] = path.strip()
-    log(f"binaries ready in {time.monotonic() - started:.1f}s")
-    return Binaries.from_tools(tools)
-
-
-# --------------------------------------------------------------------------------------------
-# Small utilities
-# --------------------------------------------------------------------------------------------
-
-
-def poll(
-    probe: Callable[[], T | None],
-    *,
-    timeout: float,
-    interval: float = 0.5,
-    what: str = "condition",
-) -> T:
-    """Call ``probe`` until it returns something other than ``None``; return that.
-
-    Exceptions raised by ``probe`` propagate. Raises :class:`TimeoutError` after ``timeout``
-    seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def _free_port(taken: set[int]) -> int:
-    """A TCP port on 127.0.0.1 that is free right now and not in ``taken``."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in taken:
-            taken.add(port)
-            return port
-    raise HarnessError("could not find a free port on 127.0.0.1")
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 16384))
-            data = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(data.splitlines()[-lines:])
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if fields and fields[0] == "Z":  # zombie: as good as gone
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-# --------------------------------------------------------------------------------------------
-# Certificates
-# --------------------------------------------------------------------------------------------
-
-_OPENSSL_CONFIG = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = placeholder
-[ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign,digitalSignature
-subjectKeyIdentifier = hash
-"""
-_EC_KEY = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1"
-
-
-@dataclass(frozen=True)
-class CertPair:
-    """A PEM certificate and its PEM private key."""
-
-    cert: Path
-    key: Path
-
-
-class PKI:
-    """Certificates and keys of one control plane, generated with the ``openssl`` CLI."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.ca = CertPair(directory / "ca.crt", directory / "ca.key")
-        self.front_proxy_ca = CertPair(directory / "front-proxy-ca.crt", directory / "fp-ca.key")
-        self.apiserver = CertPair(directory / "apiserver.crt", directory / "apiserver.key")
-        self.front_proxy_client = CertPair(
-            directory / "front-proxy-client.crt", directory / "front-proxy-client.key"
-        )
-        self.admin = CertPair(directory / "admin.crt", directory / "admin.key")
-        self.controller_manager = CertPair(
-            directory / "controller-manager.crt", directory / "controller-manager.key"
-        )
-        self.scheduler = CertPair(directory / "scheduler.crt", directory / "scheduler.key")
-        self.kwok = CertPair(directory / "kwok.crt", directory / "kwok.key")
-        self.service_account_key = directory / "sa.key"
-        self.service_account_pub = directory / "sa.pub"
-        self._config = directory / "openssl.cnf"
-
-    def _openssl(self, command: str) -> None:
-        """Run ``openssl`` with ``command`` split on whitespace, inside the PKI directory.
-
-        Every file is named relative to that directory, so no argument contains spaces.
-        """
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            raise ToolchainMissingError("the openssl CLI is required (apt-get install openssl)")
-        proc = subprocess.run(
-            [openssl, *command.split()],
-            cwd=self.dir,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise HarnessError(f"openssl {command} failed: {proc.stderr.strip()}")
-
-    def _new_ca(self, pair: CertPair, common_name: str) -> None:
-        self._openssl(
-            f"req -x509 -new -nodes -config {self._config.name} {_EC_KEY}"
-            f" -keyout {pair.key.name} -out {pair.cert.name} -days 3650"
-            f" -subj /CN={common_name} -extensions ca"
-        )
-
-    def _new_leaf(
-        self,
-        pair: CertPair,
-        ca: CertPair,
-        subject: str,
-        usage: str,
-        alt_names: Sequence[str] = (),
-    ) -> None:
-        stem = pair.cert.stem
-        csr, ext = f"{stem}.csr", f"{stem}.ext"
-        lines = [
-            "[leaf]",
-            "basicConstraints = critical,CA:FALSE",
-            "keyUsage = critical,digitalSignature,keyEncipherment",
-            f"extendedKeyUsage = {usage}",
-            "authorityKeyIdentifier = keyid",
-        ]
-        if alt_names:
-            lines.append("subjectAltName = " + ",".join(alt_names))
-        (self.dir / ext).write_text("\n".join(lines) + "\n")
-        self._openssl(
-            f"req -new -nodes -config {self._config.name} {_EC_KEY}"
-            f" -keyout {pair.key.name} -out {csr} -subj {subject}"
-        )
-        self._openssl(
-            f"x509 -req -in {csr} -CA {ca.cert.name} -CAkey {ca.key.name}"
-            f" -set_serial 0x{secrets.token_hex(16)} -days 365"
-            f" -extfile {ext} -extensions leaf -out {pair.cert.name}"
-        )
-        (self.dir / csr).unlink()
-        (self.dir / ext).unlink()
-
-    def generate(self, service_ip: str = DEFAULT_SERVICE_IP) -> None:
-        """Create every certificate and key (CAs, serving, clients, service-account keys)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._config.write_text(_OPENSSL_CONFIG)
-        self._new_ca(self.ca, "backdial-test-ca")
-        self._new_ca(self.front_proxy_ca, "backdial-test-front-proxy-ca")
-        self._new_leaf(
-            self.apiserver,
-            self.ca,
-            "/CN=kube-apiserver",
-            "serverAuth",
-            [
-                "IP:127.0.0.1",
-                f"IP:{service_ip}",
-                "DNS:localhost",
-                "DNS:kubernetes",
-                "DNS:kubernetes.default",
-                "DNS:kubernetes.default.svc",
-                "DNS:kubernetes.default.svc.cluster.local",
-            ],
-        )
-        self._new_leaf(
-            self.front_proxy_client, self.front_proxy_ca, "/CN=front-proxy-client", "clientAuth"
-        )
-        self._new_leaf(self.admin, self.ca, f"/O=system:masters/CN={ADMIN_USER}", "clientAuth")
-        self._new_leaf(
-            self.controller_manager, self.ca, "/CN=system:kube-controller-manager", "clientAuth"
-        )
-        self._new_leaf(self.scheduler, self.ca, "/CN=system:kube-scheduler", "clientAuth")
-        # kwok updates node and pod status for many nodes, like a fleet of kubelets; it gets
-        # cluster-admin through system:masters rather than per-node identities.
-        self._new_leaf(self.kwok, self.ca, "/O=system:masters/CN=backdial-kwok", "clientAuth")
-        sa_key, sa_pub = self.service_account_key.name, self.service_account_pub.name
-        self._openssl(f"genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out {sa_key}")
-        self._openssl(f"pkey -in {sa_key} -pubout -out {sa_pub}")
-        for key in self.dir.glob("*.key"):
-            key.chmod(0o600)
-
-
-def write_kubeconfig(
-    path: Path, server: str, ca: Path, client: CertPair, user: str = ADMIN_USER
-) -> Path:
-    """Write a self-contained kubeconfig (certificates embedded) for ``client``."""
-
-    def b64(file: Path) -> str:
-        return base64.b64encode(file.read_bytes()).decode("ascii")
-
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "backdial",
-                "cluster": {"server": server, "certificate-authority-data": b64(ca)},
-            }
-        ],
-        "users": [
-            {
-                "name": user,
-                "user": {
-                    "client-certificate-data": b64(client.cert),
-                    "client-key-data": b64(client.key),
-                },
-            }
-        ],
-        "contexts": [{"name": "backdial", "context": {"cluster": "backdial", "user": user}}],
-        "current-context": "backdial",
-        "preferences": {},
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    path.chmod(0o600)
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# HTTPS access to the API server
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ApiResponse:
-    """Status, headers and body of one API server response."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str]
-
-    def json(self) -> Any:
-        """The body decoded as JSON."""
-        return json.loads(self.body.decode("utf-8"))
-
-    @property
-    def text(self) -> str:
-        """The body decoded as UTF-8."""
-        return self.body.decode("utf-8", "replace")
-
-
-class ApiClient:
-    """Minimal HTTPS client for the API server, authenticated by a client certificate."""
-
-    def __init__(self, host: str, port: int, ca: Path, client: CertPair) -> None:
-        self.host = host
-        self.port = port
-        self._context = ssl.create_default_context(cafile=str(ca))
-        self._context.load_cert_chain(str(client.cert), str(client.key))
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        headers: Mapping[str, str] | None = None,
-        impersonate_user: str | None = None,
-        impersonate_groups: Iterable[str] = (),
-        content_type: str = "application/json",
-        timeout: float = 30.0,
-    ) -> ApiResponse:
-        """Send one request; ``body`` (if not bytes/str) is sent as JSON.
-
-        ``impersonate_user``/``impersonate_groups`` set the ``Impersonate-*`` headers, so the
-        request is authorized as that user (the admin identity is allowed to impersonate).
-        """
-        payload: bytes | None
-        if body is None:
-            payload = None
-        elif isinstance(body, bytes):
-            payload = body
-        elif isinstance(body, str):
-            payload = body.encode("utf-8")
-        else:
-            payload = json.dumps(body).encode("utf-8")
-        all_headers = {"Accept": "application/json"}
-        if payload is not None:
-            all_headers["Content-Type"] = content_type
-        if impersonate_user:
-            all_headers["Impersonate-User"] = impersonate_user
-        all_headers.update(headers or {})
-        conn = http.client.HTTPSConnection(
-            self.host, self.port, context=self._context, timeout=timeout
-        )
-        try:
-            if impersonate_groups:
-                # http.client sends repeated headers when given via putheader.
-                conn.putrequest(method, path)
-                for key, value in all_headers.items():
-                    conn.putheader(key, value)
-                for group in impersonate_groups:
-                    conn.putheader("Impersonate-Group", group)
-                conn.putheader("Content-Length", str(len(payload or b"")))
-                conn.endheaders(payload)
-            else:
-                conn.request(method, path, body=payload, headers=all_headers)
-            response = conn.getresponse()
-            data = response.read()
-            return ApiResponse(response.status, data, dict(response.getheaders()))
-        finally:
-            conn.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Processes
-# --------------------------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGKILL the child when its parent dies.
-
-    SIGKILL rather than SIGTERM: all components would get the signal at once, and a
-    kube-apiserver whose etcd is gone hangs in its graceful shutdown.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-    return preexec
-
-
-@dataclass
-class Process:
-    """One control-plane process, in its own process group (its pid is the pgid)."""
-
-    name: str
-    argv: list[str]
-    log: str
-    pid: int = 0
-    start_time: int = 0
-    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
-
-    def start(self, *, cwd: Path, env: Mapping[str, str], die_with_parent: bool) -> None:
-        """Spawn the process, output appended to its log file."""
-        with open(self.log, "ab") as log:
-            self.popen = subprocess.Popen(
-                self.argv,
-                cwd=cwd,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # Only prctl() runs between fork and exec; harmless with threads.
-                preexec_fn=_pdeathsig_preexec() if die_with_parent else None,
-            )
-        self.pid = self.popen.pid
-        self.start_time = _proc_start_time(self.pid) or 0
-
-    def alive(self) -> bool:
-        """Whether this very process (same pid and start time) still runs."""
-        if self.pid <= 0:
-            return False
-        if self.popen is not None:
-            return self.popen.poll() is None
-        started = _proc_start_time(self.pid)
-        return started is not None and self.start_time in (0, started)
-
-    def signal_group(self, sig: signal.Signals) -> None:
-        """Send ``sig`` to the process group, if the process is still ours and alive."""
-        if not self.alive():
-            return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # pragma: no cover - not our process group
-            os.kill(self.pid, sig)
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for exit; True if it is gone."""
-        if self.popen is not None:
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            return True
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
-
-    def to_state(self) -> dict[str, Any]:
-        """JSON-serialisable description (without the Popen handle)."""
-        return {
-            "name": self.name,
-            "argv": list(self.argv),
-            "log": self.log,
-            "pid": self.pid,
-            "start_time": self.start_time,
-        }
-
-
-def stop_processes(groups: Sequence[Sequence[Process]], grace: float = 10.0) -> None:
-    """Stop processes stage by stage: SIGTERM, wait ``grace`` seconds, then SIGKILL.
-
-    Signals go to each process group only while its leader is verifiably the process that
-    was started (pid and start time), so a recycled pid is never signalled.
-    """
-    for group in groups:
-        for proc in group:
-            proc.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in group:
-            if not proc.wait(max(0.0, deadline - time.monotonic())):
-                proc.signal_group(signal.SIGKILL)
-                proc.wait(5.0)
-
-
-# --------------------------------------------------------------------------------------------
-# The cluster
-# --------------------------------------------------------------------------------------------
-
 
 # Clients of the API server first, then the API server, then its storage.
 _STOP_ORDER: tuple[tuple[str, ...], ...] = (
@@ -662,18 +130,7 @@ _STOP_ORDER: tuple[tuple[str, ...], ...] = (
 )
 
 
-@dataclass
-class Endpoints:
-    """Loopback ports of one control plane."""
-
-    etcd_client: int
-    etcd_peer: int
-    apiserver: int
-    controller_manager: int
-    scheduler: int
-
-
-class Cluster:
+class Cluster(ClusterClients):
     """A local control plane: etcd, kube-apiserver, controller-manager, scheduler and kwok.
 
     ``workdir`` (a new temporary directory by default) holds certificates, kubeconfigs, etcd's
@@ -736,109 +193,6 @@ class Cluster:
                 "127.0.0.1", self._endpoints.apiserver, self.pki.ca.cert, self.pki.admin
             )
         return self._api
-
-    @property
-    def kubectl_path(self) -> Path:
-        """The built kubectl."""
-        return self.binaries.kubectl
-
-    @property
-    def helm_path(self) -> Path:
-        """The built helm."""
-        return self.binaries.helm
-
-    def env(self) -> dict[str, str]:
-        """Environment for clients: ``os.environ`` plus ``KUBECONFIG`` and a PATH with
-        kubectl/helm first."""
-        path = os.pathsep.join(
-            [
-                str(self.binaries.kubectl.parent),
-                str(self.binaries.helm.parent),
-                os.environ.get("PATH", ""),
-            ]
-        )
-        env = dict(
-            os.environ,
-            KUBECONFIG=str(self.kubeconfig),
-            PATH=path,
-            # kubectl's and helm's discovery/HTTP cache, else ~/.kube/cache/<host_port>.
-            KUBECACHEDIR=str(self.kube_cache_dir),
-        )
-        # helm keeps caches/config under these; keep them inside the work directory.
-        for var, sub in (
-            ("HELM_CACHE_HOME", "cache"),
-            ("HELM_CONFIG_HOME", "config"),
-            ("HELM_DATA_HOME", "data"),
-        ):
-            env.setdefault(var, str(self.workdir / "helm" / sub))
-        return env
-
-    def kubectl(
-        self,
-        *args: str,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float = 60.0,
-        as_user: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the built kubectl against this cluster; raises on failure if ``check``."""
-        argv = [str(self.binaries.kubectl), f"--kubeconfig={self.kubeconfig}"]
-        if as_user:
-            argv.append(f"--as={as_user}")
-        return self._run([*argv, *args], input=input, check=check, timeout=timeout)
-
-    def helm(
-        self,
-        *args: str,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float = 120.0,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the built helm against this cluster; raises on failure if ``check``."""
-        argv = [str(self.binaries.helm), f"--kubeconfig={self.kubeconfig}", *args]
-        return self._run(argv, input=input, check=check, timeout=timeout)
-
-    def _run(
-        self,
-        argv: list[str],
-        *,
-        input: str | None,
-        check: bool,
-        timeout: float,
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            argv,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            env=self.env(),
-            timeout=timeout,
-            check=False,
-        )
-        if check and proc.returncode != 0:
-            raise HarnessError(
-                f"{Path(argv[0]).name} {' '.join(argv[2:])} failed ({proc.returncode}):\n"
-                f"{proc.stdout}{proc.stderr}"
-            )
-        return proc
-
-    def apply(self, manifest: str | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
-        """``kubectl apply -f -`` a YAML string, an object or a list of objects."""
-        if isinstance(manifest, str):
-            text = manifest
-        elif isinstance(manifest, Mapping):
-            text = yaml.safe_dump(dict(manifest))
-        else:
-            text = yaml.safe_dump_all([dict(item) for item in manifest])
-        return self.kubectl("apply", "-f", "-", input=text).stdout
-
-    def get_json(self, path: str) -> Any:
-        """GET ``path`` as admin; raises :class:`HarnessError` unless 200."""
-        response = self.api.request("GET", path)
-        if response.status != 200:
-            raise HarnessError(f"GET {path}: HTTP {response.status}: {response.text[:500]}")
-        return response.json()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -947,20 +301,29 @@ class Cluster:
             run / "kwok.kubeconfig", self.server, self.pki.ca.cert, self.pki.kwok, "backdial-kwok"
         )
 
-        self._spawn("etcd", self._etcd_args())
+        ep, wd = self._endpoints, self.workdir
+        self._spawn("etcd", etcd_args(wd, ep))
         poll(self._etcd_healthy, timeout=min(30.0, self._remaining(deadline)), what="etcd")
-        self._spawn("kube-apiserver", self._apiserver_args())
+        self._spawn(
+            "kube-apiserver",
+            apiserver_args(wd, ep, self.pki, self.service_cidr, self.verbosity),
+        )
         poll(
             self._apiserver_ready,
             timeout=self._remaining(deadline),
             interval=0.25,
             what="kube-apiserver /readyz",
         )
-        self._spawn("kube-controller-manager", self._controller_manager_args())
-        self._spawn("kube-scheduler", self._scheduler_args())
-        self._spawn("kwok", self._kwok_args())
+        self._spawn(
+            "kube-controller-manager",
+            controller_manager_args(
+                wd, ep, self.pki, self.service_cidr, self.hpa_sync_period, self.verbosity
+            ),
+        )
+        self._spawn("kube-scheduler", scheduler_args(wd, ep, self.verbosity))
+        self._spawn("kwok", kwok_args(wd, self.pod_cidr))
         for name in self.node_names:
-            self._create_node(name)
+            create_node(self.api, name)
         for name, port in (
             ("kube-controller-manager", self._endpoints.controller_manager),
             ("kube-scheduler", self._endpoints.scheduler),
@@ -1088,191 +451,25 @@ class Cluster:
         if not proc.alive():
             raise HarnessError(f"{name} exited early:\n{_tail(Path(proc.log))}")
 
-    def _etcd_args(self) -> list[str]:
-        ep = self._endpoints
-        client = f"http://127.0.0.1:{ep.etcd_client}"
-        peer = f"http://127.0.0.1:{ep.etcd_peer}"
-        return [
-            "--name=backdial",
-            f"--data-dir={self.workdir / 'etcd'}",
-            f"--listen-client-urls={client}",
-            f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}",
-            f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=backdial={peer}",
-            "--initial-cluster-state=new",
-            "--unsafe-no-fsync=true",  # throw-away test data: durability is not needed
-            "--log-level=warn",
-        ]
-
-    def _apiserver_args(self) -> list[str]:
-        ep, pki = self._endpoints, self.pki
-        return [
-            f"--etcd-servers=http://127.0.0.1:{ep.etcd_client}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={ep.apiserver}",
-            f"--cert-dir={self.workdir / 'run'}",
-            f"--tls-cert-file={pki.apiserver.cert}",
-            f"--tls-private-key-file={pki.apiserver.key}",
-            f"--client-ca-file={pki.ca.cert}",
-            "--authorization-mode=Node,RBAC",
-            "--allow-privileged=true",
-            f"--service-cluster-ip-range={self.service_cidr}",
-            # The `kubernetes` Service would get 127.0.0.1 as endpoint, which Endpoints
-            # validation rejects (loopback); nothing in-cluster needs to reach it here.
-            "--endpoint-reconciler-type=none",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki.service_account_pub}",
-            f"--service-account-signing-key-file={pki.service_account_key}",
-            # Aggregation layer: front-proxy client identity and request-header authn.
-            f"--requestheader-client-ca-file={pki.front_proxy_ca.cert}",
-            "--requestheader-allowed-names=front-proxy-client",
-            "--requestheader-username-headers=X-Remote-User",
-            "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            f"--proxy-client-cert-file={pki.front_proxy_client.cert}",
-            f"--proxy-client-key-file={pki.front_proxy_client.key}",
-            "--enable-aggregator-routing=true",
-            "--profiling=false",
-            f"--v={self.verbosity}",
-        ]
-
-    def _component_common_args(self, kubeconfig: Path, port: int, name: str) -> list[str]:
-        cert_dir = self.workdir / "run" / f"{name}-certs"
-        cert_dir.mkdir(parents=True, exist_ok=True)
-        return [
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={port}",
-            f"--cert-dir={cert_dir}",
-            "--profiling=false",
-            f"--v={self.verbosity}",
-        ]
-
-    def _controller_manager_args(self) -> list[str]:
-        kubeconfig = self.workdir / "run" / "controller-manager.kubeconfig"
-        pki = self.pki
-        return [
-            f"--kubeconfig={kubeconfig}",
-            *self._component_common_args(
-                kubeconfig, self._endpoints.controller_manager, "controller-manager"
-            ),
-            "--leader-elect=false",
-            "--controllers=*",
-            "--use-service-account-credentials=true",
-            f"--root-ca-file={pki.ca.cert}",
-            f"--service-account-private-key-file={pki.service_account_key}",
-            f"--cluster-signing-cert-file={pki.ca.cert}",
-            f"--cluster-signing-key-file={pki.ca.key}",
-            f"--service-cluster-ip-range={self.service_cidr}",
-            f"--horizontal-pod-autoscaler-sync-period={self.hpa_sync_period}",
-        ]
-
-    def _scheduler_args(self) -> list[str]:
-        kubeconfig = self.workdir / "run" / "scheduler.kubeconfig"
-        config = self.workdir / "run" / "scheduler-config.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "kubescheduler.config.k8s.io/v1",
-                    "kind": "KubeSchedulerConfiguration",
-                    "clientConnection": {"kubeconfig": str(kubeconfig)},
-                    "leaderElection": {"leaderElect": False},
-                }
-            )
-        )
-        return [
-            f"--config={config}",
-            *self._component_common_args(kubeconfig, self._endpoints.scheduler, "scheduler"),
-        ]
-
-    def _kwok_args(self) -> list[str]:
-        selector = f"{KWOK_NODE_ANNOTATION}={KWOK_NODE_ANNOTATION_VALUE}"
-        return [
-            f"--kubeconfig={self.workdir / 'run' / 'kwok.kubeconfig'}",
-            f"--config={KWOK_STAGES}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={selector}",
-            "--node-lease-duration-seconds=40",
-            # Fake pod IPs written into pod status; nothing is ever sent to them.
-            f"--cidr={self.pod_cidr}",
-        ]
-
     def _etcd_healthy(self) -> bool | None:
         self._check_alive("etcd")
-        conn = http.client.HTTPConnection("127.0.0.1", self._endpoints.etcd_client, timeout=2)
-        try:
-            conn.request("GET", "/health")
-            response = conn.getresponse()
-            healthy = response.status == 200 and b'"true"' in response.read()
-        except OSError:
-            return None
-        finally:
-            conn.close()
-        return True if healthy else None
+        return etcd_healthy(self._endpoints.etcd_client)
 
     def _apiserver_ready(self) -> bool | None:
         self._check_alive("kube-apiserver")
-        try:
-            response = self.api.request("GET", "/readyz", timeout=5)
-        except (OSError, http.client.HTTPException):
-            return None
-        return True if response.status == 200 else None
+        return apiserver_ready(self.api)
 
     def _component_healthy(self, name: str, port: int) -> bool | None:
         self._check_alive(name)
-        # Self-signed serving certificate generated by the component itself.
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
-        try:
-            conn.request("GET", "/healthz")
-            ok = conn.getresponse().status == 200
-        except (OSError, http.client.HTTPException):
-            return None
-        finally:
-            conn.close()
-        return True if ok else None
-
-    def _create_node(self, name: str) -> None:
-        resources = {"cpu": "32", "memory": "128Gi", "pods": "110"}
-        node = {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": name,
-                "annotations": {KWOK_NODE_ANNOTATION: KWOK_NODE_ANNOTATION_VALUE},
-                "labels": {
-                    "kubernetes.io/hostname": name,
-                    "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64",
-                    "type": "kwok",
-                },
-            },
-            # Deliberately not tainted, so ordinary pods schedule onto the fake node.
-            "spec": {},
-            "status": {"capacity": resources, "allocatable": resources},
-        }
-        response = self.api.request("POST", "/api/v1/nodes", node)
-        if response.status not in (201, 409):
-            raise HarnessError(f"creating node {name}: HTTP {response.status}: {response.text}")
+        return component_healthy(port)
 
     def _node_ready(self, name: str) -> bool | None:
         self._check_alive("kwok")
-        response = self.api.request("GET", f"/api/v1/nodes/{name}")
-        if response.status != 200:
-            return None
-        conditions = response.json().get("status", {}).get("conditions") or []
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-        return True if ready else None
+        return node_ready(self.api, name)
 
     def _default_service_account(self) -> bool | None:
         self._check_alive("kube-controller-manager")
-        response = self.api.request("GET", "/api/v1/namespaces/default/serviceaccounts/default")
-        return True if response.status == 200 else None
+        return default_service_account(self.api)
 
 
 def _keep_logs(logs_dir: Path, keep_last: int = 10) -> Path:
