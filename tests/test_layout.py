@@ -86,3 +86,23 @@ def test_shared_code_does_not_import_components() -> None:
         for name in _imports(path):
             for comp in COMPONENTS:
                 assert not name.startswith(f"backdial.{comp}"), f"{path} imports {name}"
+
+
+def test_bad_flags_exit_1_with_one_line() -> None:
+    for args in (
+        ["acceptor", "--bogus"],
+        ["sidecar", "--workers", "0"],
+        ["sidecar", "--max-request-body", "1x"],
+        ["up", "--sessions", "0"],
+        ["route", "frobnicate"],
+        ["serve", "backdial.demo:app"],  # neither --register nor --listen
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "backdial.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1, (args, out.stderr)
+        assert len(lines) == 1 and "error" in lines[0], (args, out.stderr)

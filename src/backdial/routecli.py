@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import urllib.error
 import urllib.request
 from typing import Any
 
-from backdial.runtime import env, fail
+from backdial.runtime import ArgParser, ConfigError, env, fail
 
 
 def _call(admin: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -24,7 +23,9 @@ def _call(admin: str, method: str, path: str, body: Any = None) -> tuple[int, An
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="backdial route", description=__doc__)
+    p = ArgParser(
+        prog="backdial route", description="Add, delete or list routes on a running acceptor."
+    )
     p.add_argument(
         "--admin",
         default=env("ADMIN", "127.0.0.1:9901"),
@@ -39,7 +40,10 @@ def main(argv: list[str]) -> int:
     rm = sub.add_parser("del", help="delete a route")
     rm.add_argument("name")
     sub.add_parser("list", help="list routes")
-    ns = p.parse_args(argv)
+    try:
+        ns = p.parse_args(argv)
+    except ConfigError as exc:
+        return fail(str(exc))
     try:
         if ns.action == "add":
             route = {"name": ns.name, "service": ns.service, "pathPrefix": ns.path_prefix}

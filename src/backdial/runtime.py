@@ -6,6 +6,7 @@ uses uvloop and turns SIGTERM/SIGINT into a graceful-stop event.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -13,13 +14,20 @@ import resource
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 import uvloop
 
 
 class ConfigError(Exception):
     """Bad settings: the message is printed as one line and the process exits 1."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a ConfigError (one line, exit 1), not exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
 
 
 def env(name: str, default: str | None = None) -> str | None:

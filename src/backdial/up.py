@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from backdial.runtime import env, fail
+from backdial.runtime import ArgParser, ConfigError, env, fail
 
 
 def _cmd(*args: str) -> list[str]:
@@ -42,7 +42,7 @@ def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="backdial up",
         description="Run acceptor, sidecar and the demo service locally; Ctrl-C stops them.",
     )
@@ -73,7 +73,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    ns = parser().parse_args(argv)
+    try:
+        ns = parser().parse_args(argv)
+    except ConfigError as exc:
+        return fail(str(exc))
     if ns.sessions < 1:
         return fail("--sessions must be at least 1")
     for name, port in (("--port", ns.port), ("--admin-port", ns.admin_port)):

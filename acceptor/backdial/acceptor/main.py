@@ -21,7 +21,15 @@ from backdial.acceptor.admin import AdminAPI, apply_overlay
 from backdial.acceptor.server import Acceptor
 from backdial.adminhttp import start_admin
 from backdial.policy import Policy, PolicyError, load_policy, policy_from_data
-from backdial.runtime import ConfigError, env, fail, parse_hostport, run, setup_logging
+from backdial.runtime import (
+    ArgParser,
+    ConfigError,
+    env,
+    fail,
+    parse_hostport,
+    run,
+    setup_logging,
+)
 
 log = logging.getLogger("backdial.acceptor")
 
@@ -37,7 +45,7 @@ class AcceptorSettings:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="backdial acceptor",
         description="Own registered service sessions and lease them to sidecar workers.",
     )

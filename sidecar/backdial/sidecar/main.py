@@ -21,7 +21,7 @@ from pathlib import Path
 
 from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
 from backdial.metrics import Exposition
-from backdial.runtime import ConfigError, env, fail, parse_hostport, run, setup_logging
+from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport, run, setup_logging
 from backdial.sidecar.leases import LeasePool
 from backdial.sidecar.proxy import ProxySettings, ProxyStats, make_protocol_factory
 from backdial.sidecar.supervisor import Supervisor
@@ -54,7 +54,7 @@ def _size(value: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="backdial sidecar",
         description="HTTP/1.1 proxy that relays client requests over leased sessions.",
     )
