@@ -46,12 +46,6 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def merge(self, other: Histogram) -> None:
-        for i, c in enumerate(other.counts):
-            self.counts[i] += c
-        self.sum += other.sum
-        self.count += other.count
-
 
 class Exposition:
     """Collects families and renders them in one pass."""

@@ -37,18 +37,22 @@ TIMEOUT = 5.0
 
 
 # -- the service side -----------------------------------------------------------------------------
+class _Headers:
+    headers: list[tuple[str, str]]
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return ", ".join(values) if values else None
+
+
 @dataclass
-class Received:
+class Received(_Headers):
     session: int
     method: str
     target: str
     headers: list[tuple[str, str]]
     body: bytes
     raw_head: bytes
-
-    def header(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return ", ".join(values) if values else None
 
 
 class Backend:
@@ -475,16 +479,12 @@ def proxy(make_proxy: Callable[..., ProxyRunner]) -> ProxyRunner:
 
 # -- a raw HTTP/1.1 client ------------------------------------------------------------------------
 @dataclass
-class Response:
+class Response(_Headers):
     status: int
     reason: str
     headers: list[tuple[str, str]]
     body: bytes
     raw_head: bytes
-
-    def header(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return ", ".join(values) if values else None
 
     def json(self) -> Any:
         return json.loads(self.body)

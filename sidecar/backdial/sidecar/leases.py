@@ -234,11 +234,6 @@ class LeasePool:
     def waiting(self) -> int:
         return sum(len(q) for q in self.waiters.values())
 
-    def queue_limit(self, slice_name: str) -> int:
-        """This worker's part of the slice's maxWaiting (split exactly over workers)."""
-        entry = self._queues.get(slice_name)
-        return entry[1] if entry else 0
-
     def _split_queues(self) -> None:
         """Per slice: its spec and this worker's exact share of ``maxWaiting``, computed
         once per CONFIG rather than per waiting request."""
