@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,6 +27,7 @@ class AdminRequest:
     path: str
     query: dict[str, list[str]]
     body: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
 
     def json(self) -> Any:
         return json.loads(self.body or b"null")
@@ -69,17 +70,18 @@ async def _serve_one(
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         lines = head.decode("latin-1").split("\r\n")
         method, target, _ = lines[0].split(" ", 2)
-        length = 0
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value.strip())
+            if name:
+                headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
         if length > MAX_BODY:
             resp = AdminResponse.text(413, "body too large\n")
         else:
             body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
             url = urlsplit(target)
-            req = AdminRequest(method.upper(), url.path, parse_qs(url.query), body)
+            req = AdminRequest(method.upper(), url.path, parse_qs(url.query), body, headers)
             try:
                 resp = await handler(req)
             except Exception:  # an admin bug must not take the process down

@@ -48,7 +48,14 @@ class Stack:
         )
         wait_for(lambda: http_get(self.acceptor_url("/healthz"))[0] == 200, what="acceptor")
 
-    def restart_sidecar(self, keep_old: bool = False, workers: int = 1, wait: bool = True) -> None:
+    def restart_sidecar(
+        self,
+        keep_old: bool = False,
+        workers: int = 1,
+        wait: bool = True,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         if keep_old:
             self.sidecar_admin = f"127.0.0.1:{free_port()}"
         self.sidecar = self._start(
@@ -63,7 +70,9 @@ class Stack:
             str(workers),
             "--drain-timeout",
             "10",
+            *extra,
             name="sidecar",
+            env=env,
         )
         if wait:
             self.wait_ready()

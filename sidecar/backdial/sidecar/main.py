@@ -5,6 +5,12 @@ listening socket from it, and serves clients with the proxy protocol.  On
 SIGTERM it stops accepting (the socket stays open in the acceptor and in any
 new sidecar, so no connection is refused), lets in-flight requests finish
 within ``--drain-timeout``, gives its leases back, and exits.
+
+``/v1/drain`` (the injected ``preStop`` hook) runs the pod-termination
+sequence of ``drain.py`` instead: quiet period, stop accepting, finish.  On a
+TCP admin address it needs the ``X-Backdial-Drain-Token`` header to match
+``BACKDIAL_DRAIN_TOKEN``; a UNIX admin socket (the supervisor's workers) is
+trusted by its file permissions.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from pathlib import Path
 from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
 from backdial.metrics import Exposition
 from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport, run, setup_logging
+from backdial.sidecar.appprobe import AppProber
+from backdial.sidecar.drain import Drainer, drain_allowed
 from backdial.sidecar.leases import LeasePool
 from backdial.sidecar.proxy import ProxySettings, ProxyStats, make_protocol_factory
 from backdial.sidecar.supervisor import Supervisor
@@ -38,6 +46,8 @@ class SidecarSettings:
     workers: int
     worker_name: str
     drain_timeout: float
+    drain_quiet_period: float
+    drain_token: str
     stats_interval: float
     proxy: ProxySettings
     log_level: str
@@ -73,7 +83,8 @@ def parser() -> argparse.ArgumentParser:
         "--admin",
         default=env("SIDECAR_ADMIN", "127.0.0.1:9902"),
         help="HOST:PORT or unix:PATH for /metrics, /healthz, /readyz, /v1/state "
-        "(env BACKDIAL_SIDECAR_ADMIN; default 127.0.0.1:9902)",
+        "(env BACKDIAL_SIDECAR_ADMIN; default 127.0.0.1:9902); also /v1/drain and "
+        "/v1/app-probe (docs/injection.md)",
     )
     p.add_argument(
         "--workers",
@@ -86,7 +97,14 @@ def parser() -> argparse.ArgumentParser:
         "--drain-timeout",
         type=float,
         default=float(env("DRAIN_TIMEOUT", "30") or 30),
-        help="seconds SIGTERM waits for in-flight requests (default 30)",
+        help="seconds SIGTERM (or /v1/drain) waits for in-flight and queued requests (default 30)",
+    )
+    p.add_argument(
+        "--drain-quiet-period",
+        type=float,
+        default=float(env("DRAIN_QUIET_PERIOD", "5") or 5),
+        help="on /v1/drain, seconds to keep serving while not ready, before it stops "
+        "accepting (env BACKDIAL_DRAIN_QUIET_PERIOD; default 5)",
     )
     p.add_argument(
         "--proxy-protocol",
@@ -148,6 +166,8 @@ def settings_from(argv: list[str]) -> SidecarSettings:
         admin: tuple[str, int | str] = ("unix", ns.admin[5:])
     else:
         admin = parse_hostport(ns.admin, "--admin")
+    if ns.drain_timeout < 0 or ns.drain_quiet_period < 0:
+        raise ConfigError("--drain-timeout and --drain-quiet-period must be >= 0")
     if ns.max_request_body > ns.max_request_body_stream:
         raise ConfigError("--max-request-body must not exceed --max-request-body-stream")
     proxy = ProxySettings(
@@ -166,6 +186,8 @@ def settings_from(argv: list[str]) -> SidecarSettings:
         workers=ns.workers,
         worker_name=ns.worker_name or f"pid-{os.getpid()}",
         drain_timeout=ns.drain_timeout,
+        drain_quiet_period=ns.drain_quiet_period,
+        drain_token=env("DRAIN_TOKEN", "") or "",
         stats_interval=ns.stats_interval,
         proxy=proxy,
         log_level=ns.log_level,
@@ -173,13 +195,19 @@ def settings_from(argv: list[str]) -> SidecarSettings:
 
 
 class WorkerAdmin:
-    def __init__(self, pool: LeasePool, stats: ProxyStats, name: str) -> None:
+    def __init__(
+        self, pool: LeasePool, stats: ProxyStats, name: str, token: str = "", tcp: bool = True
+    ) -> None:
         self.pool, self.stats, self.name = pool, stats, name
+        self.token, self.tcp = token, tcp
         self.draining = False
+        self.drainer: Drainer | None = None
+        self.prober = AppProber(pool)
 
     def ready(self) -> bool:
         return (
             not self.draining
+            and not (self.drainer is not None and self.drainer.started)
             and self.pool.connected.is_set()
             and (self.pool.registered > 0 or bool(self.pool.held))
         )
@@ -213,6 +241,19 @@ class WorkerAdmin:
         if req.path == "/readyz":
             ok = self.ready()
             return AdminResponse.text(200 if ok else 503, "ready\n" if ok else "not ready\n")
+        if req.path == "/v1/app-probe":
+            q = {k: v[-1] for k, v in req.query.items()}
+            ok, why = await self.prober.check(q.get("path", "/"), q.get("host", ""), "tcp" in q)
+            return AdminResponse.text(200 if ok else 503, why + "\n")
+        if req.path == "/v1/drain":
+            if req.method not in ("GET", "POST"):
+                return AdminResponse.text(405, "use GET or POST\n")
+            if not drain_allowed(req, self.token, self.tcp):
+                return AdminResponse.text(403, "drain needs the pod's drain token\n")
+            if self.drainer is None:
+                return AdminResponse.text(503, "not serving yet\n")
+            result = await self.drainer.run()
+            return AdminResponse.of_json(200, result.as_dict())
         if req.path == "/v1/state":
             pool = self.pool
             return AdminResponse.of_json(
@@ -222,6 +263,7 @@ class WorkerAdmin:
                     "pid": os.getpid(),
                     "acceptor_worker_id": pool.worker_id,
                     "connected": pool.connected.is_set(),
+                    "drain": self.drainer.phase.value if self.drainer else "serving",
                     "registered": pool.registered,
                     "generation": pool.generation,
                     "held": len(pool.held),
@@ -248,7 +290,9 @@ async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
         return pool
 
     pool.start()
-    admin_api = WorkerAdmin(pool, stats, cfg.worker_name)
+    admin_api = WorkerAdmin(
+        pool, stats, cfg.worker_name, cfg.drain_token, tcp=cfg.admin[0] != "unix"
+    )
     admin = await start_admin(cfg.admin[0], cfg.admin[1], admin_api)
     try:
         listener = await _listener(pool, cfg.listen, stop)
@@ -268,12 +312,20 @@ async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
         cfg.listen,
         cfg.run_dir / "control.sock",
     )
+    drainer = Drainer(
+        server, listener, factory, state, stop, cfg.drain_quiet_period, cfg.drain_timeout
+    )
+    admin_api.drainer = drainer
     reporter = asyncio.ensure_future(_report(pool, cfg.stats_interval))
     await stop.wait()
-    # Graceful stop: no new connections here (others keep the socket open), finish work.
     admin_api.draining = True
-    server.close()
-    await state.shutdown(cfg.drain_timeout)
+    if drainer.started:  # the pod is terminating: finish that sequence (SIGTERM cut its quiet)
+        await drainer.run()
+    else:
+        # Graceful stop: no new connections here (others keep the socket open), finish work.
+        drainer.discard()
+        server.close()
+        await state.shutdown(cfg.drain_timeout)
     await pool.close(1.0)
     reporter.cancel()
     admin.close()
@@ -311,7 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level)
     if cfg.workers > 1:
         child_args = _strip(args, ("--workers", "--admin", "--worker-name"))
-        sup = Supervisor(child_args, cfg.workers, cfg.run_dir, cfg.drain_timeout)
+        sup = Supervisor(
+            child_args,
+            cfg.workers,
+            cfg.run_dir,
+            cfg.drain_timeout,
+            cfg.drain_quiet_period,
+            cfg.drain_token,
+        )
         assert isinstance(cfg.admin[1], int), "the supervisor's admin must be TCP"
         admin_tcp = (cfg.admin[0], cfg.admin[1])
         return run(lambda stop: sup.run(admin_tcp, stop))

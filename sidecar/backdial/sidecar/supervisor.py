@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import signal
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
+from backdial.sidecar.drain import drain_allowed
 
 log = logging.getLogger("backdial.sidecar")
 
@@ -53,11 +56,11 @@ def merge_metrics(texts: list[bytes]) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
-async def _unix_get(path: Path, target: str) -> tuple[int, bytes]:
+async def _unix_get(path: Path, target: str, timeout: float = 5.0) -> tuple[int, bytes]:  # noqa: ASYNC109
     reader, writer = await asyncio.open_unix_connection(str(path))
     try:
         writer.write(f"GET {target} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n".encode())
-        raw = await asyncio.wait_for(reader.read(), 5)
+        raw = await asyncio.wait_for(reader.read(), timeout)
     finally:
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -65,11 +68,21 @@ async def _unix_get(path: Path, target: str) -> tuple[int, bytes]:
 
 
 class Supervisor:
-    def __init__(self, argv: list[str], workers: int, run_dir: Path, drain: float) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        workers: int,
+        run_dir: Path,
+        drain: float,
+        quiet: float = 0.0,
+        token: str = "",
+    ) -> None:
         self.argv = argv
         self.count = workers
         self.run_dir = run_dir
         self.drain = drain
+        self.quiet = quiet
+        self.token = token
         self.procs: dict[int, asyncio.subprocess.Process] = {}
 
     def socket_path(self, index: int) -> Path:
@@ -102,6 +115,10 @@ class Supervisor:
             delay = min(delay * 2, 5.0)
 
     async def admin(self, req: AdminRequest) -> AdminResponse:
+        if req.path == "/v1/drain":
+            return await self._drain(req)
+        if req.path == "/v1/app-probe":
+            return await self._probe(req)
         results = await asyncio.gather(
             *(_unix_get(self.socket_path(i), req.path) for i in range(self.count)),
             return_exceptions=True,
@@ -116,11 +133,36 @@ class Supervisor:
             good = len(ok) == self.count and all(status == 200 for status, _ in ok)
             return AdminResponse.text(200 if good else 503, "ok\n" if good else "not ready\n")
         if req.path == "/v1/state":
-            import json
-
             states = [json.loads(b) for status, b in ok if status == 200]
             return AdminResponse.of_json(200, {"workers": states})
         return AdminResponse.text(404, "not found\n")
+
+    async def _probe(self, req: AdminRequest) -> AdminResponse:
+        """The app is checked by the first worker that answers (they share its sessions)."""
+        target = "/v1/app-probe?" + urlencode(req.query, doseq=True)
+        for i in range(self.count):
+            try:
+                status, body = await _unix_get(self.socket_path(i), target)
+            except (OSError, TimeoutError, ValueError, IndexError):
+                continue
+            return AdminResponse.text(status, body.decode(errors="replace"))
+        return AdminResponse.text(503, "no worker\n")
+
+    async def _drain(self, req: AdminRequest) -> AdminResponse:
+        """Every worker runs the drain sequence at once; answer when all have finished."""
+        if not drain_allowed(req, self.token, tcp=True):
+            return AdminResponse.text(403, "drain needs the pod's drain token\n")
+        budget = self.quiet + self.drain + 5
+        results = await asyncio.gather(
+            *(_unix_get(self.socket_path(i), "/v1/drain", budget) for i in range(self.count)),
+            return_exceptions=True,
+        )
+        done = [json.loads(r[1]) for r in results if isinstance(r, tuple) and r[0] == 200]
+        aborted = sum(int(d["aborted"]) for d in done)
+        status = 200 if len(done) == self.count else 503
+        return AdminResponse.of_json(
+            status, {"drained": status == 200, "workers": len(done), "aborted": aborted}
+        )
 
     async def run(self, admin: tuple[str, int], stop: asyncio.Event) -> int:
         server = await start_admin(admin[0], admin[1], self.admin)
