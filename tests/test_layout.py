@@ -95,6 +95,7 @@ def test_bad_flags_exit_1_with_one_line() -> None:
         ["sidecar", "--max-request-body", "1x"],
         ["up", "--sessions", "0"],
         ["route", "frobnicate"],
+        ["crd", "--bogus"],
         ["serve", "backdial.demo:app"],  # neither --register nor --listen
     ):
         out = subprocess.run(

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bridge": ("backdial.sdk.cli:bridge_main", "relay sessions to an unmodified HTTP app"),
     "route": ("backdial.routecli:main", "add, delete or list routes on a running acceptor"),
     "operator": ("backdial.operator.main:main", "reconcile SessionSlice objects (kopf)"),
+    "crd": ("backdial.operator.crd:main", "print the CRDs generated from the models"),
 }
 
 
