@@ -61,18 +61,19 @@ RUN /opt/buildtools/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tm
 
 # --- final: runtime + the venv, nothing else ---
 FROM runtime
-# Fixed uid/gid 10001 (Kubernetes runAsNonRoot can verify a numeric USER). /run/backdial
-# (= /var/run/backdial) is writable by it for `docker run` without a volume; with a read-only
-# root filesystem mount a volume there (the injected pods mount the backdial-run emptyDir).
-RUN groupadd --gid 10001 backdial \
- && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+# Fixed uid/gid 65532, the injected containers' default runAsUser (Kubernetes runAsNonRoot
+# can verify a numeric USER). /run/backdial (= /var/run/backdial) is writable by it for
+# `docker run` without a volume; with a read-only root filesystem mount a volume there (the
+# injected pods mount the backdial-run emptyDir).
+RUN groupadd --gid 65532 backdial \
+ && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin backdial \
- && install -d -o 10001 -g 10001 -m 0750 /run/backdial
+ && install -d -o 65532 -g 65532 -m 0750 /run/backdial
 COPY --from=build /opt/backdial /opt/backdial
 ENV PATH=/opt/backdial/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-USER 10001:10001
+USER 65532:65532
 ENTRYPOINT ["backdial"]
 CMD ["--help"]
 # Last, so that a new revision only rewrites metadata (ARGs in scope reach RUN steps).

@@ -43,7 +43,7 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
 def test_final_stage_runs_backdial_as_fixed_non_root_user() -> None:
     text = DOCKERFILE.read_text()
     final = text[text.rindex("\nFROM ") :]
-    assert re.search(r"^USER 10001:10001$", final, re.M)
+    assert re.search(r"^USER 65532:65532$", final, re.M)
     assert re.search(r'^ENTRYPOINT \["backdial"\]$', final, re.M)
     assert "HEALTHCHECK" not in text
     # The default base is the public Debian slim image scripts/image can also make locally.

@@ -21,7 +21,7 @@ from tests.helpers import ROOT, free_port, http_get, wait_for
 
 pytestmark = [pytest.mark.image]
 
-UID = 10001
+UID = 65532
 RUN_DIR = "/var/run/backdial"
 
 
