@@ -1,4 +1,10 @@
-"""The MutatingWebhookConfiguration: who is sent to the webhook, and what happens if it is down.
+"""How the API server reaches the operator: the webhook configuration and the APIServices.
+
+``webhook_configuration``: who is sent to the webhook, and what happens if it is down.
+``api_services``: the two ``custom.metrics.k8s.io`` APIServices (v1beta2 preferred,
+v1beta1 for HPA controllers that ask for it) pointing at Service
+``backdial-metrics-api``.  The chart renders the same objects; ``caBundle`` is patched
+in at run time (``cabundle.py``) or by cert-manager's CA injector.
 
 Two webhooks in one configuration, because a namespace opt-in OR a pod opt-in
 cannot be one selector (namespaceSelector AND objectSelector must both match):
@@ -111,6 +117,37 @@ def webhook_configuration(
             },
         ],
     }
+
+
+METRICS_SERVICE = "backdial-metrics-api"
+
+
+def api_services(
+    operator_namespace: str, ca_bundle: bytes = b"", *, service: str = METRICS_SERVICE
+) -> list[dict[str, Any]]:
+    out = []
+    for version, priority in (("v1beta2", 200), ("v1beta1", 100)):
+        spec: dict[str, Any] = {
+            "group": "custom.metrics.k8s.io",
+            "version": version,
+            "groupPriorityMinimum": 100,
+            "versionPriority": priority,
+            "service": {"namespace": operator_namespace, "name": service, "port": 443},
+        }
+        if ca_bundle:
+            spec["caBundle"] = base64.b64encode(ca_bundle).decode()
+        out.append(
+            {
+                "apiVersion": "apiregistration.k8s.io/v1",
+                "kind": "APIService",
+                "metadata": {
+                    "name": f"{version}.custom.metrics.k8s.io",
+                    "labels": {"app.kubernetes.io/name": "backdial"},
+                },
+                "spec": spec,
+            }
+        )
+    return out
 
 
 def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
