@@ -795,13 +795,13 @@ def environment() -> dict[str, Any]:
 
 
 def control_records(acceptor_admin: str) -> dict[str, float]:
-    """``backdial_control_records_total`` by type, from the acceptor's /metrics."""
+    """``backdial_acceptor_control_records_total`` by type, from the acceptor's /metrics."""
     status, body = http_get(acceptor_admin + "/metrics", timeout=5)
     out: dict[str, float] = {}
     if status != 200:
         return out
     for line in body.decode(errors="replace").splitlines():
-        if line.startswith("backdial_control_records_total{"):
+        if line.startswith("backdial_acceptor_control_records_total{"):
             series, _, value = line.rpartition(" ")
             m = re.search(r'type="([^"]*)"', series)
             out[m.group(1) if m else series] = float(value)

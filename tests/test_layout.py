@@ -107,3 +107,64 @@ def test_bad_flags_exit_1_with_one_line() -> None:
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 1, (args, out.stderr)
         assert len(lines) == 1 and "error" in lines[0], (args, out.stderr)
+
+
+# Role names that mean the same thing in every component (its entry point, its
+# admin endpoint, its settings); any other module name exists once.
+_SAME_ROLE = {"__init__", "main", "admin", "config"}
+
+
+def _modules() -> list[Path]:
+    roots = [ROOT / "src" / "backdial", *(ROOT / comp / "backdial" for comp in COMPONENTS)]
+    return sorted(p for root in roots for p in root.rglob("*.py"))
+
+
+def test_module_names_are_unique_across_components() -> None:
+    seen: dict[str, Path] = {}
+    for path in _modules():
+        if path.stem in _SAME_ROLE:
+            continue
+        assert path.stem not in seen, f"{path} and {seen[path.stem]} share a name"
+        seen[path.stem] = path
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    parts = parts[1:]  # drop the source root (src, acceptor, sidecar, operator)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycles_between_modules() -> None:
+    """Also imports under TYPE_CHECKING: a cycle there is a design cycle all the same."""
+    graph: dict[str, set[str]] = {}
+    for path in _modules():
+        name = _module_name(path)
+        package = name if path.stem == "__init__" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                deps.add(base)
+                deps.update(f"{base}.{alias.name}" for alias in node.names)
+        graph[name] = deps
+    edges = {name: {d for d in deps if d in graph and d != name} for name, deps in graph.items()}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(edges[node]):
+            if state.get(dep) == 1:
+                cycle = [*path[path.index(dep) :], dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[node] = 2
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [name])

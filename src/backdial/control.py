@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 VERSION = 1
@@ -34,6 +34,33 @@ class Kind(IntEnum):
 
 class ProtocolError(Exception):
     """A record that does not follow docs/protocol.md."""
+
+
+class ReleaseState(StrEnum):
+    """How a worker gives a session back (RELEASE) or finds an idle one gone."""
+
+    IDLE = "idle"  # clean and reusable
+    BROKEN = "broken"  # in an unknown state: close it
+    RETIRED = "retired"  # the service gave it back (RETIRE line or Connection: close)
+
+
+class Rejection(StrEnum):
+    """Why a worker answered a request 503 without a session (STATS, metric label)."""
+
+    QUEUE_FULL = "queue_full"
+    TIMEOUT = "timeout"
+    DRAINING = "draining"
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable reason of an ERROR record."""
+
+    LISTEN = "listen"  # the acceptor cannot bind the requested client listener
+
+
+# What a worker waits for: (service as the worker asked for it, "" = the default
+# service; slice).  WANT counts and the acceptor's wait queue are keyed by it.
+WantKey = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +86,9 @@ class Want:
 
 
 @dataclass(frozen=True, slots=True)
-class Lease:
+class Granted:
+    """One session in a GRANT record (its descriptor travels with the record)."""
+
     session: int
     service: str  # the service the session belongs to
     slice: str
@@ -70,13 +99,13 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    leases: list[Lease]
+    leases: list[Granted]
 
 
 @dataclass(frozen=True, slots=True)
 class Released:
     session: int
-    state: str  # "idle" | "broken" | "retired"
+    state: ReleaseState
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +131,7 @@ class Listener:
 
 @dataclass(frozen=True, slots=True)
 class Error:
-    code: str
+    code: str  # an ErrorCode; a code this version does not know is logged, not refused
     message: str
 
 
@@ -128,9 +157,14 @@ _KIND: dict[type[Any], Kind] = {
 _CLASS = {kind: cls for cls, kind in _KIND.items()}
 
 
+def kind_of(msg: Message) -> Kind:
+    """The record type of *msg* (for logs and metric labels)."""
+    return _KIND[type(msg)]
+
+
 def encode(msg: Message) -> bytes:
     body = json.dumps(asdict(msg), separators=(",", ":")).encode()
-    record = bytes((VERSION, _KIND[type(msg)])) + body
+    record = bytes((VERSION, kind_of(msg))) + body
     if len(record) > MAX_RECORD:
         raise ValueError("control record too large")
     return record
@@ -160,12 +194,13 @@ def decode(record: bytes) -> Message:
 
 def _build(kind: Kind, data: dict[str, Any]) -> Message:
     if kind is Kind.GRANT:
-        return Grant([Lease(**_fields(e, Lease)) for e in data["leases"]])
+        return Grant([Granted(**_fields(e, Granted)) for e in data["leases"]])
     if kind is Kind.RELEASE:
-        items = [Released(**_fields(e, Released)) for e in data["sessions"]]
-        for item in items:
-            if item.state not in ("idle", "broken", "retired"):
-                raise ValueError(f"release state {item.state!r}")
+        items = []
+        for e in data["sessions"]:
+            fields = _fields(e, Released)
+            fields["state"] = ReleaseState(fields["state"])  # ValueError names the bad state
+            items.append(Released(**fields))
         return Release(items)
     cls = _CLASS[kind]
     msg: Message = cls(**_fields(data, cls))
@@ -174,7 +209,12 @@ def _build(kind: Kind, data: dict[str, Any]) -> Message:
     return msg
 
 
-_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "str": str, "float": (int, float)}
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "str": str,
+    "float": (int, float),
+    "ReleaseState": str,
+}
 
 
 def _fields(data: Any, cls: type[Any]) -> dict[str, Any]:

@@ -144,12 +144,16 @@ def encode_err(code: ErrCode, message: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The acceptor's answer as the service sees it."""
+    """The acceptor's answer as the service sees it.
+
+    ``code`` is None for ``OK``, and also for an ``ERR`` whose code this version
+    does not know (a newer acceptor's); ``message`` then starts with that code.
+    """
 
     ok: bool
     session: int = 0
     registrant: int = 0
-    code: str = ""
+    code: ErrCode | None = None
     message: str = ""
 
 
@@ -162,6 +166,10 @@ def parse_reply(line: bytes) -> Reply:
         fields = dict(w.split(b"=", 1) for w in body.split(b" ")[1:] if b"=" in w)
         return Reply(True, int(fields.get(b"session", b"0")), int(fields.get(b"registrant", b"0")))
     if body.startswith(b"ERR "):
-        _, code, message = [*body.split(b" ", 2), b""][:3]
-        return Reply(False, code=code.decode(), message=message.decode("ascii", "replace"))
+        _, raw, text = [*body.split(b" ", 2), b""][:3]
+        message = text.decode("ascii", "replace")
+        try:
+            return Reply(False, code=ErrCode(raw.decode("ascii")), message=message)
+        except (UnicodeDecodeError, ValueError):
+            return Reply(False, message=f"{raw.decode('ascii', 'replace')}: {message}")
     raise ValueError(f"not a BDREG/1 reply: {line[:60]!r}")

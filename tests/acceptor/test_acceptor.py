@@ -106,7 +106,7 @@ def test_preamble_timeout_and_tokens(acceptor, run_dir: Path) -> None:  # type: 
     )
     assert reply.startswith(b"BDREG/1 OK"), reply
     metrics = http_get(f"http://{admin}/metrics")[1].decode()
-    assert 'backdial_registrations_total{result="auth"} 2' in metrics
+    assert 'backdial_acceptor_registrations_total{result="auth"} 2' in metrics
 
 
 def test_session_limits(acceptor, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -149,8 +149,8 @@ def test_dead_and_retired_sessions_are_dropped_alone(acceptor, run_dir: Path) ->
     wait_for(lambda: services(admin)["demo"]["registered"] == 0, what="all gone")
     assert get_json(f"http://{admin}/v1/state")["registrants"] == []
     metrics = http_get(f"http://{admin}/metrics")[1].decode()
-    assert 'backdial_sessions_dropped_total{reason="retired"} 1' in metrics
-    assert 'backdial_sessions_dropped_total{reason="protocol"} 1' in metrics
+    assert 'backdial_acceptor_sessions_dropped_total{reason="retired"} 1' in metrics
+    assert 'backdial_acceptor_sessions_dropped_total{reason="protocol"} 1' in metrics
 
 
 class RawWorker:
@@ -246,7 +246,7 @@ time.sleep(60)
             pass
     assert eofs == leased
     metrics = http_get(f"http://{admin}/metrics")[1].decode()
-    assert f'backdial_sessions_dropped_total{{reason="reclaimed"}} {leased}' in metrics
+    assert f'backdial_acceptor_sessions_dropped_total{{reason="reclaimed"}} {leased}' in metrics
 
 
 def test_config_reload_keeps_old_config_on_error(acceptor, run_dir: Path) -> None:  # type: ignore[no-untyped-def]

@@ -329,7 +329,7 @@ class FakeAcceptor:
 
 
 class Child:
-    """A started ``python -m backdial.sdk.cli`` process; stderr is collected by a thread
+    """A started ``python -m backdial.sdk.main`` process; stderr is collected by a thread
     (so the child never blocks on a full pipe and tests never block on a read)."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
@@ -405,7 +405,7 @@ class Procs:
             full_env.pop(name, None)
         full_env.update(env or {})
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backdial.sdk.cli", *args],
+            [sys.executable, "-m", "backdial.sdk.main", *args],
             cwd=str(ROOT),
             env=full_env,
             stdin=subprocess.DEVNULL,

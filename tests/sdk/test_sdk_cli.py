@@ -1,6 +1,6 @@
 """``backdial serve`` / ``backdial bridge`` as real child processes.
 
-Each test starts ``python -m backdial.sdk.cli ...`` (the console script may
+Each test starts ``python -m backdial.sdk.main ...`` (the console script may
 not be installed yet) against ``sdkpeer.FakeAcceptor``, which stands in for
 the acceptor built in parallel: a real listening socket answering the
 registration per ``backdial.wire`` and then writing real HTTP requests onto
@@ -39,7 +39,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     full_env["PYTHONPATH"] = str(ROOT / "src")
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "backdial.sdk.cli", *args],
+        [sys.executable, "-m", "backdial.sdk.main", *args],
         cwd=str(ROOT),
         env=full_env,
         capture_output=True,

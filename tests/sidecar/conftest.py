@@ -1,8 +1,8 @@
 """Harness for the sidecar proxy tests: a recording backend, a stand-in lease pool, a runner.
 
-``StandInPool`` stands in for ``backdial.sidecar.leases.LeasePool``: it has the
+``StandInPool`` stands in for ``backdial.sidecar.leasepool.LeasePool``: it has the
 same surface the proxy uses (``policy``, ``acquire``, ``release``, ``lost``,
-the ``QueueFull``/``QueueTimeout``/``NoCapacity`` exceptions) but creates its
+the ``QueueFull``/``QueueTimeout``/``Draining`` exceptions) but creates its
 sessions locally as real ``socketpair``s whose far end is served by
 ``Backend``, a small blocking HTTP/1.1 server thread per session that records
 every byte it receives.  The proxy itself runs unchanged on uvloop in a
@@ -28,9 +28,12 @@ import pytest
 import uvloop
 
 from backdial.policy import Policy, policy_from_data
-from backdial.sidecar.leases import Lease, NoCapacity, QueueFull, QueueTimeout
-from backdial.sidecar.proxy import ProxySettings, ProxyStats, make_protocol_factory
-from backdial.sidecar.upstream import UpstreamProtocol, conn_factory
+from backdial.sidecar.config import ProxySettings
+from backdial.sidecar.lease import Lease
+from backdial.sidecar.leasepool import Draining, QueueFull, QueueTimeout
+from backdial.sidecar.proxy import make_protocol_factory
+from backdial.sidecar.sessionconn import SessionConn, wrap_lease
+from backdial.sidecar.stats import ProxyStats
 from backdial.wire import RETIRE_LINE
 
 TIMEOUT = 5.0
@@ -279,9 +282,9 @@ class StandInPool:
     retry_after: int = 1
     policy: Policy = field(default_factory=Policy)
     closed: bool = False
-    idle: collections.deque[UpstreamProtocol] = field(default_factory=collections.deque)
+    idle: collections.deque[SessionConn] = field(default_factory=collections.deque)
     busy: set[int] = field(default_factory=set)
-    waiters: collections.deque[asyncio.Future[UpstreamProtocol]] = field(
+    waiters: collections.deque[asyncio.Future[SessionConn]] = field(
         default_factory=collections.deque
     )
     events: list[tuple[str, int, str]] = field(default_factory=list)
@@ -289,10 +292,10 @@ class StandInPool:
     made: int = 0
     live: int = 0
 
-    async def acquire(self, service: str, slice_name: str) -> UpstreamProtocol:
+    async def acquire(self, service: str, slice_name: str) -> SessionConn:
         self.acquires.append((service, slice_name))
         if self.closed:
-            raise NoCapacity(self.retry_after, "draining")
+            raise Draining(self.retry_after)
         while self.idle:
             conn = self.idle.popleft()
             if not conn.closed:
@@ -303,8 +306,8 @@ class StandInPool:
             self.busy.add(conn.lease.session)
             return conn
         if len(self.waiters) >= self.max_waiting:
-            raise QueueFull(self.retry_after, "queue_full")
-        fut: asyncio.Future[UpstreamProtocol] = asyncio.get_running_loop().create_future()
+            raise QueueFull(self.retry_after)
+        fut: asyncio.Future[SessionConn] = asyncio.get_running_loop().create_future()
         self.waiters.append(fut)
         try:
             async with asyncio.timeout(self.queue_timeout):
@@ -312,20 +315,20 @@ class StandInPool:
         except TimeoutError:
             with contextlib.suppress(ValueError):
                 self.waiters.remove(fut)
-            raise QueueTimeout(self.retry_after, "timeout") from None
+            raise QueueTimeout(self.retry_after) from None
         self.busy.add(conn.lease.session)
         return conn
 
-    async def _new(self, service: str, slice_name: str) -> UpstreamProtocol:
+    async def _new(self, service: str, slice_name: str) -> SessionConn:
         self.made += 1
         self.live += 1
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         self.backend.attach(theirs, self.made)
         lease = Lease(self.made, service or "default", slice_name, 1, ours)
-        return await conn_factory(lease, self)  # type: ignore[arg-type]
+        return await wrap_lease(lease, self)  # type: ignore[arg-type]
 
-    def release(self, conn: UpstreamProtocol, state: str) -> None:
+    def release(self, conn: SessionConn, state: str) -> None:
         self.events.append(("release", conn.lease.session, state))
         self.busy.discard(conn.lease.session)
         if state == "idle" and not conn.closed:
@@ -341,7 +344,7 @@ class StandInPool:
         self.live -= 1
         self._refill()
 
-    def lost(self, conn: UpstreamProtocol, state: str) -> None:
+    def lost(self, conn: SessionConn, state: str) -> None:
         self.events.append(("lost", conn.lease.session, state))
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)

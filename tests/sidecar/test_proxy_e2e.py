@@ -3,7 +3,7 @@
 Sessions are registered over ``register.sock`` with the BDREG/1 preamble and
 then served by the recording ``Backend``; the worker's ``LeasePool`` leases
 them over ``control.sock`` (SCM_RIGHTS) and wraps them with
-``upstream.conn_factory``.  These tests check the seams between proxy, pool
+``upstream.wrap_lease``.  These tests check the seams between proxy, pool
 and acceptor: sticky leases, release states, idle RETIRE reported with
 ``pool.lost``, and the pool's rejections mapped to 503.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from backdial.sidecar.leases import LeasePool
-from backdial.sidecar.proxy import ProxySettings
-from backdial.sidecar.upstream import conn_factory
+from backdial.sidecar.config import ProxySettings
+from backdial.sidecar.leasepool import LeasePool
+from backdial.sidecar.sessionconn import wrap_lease
 from backdial.wire import Preamble, parse_reply
 from tests.helpers import Proc, free_port, get_json, http_get, register, wait_for
 from tests.sidecar.conftest import Backend, ProxyRunner, RawClient
@@ -81,7 +81,7 @@ def real(procs: Callable[..., Proc], run_dir: Path) -> Iterator[Callable[..., An
             pool: LeasePool | None = None
 
             def factory(lease: Any) -> Any:
-                return conn_factory(lease, pool)
+                return wrap_lease(lease, pool)
 
             pool = LeasePool(run_dir, factory, "test-worker")
             pool.start()
@@ -159,7 +159,7 @@ def test_pool_rejections_are_503(real: Callable[..., Any], raw_client: Raw) -> N
     assert r.status == 503 and time.monotonic() - started >= 0.25  # queue timeout
     proxy.backend.gate.set()
     assert holder.read_response().status == 200
-    assert proxy.stats.unavailable == {"queue_full": 1, "timeout": 1, "no_capacity": 0}
+    assert proxy.stats.unavailable == {"queue_full": 1, "timeout": 1, "draining": 0}
 
 
 def test_client_leaving_the_queue_frees_its_place(

@@ -55,13 +55,13 @@ def test_queue_timeout_is_503(make_proxy: Callable[..., ProxyRunner], raw_client
     assert proxy.stats.unavailable["timeout"] == 1
 
 
-def test_no_capacity_is_503(proxy: ProxyRunner, raw_client: Raw) -> None:
+def test_draining_pool_is_503(proxy: ProxyRunner, raw_client: Raw) -> None:
     proxy.pool.closed = True
     c = raw_client(proxy.port)
     c.send(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     r = c.read_response()
     assert r.status == 503 and r.header("connection") == "keep-alive"
-    assert proxy.stats.unavailable["no_capacity"] == 1
+    assert proxy.stats.unavailable["draining"] == 1
 
 
 def test_post_on_dying_session_is_502_not_retried(proxy: ProxyRunner, raw_client: Raw) -> None:

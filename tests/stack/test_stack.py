@@ -207,11 +207,11 @@ def test_no_control_traffic_at_steady_state(stack: Stack) -> None:
     conn.close()
     after = http_get(stack.acceptor_url("/metrics"))[1].decode()
     for kind in ("want", "release", "hello", "listen"):
-        assert metric(after, "backdial_control_records_total", type=kind) == metric(
-            before, "backdial_control_records_total", type=kind
+        assert metric(after, "backdial_acceptor_control_records_total", type=kind) == metric(
+            before, "backdial_acceptor_control_records_total", type=kind
         ), kind
-    assert metric(after, "backdial_leases_granted_total") == metric(
-        before, "backdial_leases_granted_total"
+    assert metric(after, "backdial_acceptor_leases_granted_total") == metric(
+        before, "backdial_acceptor_leases_granted_total"
     )
 
 

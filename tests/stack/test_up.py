@@ -69,7 +69,8 @@ def test_up_serves_through_leased_sessions_and_stops_cleanly(run_dir) -> None:  
         assert state["services"]["demo"]["registered"] == 3
         # The request went over a leased session, not a connection the sidecar dialed.
         metrics = http_get(f"http://127.0.0.1:{admin}/metrics")[1].decode()
-        granted = [ln for ln in metrics.splitlines() if ln.startswith("backdial_leases_granted")]
+        prefix = "backdial_acceptor_leases_granted"
+        granted = [ln for ln in metrics.splitlines() if ln.startswith(prefix)]
         assert granted and float(granted[0].split()[-1]) >= 1
         assert json.loads(http_get(f"http://127.0.0.1:{port}/stats")[1])["requests"] >= 1
         proc.send_signal(signal.SIGINT)

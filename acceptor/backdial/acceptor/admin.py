@@ -108,7 +108,7 @@ def metrics(acc: Acceptor) -> bytes:
         rows_registered,
     )
     exp.family(
-        "backdial_slice_quota_sessions",
+        "backdial_acceptor_slice_quota_sessions",
         "gauge",
         "Sessions apportioned to the slice from its share.",
         rows_quota,
@@ -126,13 +126,16 @@ def metrics(acc: Acceptor) -> bytes:
         rows_waiting,
     )
     exp.family(
-        "backdial_registrants",
+        "backdial_acceptor_registrants",
         "gauge",
         "Registered service instances.",
         [({}, float(len(ledger.registrants)))],
     )
     exp.family(
-        "backdial_workers", "gauge", "Connected sidecar workers.", [({}, float(len(acc.workers)))]
+        "backdial_acceptor_workers",
+        "gauge",
+        "Connected sidecar workers.",
+        [({}, float(len(acc.workers)))],
     )
     totals = _worker_totals(acc)
     rejected = [
@@ -159,44 +162,44 @@ def metrics(acc: Acceptor) -> bytes:
     )
     c = acc.counters
     exp.family(
-        "backdial_registrations_total",
+        "backdial_acceptor_registrations_total",
         "counter",
         "Registration attempts by result.",
         [({"result": "ok"}, float(c.registrations_ok))]
         + [({"result": k}, float(v)) for k, v in sorted(c.registrations_err.items())],
     )
     exp.family(
-        "backdial_sessions_dropped_total",
+        "backdial_acceptor_sessions_dropped_total",
         "counter",
         "Sessions closed, by reason.",
         [({"reason": k}, float(v)) for k, v in sorted(c.sessions_dropped.items())],
     )
     exp.family(
-        "backdial_leases_granted_total",
+        "backdial_acceptor_leases_granted_total",
         "counter",
         "Leases granted to workers.",
         [({}, float(c.grants))],
     )
     exp.family(
-        "backdial_leases_recalled_total",
+        "backdial_acceptor_leases_recalled_total",
         "counter",
         "Leases recalled from workers.",
         [({}, float(c.recalls))],
     )
     exp.family(
-        "backdial_control_records_total",
+        "backdial_acceptor_control_records_total",
         "counter",
         "Control records received from sidecar workers, by type.",
-        [({"type": k}, float(v)) for k, v in sorted(c.records.items())],
+        [({"type": k.name.lower()}, float(v)) for k, v in sorted(c.records.items())],
     )
     exp.family(
-        "backdial_config_reloads_total",
+        "backdial_acceptor_config_reloads_total",
         "counter",
         "Config reloads by result.",
         [({"result": k}, float(v)) for k, v in sorted(c.reloads.items())],
     )
     exp.family(
-        "backdial_config_generation",
+        "backdial_acceptor_config_generation",
         "gauge",
         "Generation of the policy in force.",
         [({}, float(acc.generation))],

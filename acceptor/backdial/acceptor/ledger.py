@@ -15,10 +15,21 @@ from __future__ import annotations
 import collections
 import itertools
 from dataclasses import dataclass, field
+from enum import StrEnum
 
+from backdial.control import WantKey
 from backdial.policy import Policy
 
-Key = tuple[str, str]  # (service as requested by the worker, slice); "" = default service
+
+class DropReason(StrEnum):
+    """Why the acceptor closed a session (label of ``..._sessions_dropped_total``)."""
+
+    DEAD = "dead"  # the service closed it while idle
+    RETIRED = "retired"  # RETIRE while idle, or a worker released it retired
+    PROTOCOL = "protocol"  # unexpected bytes on an idle session
+    BROKEN = "broken"  # a worker released it broken (or could not use it)
+    RECLAIMED = "reclaimed"  # leased to a worker that went away
+    SHUTDOWN = "shutdown"  # the acceptor stopped
 
 
 @dataclass(slots=True)
@@ -84,10 +95,10 @@ class Ledger:
         self.services: dict[str, ServiceBook] = {}
         self.service_order: list[str] = []
         # wants[worker][key] = number of that worker's requests waiting for a lease
-        self.wants: dict[int, collections.Counter[Key]] = {}
+        self.wants: dict[int, collections.Counter[WantKey]] = {}
         # FIFO of waiting units across all workers: (seq, worker, key)
-        self.queue: collections.OrderedDict[int, tuple[int, Key]] = collections.OrderedDict()
-        self._units: dict[tuple[int, Key], list[int]] = collections.defaultdict(list)
+        self.queue: collections.OrderedDict[int, tuple[int, WantKey]] = collections.OrderedDict()
+        self._units: dict[tuple[int, WantKey], list[int]] = collections.defaultdict(list)
         self._seq = itertools.count(1)
         self._sid = itertools.count(1)
         self._rid = itertools.count(1)
@@ -192,7 +203,7 @@ class Ledger:
             self.drop_session(sess.id)
         return held
 
-    def set_want(self, worker: int, key: Key, n: int) -> None:
+    def set_want(self, worker: int, key: WantKey, n: int) -> None:
         """A worker reports how many of its requests wait for (service, slice)."""
         wants = self.wants.get(worker)
         if wants is None:
@@ -211,16 +222,18 @@ class Ledger:
             wants.pop(key, None)
             self._units.pop((worker, key), None)
 
-    def waiting(self) -> collections.Counter[Key]:
+    def waiting(self) -> collections.Counter[WantKey]:
         """Waiting requests per (resolved service, slice), summed over workers."""
-        out: collections.Counter[Key] = collections.Counter()
+        out: collections.Counter[WantKey] = collections.Counter()
         for wants in self.wants.values():
             for (requested, slice_name), n in wants.items():
                 out[(self.resolve(requested) or requested, slice_name)] += n
         return out
 
     # -- grants -------------------------------------------------------------------
-    def permitted(self, service: str, slice_name: str, waiting: collections.Counter[Key]) -> bool:
+    def permitted(
+        self, service: str, slice_name: str, waiting: collections.Counter[WantKey]
+    ) -> bool:
         book = self.services.get(service)
         if book is None or book.idle_count == 0:
             return False

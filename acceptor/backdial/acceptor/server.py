@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backdial import control, fdpass, wire
-from backdial.acceptor.ledger import GrantAction, Ledger, Session
+from backdial.acceptor.ledger import DropReason, GrantAction, Ledger, Session
+from backdial.control import ErrorCode, ReleaseState
 from backdial.policy import Policy
 
 log = logging.getLogger("backdial.acceptor")
@@ -38,12 +39,14 @@ class Worker:
 @dataclass(slots=True)
 class Counters:
     registrations_ok: int = 0
-    registrations_err: collections.Counter[str] = field(default_factory=collections.Counter)
-    sessions_dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    registrations_err: collections.Counter[wire.ErrCode] = field(
+        default_factory=collections.Counter
+    )
+    sessions_dropped: collections.Counter[DropReason] = field(default_factory=collections.Counter)
     grants: int = 0
     recalls: int = 0
     reloads: collections.Counter[str] = field(default_factory=collections.Counter)
-    records: collections.Counter[str] = field(default_factory=collections.Counter)
+    records: collections.Counter[control.Kind] = field(default_factory=collections.Counter)
     retired_workers: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -102,7 +105,7 @@ class Acceptor:
         for worker in list(self.workers.values()):
             worker.channel.close()
         for sess in list(self.ledger.sessions.values()):
-            self._close_session(sess, "shutdown")
+            self._close_session(sess, DropReason.SHUTDOWN)
         for sock in self.listeners.values():
             sock.close()
         for task in self._tasks:
@@ -158,7 +161,7 @@ class Acceptor:
         try:
             os.write(sess.fd, wire.encode_ok(sess.id, reg.id))
         except OSError:
-            self._drop(sess, "dead")
+            self._drop(sess, DropReason.DEAD)
             return
         self.counters.registrations_ok += 1
         self._watch(sess)
@@ -174,7 +177,7 @@ class Acceptor:
             raise wire.PreambleError(wire.ErrCode.LIMIT, "acceptor session limit reached")
 
     def _refuse(self, conn: socket.socket, code: wire.ErrCode, message: str) -> None:
-        self.counters.registrations_err[code.value] += 1
+        self.counters.registrations_err[code] += 1
         log.info("registration refused: %s: %s", code.value, message)
         with contextlib.suppress(OSError):
             conn.send(wire.encode_err(code, message))
@@ -197,23 +200,23 @@ class Acceptor:
         except OSError:
             data = b""
         if not data:
-            self._drop(sess, "dead")
+            self._drop(sess, DropReason.DEAD)
         elif data == wire.RETIRE_LINE:
-            self._drop(sess, "retired")
+            self._drop(sess, DropReason.RETIRED)
         else:
             log.warning("session %d: unexpected %d bytes while idle; dropping", sid, len(data))
-            self._drop(sess, "protocol")
+            self._drop(sess, DropReason.PROTOCOL)
 
-    def _drop(self, sess: Session, reason: str) -> None:
+    def _drop(self, sess: Session, reason: DropReason) -> None:
         self.ledger.drop_session(sess.id)
         self._close_session(sess, reason)
         self.schedule_pump()
 
-    def _close_session(self, sess: Session, reason: str) -> None:
+    def _close_session(self, sess: Session, reason: DropReason) -> None:
         assert self._loop is not None
         if not sess.worker:
             self._loop.remove_reader(sess.fd)
-        if reason in ("broken", "reclaimed", "shutdown"):
+        if reason in (DropReason.BROKEN, DropReason.RECLAIMED, DropReason.SHUTDOWN):
             _shutdown(sess.fd)
         os.close(sess.fd)
         self.counters.sessions_dropped[reason] += 1
@@ -247,7 +250,7 @@ class Acceptor:
         worker = self.workers.get(wid)
         if worker is None:
             return
-        self.counters.records[type(msg).__name__.lower()] += 1
+        self.counters.records[control.kind_of(msg)] += 1
         if isinstance(msg, control.Hello):
             worker.pid, worker.name = msg.pid, msg.name
             self.ledger.add_worker(wid)
@@ -279,15 +282,16 @@ class Acceptor:
         sess = self.ledger.sessions.get(item.session)
         if sess is None or sess.worker != wid:
             return  # already gone (e.g. the service closed it meanwhile)
-        if item.state == "idle" and self.ledger.give_back(sess.id, wid):
+        if item.state == ReleaseState.IDLE and self.ledger.give_back(sess.id, wid):
             self._watch(sess)
         else:
             # Leased sessions are not watched by the acceptor, so only the fd goes.
             self.ledger.drop_session(sess.id)
-            self._close_session_leased(sess, item.state)
+            retired = item.state == ReleaseState.RETIRED
+            self._close_session_leased(sess, DropReason.RETIRED if retired else DropReason.BROKEN)
 
-    def _close_session_leased(self, sess: Session, reason: str) -> None:
-        if reason == "broken" or (reason == "reclaimed" and not self.closing):
+    def _close_session_leased(self, sess: Session, reason: DropReason) -> None:
+        if reason == DropReason.BROKEN or (reason == DropReason.RECLAIMED and not self.closing):
             # A vanished worker's sessions are in an unknown state: make their services
             # see end-of-file even if a stuck worker process still holds a copy.  When
             # the acceptor itself stops, workers are alive and finish what they run.
@@ -314,7 +318,9 @@ class Acceptor:
                 host, _, port = address.rpartition(":")
                 sock = socket.create_server((host.strip("[]"), int(port)), backlog=4096)
             except (OSError, ValueError) as exc:
-                worker.channel.send(control.Error("listen", f"cannot listen on {address}: {exc}"))
+                worker.channel.send(
+                    control.Error(ErrorCode.LISTEN, f"cannot listen on {address}: {exc}")
+                )
                 return
             self.listeners[address] = sock
             log.info("holding client listener %s for sidecars", address)
@@ -328,7 +334,7 @@ class Acceptor:
             self.counters.retired_workers[key] += int(value)
         held = self.ledger.remove_worker(wid)
         for sess in held:
-            self._close_session_leased(sess, "reclaimed")
+            self._close_session_leased(sess, DropReason.RECLAIMED)
         if held or exc:
             log.warning(
                 "worker %d gone (%s); reclaimed %d leased sessions", wid, exc or "closed", len(held)
@@ -369,7 +375,7 @@ class Acceptor:
             for start in range(0, len(actions), control.MAX_FDS):
                 batch = actions[start : start + control.MAX_FDS]
                 leases = [
-                    control.Lease(
+                    control.Granted(
                         g.session.id,
                         g.session.service,
                         g.session.slice,

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING
 
+from backdial.control import ReleaseState
 from backdial.sidecar.classify import classifier_for
-from backdial.sidecar.leases import NoCapacity, QueueFull, QueueTimeout, UpstreamConn
-from backdial.sidecar.upstream import BROKEN, UpstreamProtocol
-
-if TYPE_CHECKING:
-    from backdial.sidecar.leases import LeasePool
+from backdial.sidecar.lease import LeasedConn
+from backdial.sidecar.leasepool import LeasePool, Refused
+from backdial.sidecar.sessionconn import SessionConn
 
 # Visible ASCII only: the values become a request line and a Host field.
 _SAFE = re.compile(r"^[\x21-\x7e]{1,2048}$")
@@ -36,7 +34,7 @@ USER_AGENT = "backdial-app-probe"
 class _Sink:
     """ResponseSink of one probe request: keeps the status, gives the session back."""
 
-    def __init__(self, pool: LeasePool, conn: UpstreamConn) -> None:
+    def __init__(self, pool: LeasePool, conn: LeasedConn) -> None:
         self.pool, self.conn = pool, conn
         self.status = 0
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -55,13 +53,13 @@ class _Sink:
     def resp_flush(self) -> None:
         return None
 
-    def resp_done(self, state: str) -> None:
+    def resp_done(self, state: ReleaseState) -> None:
         self.pool.release(self.conn, state)
         if not self.done.done():
             self.done.set_result(self.status)
 
     def resp_failed(self, started: bool) -> None:
-        self.pool.release(self.conn, BROKEN)
+        self.pool.release(self.conn, ReleaseState.BROKEN)
         if not self.done.done():
             self.done.set_result(0)
 
@@ -93,22 +91,22 @@ class AppProber:
                 return True, f"all {len(pool.busy)} held sessions busy serving"
             try:
                 conn = await asyncio.wait_for(pool.acquire(service, slice_name), self.timeout)
-            except (TimeoutError, QueueFull, QueueTimeout, NoCapacity):
+            except (TimeoutError, Refused):
                 return False, "no session free for the probe"
         return await self._send(conn, path, host or "localhost")
 
-    async def _send(self, conn: UpstreamConn, path: str, host: str) -> tuple[bool, str]:
+    async def _send(self, conn: LeasedConn, path: str, host: str) -> tuple[bool, str]:
         sink = _Sink(self.pool, conn)
-        upstream = conn if isinstance(conn, UpstreamProtocol) else None
+        upstream = conn if isinstance(conn, SessionConn) else None
         head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n\r\n"
         if upstream is None or not upstream.start(head.encode("ascii"), sink, False, False):
-            self.pool.release(conn, BROKEN)
+            self.pool.release(conn, ReleaseState.BROKEN)
             return False, "session gone"
         try:
             status = await asyncio.wait_for(asyncio.shield(sink.done), self.timeout)
         except TimeoutError:
             upstream.abort()
-            self.pool.release(conn, BROKEN)
+            self.pool.release(conn, ReleaseState.BROKEN)
             return False, f"app did not answer GET {path} in time"
         if 200 <= status < 400:
             return True, f"app answered {status}"

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backdial.adminhttp import AdminRequest
-from backdial.sidecar.proxystate import ProxyServerState
+from backdial.sidecar.listener import ListenerState
 
 log = logging.getLogger("backdial.sidecar")
 
@@ -75,7 +75,7 @@ class Drainer:
         server: asyncio.AbstractServer,
         listener: socket.socket,
         factory: Callable[[], asyncio.Protocol],
-        state: ProxyServerState,
+        state: ListenerState,
         stop: asyncio.Event,
         quiet: float,
         timeout: float,

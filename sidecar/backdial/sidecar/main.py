@@ -29,11 +29,13 @@ from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
 from backdial.metrics import Exposition
 from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport, run, setup_logging
 from backdial.sidecar.appprobe import AppProber
+from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.drain import Drainer, drain_allowed
-from backdial.sidecar.leases import LeasePool
-from backdial.sidecar.proxy import ProxySettings, ProxyStats, make_protocol_factory
+from backdial.sidecar.leasepool import LeasePool
+from backdial.sidecar.proxy import make_protocol_factory
+from backdial.sidecar.sessionconn import wrap_lease
+from backdial.sidecar.stats import ProxyStats
 from backdial.sidecar.supervisor import Supervisor
-from backdial.sidecar.upstream import conn_factory
 
 log = logging.getLogger("backdial.sidecar")
 
@@ -283,7 +285,7 @@ class WorkerAdmin:
 async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
     pool: LeasePool | None = None
     stats = ProxyStats()
-    pool = LeasePool(cfg.run_dir, lambda lease: conn_factory(lease, pool_ref()), cfg.worker_name)
+    pool = LeasePool(cfg.run_dir, lambda lease: wrap_lease(lease, pool_ref()), cfg.worker_name)
 
     def pool_ref() -> LeasePool:
         assert pool is not None

@@ -5,10 +5,11 @@ One ``ClientProtocol`` per client connection.  Requests are parsed ahead
 
 1. the whole request is buffered (head + body up to ``max_request_body``)
    *before* a session is leased, so a slow client never holds one;
-2. route and slice are classified, ``pool.acquire`` yields a session (an idle
-   sticky lease at once, else a bounded wait that ends in 503 + Retry-After);
+2. route and slice are classified; ``pool.try_acquire`` returns an idle sticky
+   lease at once, else ``pool.wait`` queues the request (a callback, not a task)
+   in the slice's bounded FIFO, which ends in a lease or a 503 + Retry-After;
 3. the rewritten head and the body are written to the session in one write;
-4. the response is parsed (``upstream.py``) and written to the client as it
+4. the response is parsed (``sessionconn.py``) and written to the client as it
    arrives; the client transport buffers up to ``response_buffer`` bytes, so the
    session is released the moment the response is complete, before the client
    has read it.  Only beyond that buffer does the proxy pause the session and
@@ -21,7 +22,7 @@ while the rest of the body arrives (``ProxyStats.requests_streamed``).
 No logging, pydantic or per-request dict work happens here; the only
 per-request allocations are the request record, its header lines and the
 joined head.  Timeouts use one deadline per connection swept by a single
-timer (``ProxyServerState``), not a timer handle per request.
+timer (``listener.ListenerState``), not a timer handle per request.
 """
 
 from __future__ import annotations
@@ -29,47 +30,60 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import Final, cast
 
 import httptools
 
-from backdial.sidecar import http1
+from backdial import http1
+from backdial.control import Rejection, ReleaseState
+from backdial.http1 import ConnMode, canned
 from backdial.sidecar.classify import Classifier, IPAddress, classifier_for, parse_ip
-from backdial.sidecar.http1 import CLOSE, KEEP, KEEP_10, HttpError, Request, canned, failed_request
-from backdial.sidecar.leases import NoCapacity, QueueFull, QueueTimeout, Ticket, UpstreamConn
+from backdial.sidecar.config import ProxySettings
+from backdial.sidecar.connstate import BodyMode, Deadline, PauseReason
+from backdial.sidecar.lease import LeasedConn
+from backdial.sidecar.leasepool import Draining, LeasePool, QueueFull, Refused, Ticket
+from backdial.sidecar.listener import ListenerState
 from backdial.sidecar.proxyproto import V2_MAX, ProxyHeaderError
 from backdial.sidecar.proxyproto import parse as parse_proxy_header
-from backdial.sidecar.proxystate import ProxyServerState, ProxySettings, ProxyStats
-from backdial.sidecar.upstream import BROKEN, DrainSink, UpstreamProtocol
+from backdial.sidecar.request import (
+    HttpError,
+    Request,
+    failed_request,
+    forwarding_block,
+    xff_line,
+)
+from backdial.sidecar.sessionconn import DrainSink, SessionConn
+from backdial.sidecar.stats import ProxyStats
 
-if TYPE_CHECKING:
-    from backdial.sidecar.leases import LeasePool
+# Enum members bound once (see connstate.py): these are compared per read and per request.
+_T_NONE: Final = Deadline.NONE
+_T_IDLE: Final = Deadline.IDLE
+_T_REQUEST: Final = Deadline.REQUEST
+_T_UPSTREAM: Final = Deadline.UPSTREAM
+_T_SEND: Final = Deadline.SEND
+_T_TUNNEL: Final = Deadline.TUNNEL
+_P_PIPELINE: Final = PauseReason.PIPELINE
+_P_BODY: Final = PauseReason.BODY
+_P_UPSTREAM: Final = PauseReason.UPSTREAM
+_P_DEAD: Final = PauseReason.DEAD
+_P_ACQUIRE: Final = PauseReason.ACQUIRE
+_M_LENGTH: Final = BodyMode.LENGTH
+_M_CHUNK: Final = BodyMode.CHUNK
+_M_EOF: Final = BodyMode.EOF
+_M_NONE: Final = BodyMode.NONE
+_M_TUNNEL: Final = BodyMode.TUNNEL
+_KEEP: Final = ConnMode.KEEP
+_CLOSE: Final = ConnMode.CLOSE
+_KEEP_10: Final = ConnMode.KEEP_10
+_IDLE: Final = ReleaseState.IDLE
+_BROKEN: Final = ReleaseState.BROKEN
 
-__all__ = [
-    "ClientProtocol",
-    "ProxyServerState",
-    "ProxySettings",
-    "ProxyStats",
-    "make_protocol_factory",
-]
 
-
-# Deadline kinds, one active per connection.
-_T_NONE, _T_IDLE, _T_REQUEST, _T_UPSTREAM, _T_SEND, _T_TUNNEL = range(6)
-
-# Reasons to stop reading from the client (a bit set: reading resumes when all clear).
-_P_PIPELINE, _P_BODY, _P_UPSTREAM, _P_DEAD, _P_ACQUIRE = 1, 2, 4, 8, 16
-
-# How the response body is framed towards the client.
-_M_LENGTH, _M_CHUNK, _M_EOF, _M_NONE, _M_TUNNEL = range(5)
-
-
-# Settings, counters and the listener state live in proxystate.py.
 def make_protocol_factory(
     pool: LeasePool, settings: ProxySettings, stats: ProxyStats
-) -> tuple[Callable[[], ClientProtocol], ProxyServerState]:
+) -> tuple[Callable[[], ClientProtocol], ListenerState]:
     """``(factory, state)``: ``loop.create_server(factory, sock=listener)``; ``state.shutdown``."""
-    state = ProxyServerState(pool, settings, stats)
+    state = ListenerState(pool, settings, stats)
 
     def factory() -> ClientProtocol:
         return ClientProtocol(state)
@@ -81,7 +95,7 @@ def make_protocol_factory(
 class ClientProtocol(asyncio.Protocol):
     """One client connection: parse, classify, lease, relay, release."""
 
-    def __init__(self, state: ProxyServerState) -> None:
+    def __init__(self, state: ListenerState) -> None:
         self.state = state
         self.settings = state.settings
         self.stats = state.stats
@@ -89,22 +103,22 @@ class ClientProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.deadline = 0.0  # swept by ProxyServerState; 0 = none
-        self._kind = _T_NONE
+        self.deadline = 0.0  # swept by ListenerState; 0 = none
+        self._kind: Deadline = _T_NONE
         self._r: Request | None = None  # being parsed
         self._last: Request | None = None  # last fully parsed
         self._queue: collections.deque[Request] = collections.deque()
         self._active: Request | None = None  # being served (at most one)
-        self._conn: UpstreamProtocol | None = None  # the lease of the active request
+        self._conn: SessionConn | None = None  # the lease of the active request
         self._task: asyncio.Task[None] | None = None  # a pool.acquire that had to wait
         self._ticket: Ticket | None = None  # ... or our place in the pool's queue
-        self._pause_bits = 0
+        self._pause_bits = 0  # PauseReason bits
         self._write_paused = False
         self._closed = False
         self._dead = False  # no more parsing: after an error or an upgrade request
         self._eof = False  # the client half-closed
         self._tunnel = False
-        self._mode = _M_NONE
+        self._mode: BodyMode = _M_NONE
         self._status = 0
         self._resp_keep = True
         self._resp_started = False  # response head written for the active request
@@ -145,7 +159,7 @@ class ClientProtocol(asyncio.Protocol):
             r = self._active
             if self._tunnel or r is None or (r.streaming and not r.complete):
                 conn.abort()  # a tunnel or a half-sent request: the session is unusable
-                self.pool.release(conn, BROKEN)
+                self.pool.release(conn, _BROKEN)
             else:
                 # The request is whole on the session: let the response finish into the void
                 # and give the session back clean, rather than make the service re-dial.
@@ -219,8 +233,8 @@ class ClientProtocol(asyncio.Protocol):
     def _set_client(self, ip: str) -> None:
         self._ip = ip
         self._ip_parsed = False
-        self._fwd = http1.forwarding_block(ip, self.state.proto, self.state.via)
-        self._xff = http1.xff_line([], ip)
+        self._fwd = forwarding_block(ip, self.state.proto, self.state.via)
+        self._xff = xff_line([], ip)
 
     def _client_ip(self) -> IPAddress | None:
         if not self._ip_parsed:
@@ -228,16 +242,16 @@ class ClientProtocol(asyncio.Protocol):
             self._ip_parsed = True
         return self._ipobj
 
-    def _set_deadline(self, kind: int, seconds: float) -> None:
+    def _set_deadline(self, kind: Deadline, seconds: float) -> None:
         self._kind = kind
         self.deadline = self.loop.time() + seconds if seconds > 0 else 0.0
 
-    def _pause(self, bit: int) -> None:
+    def _pause(self, bit: PauseReason) -> None:
         if not self._pause_bits and self.transport is not None and not self._closed:
             self.transport.pause_reading()
         self._pause_bits |= bit
 
-    def _resume(self, bit: int) -> None:
+    def _resume(self, bit: PauseReason) -> None:
         if self._pause_bits & bit:
             self._pause_bits &= ~bit
             if not self._pause_bits and self.transport is not None and not self._closed:
@@ -311,7 +325,7 @@ class ClientProtocol(asyncio.Protocol):
         if r is not None and r is self._active:  # a streaming body went bad half-way
             self._abandon_upstream()
             if not self._resp_started:
-                self._write(canned(status, CLOSE, r.head_only))
+                self._write(canned(status, _CLOSE, r.head_only))
             self._finish(r, status)
             self._close()
             return
@@ -489,48 +503,38 @@ class ClientProtocol(asyncio.Protocol):
             return
         try:
             self._ticket = wait(r.service, r.slice, self)
-        except QueueFull as exc:
-            self._unavailable(r, "queue_full", exc.retry_after)
-        except NoCapacity as exc:
-            self._unavailable(r, "no_capacity", exc.retry_after)
+        except (QueueFull, Draining) as exc:
+            self._unavailable(r, exc.reason, exc.retry_after)
 
     # -- Waiter: called by the pool once for a request that had to wait ---------------------------
-    def lease_ready(self, conn: UpstreamConn) -> None:
+    def lease_ready(self, conn: LeasedConn) -> None:
         self._ticket = None
         r = self._active
         if r is None or self._closed or self._conn is not None:
-            self.pool.release(conn, "idle")  # never written to: still clean
+            self.pool.release(conn, _IDLE)  # never written to: still clean
             return
-        self._send(r, cast(UpstreamProtocol, conn))
+        self._send(r, cast(SessionConn, conn))
 
-    def lease_refused(self, reason: str, retry_after: int) -> None:
+    def lease_refused(self, reason: Rejection, retry_after: int) -> None:
         self._ticket = None
         r = self._active
         if r is not None:
-            self._unavailable(r, "no_capacity" if reason == "draining" else reason, retry_after)
+            self._unavailable(r, reason, retry_after)
 
     async def _acquire_wait(self, r: Request) -> None:
         try:
             conn = await self.pool.acquire(r.service, r.slice)
-        except QueueFull as exc:
+        except Refused as exc:
             self._task = None
-            self._unavailable(r, "queue_full", exc.retry_after)
-            return
-        except QueueTimeout as exc:
-            self._task = None
-            self._unavailable(r, "timeout", exc.retry_after)
-            return
-        except NoCapacity as exc:
-            self._task = None
-            self._unavailable(r, "no_capacity", exc.retry_after)
+            self._unavailable(r, exc.reason, exc.retry_after)
             return
         self._task = None
         if self._active is not r or self._closed:
-            self.pool.release(conn, "idle")  # never written to: still clean
+            self.pool.release(conn, _IDLE)  # never written to: still clean
             return
-        self._send(r, cast(UpstreamProtocol, conn))
+        self._send(r, cast(SessionConn, conn))
 
-    def _send(self, r: Request, conn: UpstreamProtocol) -> None:
+    def _send(self, r: Request, conn: SessionConn) -> None:
         data = r.wire
         if r.streaming:
             pieces = [http1.chunk(b) for b in r.body] if r.chunked else r.body
@@ -541,7 +545,7 @@ class ClientProtocol(asyncio.Protocol):
         self._conn = conn
         if not conn.start(data, self, r.head_only, r.upgrade):
             self._conn = None
-            self.pool.release(conn, BROKEN)
+            self.pool.release(conn, _BROKEN)
             self.resp_failed_on(r, False)
             return
         self._seen = self._progress
@@ -551,7 +555,7 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self._set_deadline(_T_UPSTREAM, self.settings.upstream_timeout)
 
-    def _unavailable(self, r: Request, reason: str, retry_after: int) -> None:
+    def _unavailable(self, r: Request, reason: Rejection, retry_after: int) -> None:
         if self._active is not r or self._closed:
             return
         self.stats.unavailable[reason] += 1
@@ -564,12 +568,12 @@ class ClientProtocol(asyncio.Protocol):
             or self._dead
             or (self.state.draining and not self._queue)
         ):
-            mode = CLOSE
+            mode = _CLOSE
         else:
-            mode = KEEP_10 if r.v10 else KEEP
+            mode = _KEEP_10 if r.v10 else _KEEP
         self._write(canned(status, mode, r.head_only, retry_after))
         self._finish(r, status)
-        if mode == CLOSE:
+        if mode == _CLOSE:
             self._close()
         else:
             self._next()
@@ -594,7 +598,7 @@ class ClientProtocol(asyncio.Protocol):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
-            self.pool.release(conn, BROKEN)
+            self.pool.release(conn, _BROKEN)
         self._leave_queue()
 
     def _leave_queue(self) -> None:
@@ -605,7 +609,7 @@ class ClientProtocol(asyncio.Protocol):
             self.pool.cancel(self._ticket)
             self._ticket = None
 
-    # -- ResponseSink: called by the session's UpstreamProtocol -----------------------------------
+    # -- ResponseSink: called by the session's SessionConn ----------------------------------------
     def resp_head(
         self, status: int, reason: bytes, lines: list[bytes], length: int, chunked: bool
     ) -> None:
@@ -672,12 +676,12 @@ class ClientProtocol(asyncio.Protocol):
             self._write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
-    def resp_done(self, state: str) -> None:
+    def resp_done(self, state: ReleaseState) -> None:
         r = self._active
         conn, self._conn = self._conn, None
         assert r is not None and conn is not None
         if r.streaming and not r.complete:
-            state = BROKEN  # the service answered before the whole body: the session is dirty
+            state = _BROKEN  # the service answered before the whole body: the session is dirty
         self.pool.release(conn, state)
         if self._mode == _M_CHUNK:
             self._out.append(http1.LAST_CHUNK)
@@ -692,7 +696,7 @@ class ClientProtocol(asyncio.Protocol):
         r = self._active
         conn, self._conn = self._conn, None
         if conn is not None:
-            self.pool.release(conn, BROKEN)
+            self.pool.release(conn, _BROKEN)
         if r is not None:
             self.resp_failed_on(r, started)
 
@@ -734,7 +738,7 @@ class ClientProtocol(asyncio.Protocol):
             conn.write(r.tunnel_pre)
         r.tunnel_pre = b""
         self._dead = False
-        self._pause_bits = 0
+        self._pause_bits = 0  # PauseReason bits
         if self.transport is not None and not self._closed:
             self.transport.resume_reading()
         self._set_deadline(_T_TUNNEL, self.settings.client_idle_timeout)
@@ -763,13 +767,13 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 self._respond_error(r, 504)
         elif kind == _T_REQUEST and r is None and self._proxy_buf is None:
-            self._write(http1.RESP_408)  # nothing in flight: safe to answer in order
+            self._write(canned(408, _CLOSE))  # nothing in flight: safe to answer in order
             self._dead = True
             self._close()
         elif kind == _T_REQUEST and r is not None and r.streaming:
             self._abandon_upstream()
             if not self._resp_started:
-                self._write(http1.RESP_408)
+                self._write(canned(408, _CLOSE))
             self._finish(r, 408)
             self._close()
         elif kind == _T_IDLE:

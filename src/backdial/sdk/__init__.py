@@ -12,7 +12,7 @@ Public API:
 * ``Request`` / ``Response`` / ``Handler`` -- the raw-handler API.
 * ``Bridge(target)`` -- ASGI app relaying to an unmodified HTTP/1.1 app.
 * ``ListenServer(app, host, port)`` -- the same HTTP core on a listening socket.
-* ``serve_main(argv)`` / ``bridge_main(argv)`` -- the CLI (in ``backdial.sdk.cli``).
+* ``serve_main(argv)`` / ``bridge_main(argv)`` -- the CLI (in ``backdial.sdk.main``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .backoff import Backoff
 from .bridge import Bridge
 from .connection import ConnectionContext
 from .lifespan import LifespanError
+from .listen import ListenServer
 from .raw import Handler, Request, Response, as_asgi, handler_app
 from .registration import (
     RegisterAddress,
@@ -28,7 +29,6 @@ from .registration import (
     RegistrationRefused,
     RegistrationRejected,
 )
-from .server import ListenServer
 from .service import Service
 
 __all__ = [

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlsplit
 
+from .appconn import AppConnection, AppConnectionError
 from .asgitypes import Receive, Scope, Send
 from .connection import ConnectionContext
 from .lifespan import acknowledge_lifespan
-from .upstream import UpstreamConnection, UpstreamError
 
 log = logging.getLogger("backdial.sdk")
 
@@ -109,7 +109,7 @@ class Bridge:
                 if has_body:
                     await _send_body(conn, receive, chunked)
                 status, headers = await conn.response_head()
-            except UpstreamError as exc:
+            except AppConnectionError as exc:
                 self._forget(ctx, conn)
                 if reused and retryable and conn.received == 0:
                     continue  # stale keep-alive connection: one fresh try
@@ -124,12 +124,12 @@ class Bridge:
             return
         await _error(send, 502)
 
-    async def _connection(self, ctx: ConnectionContext | None) -> UpstreamConnection | None:
+    async def _connection(self, ctx: ConnectionContext | None) -> AppConnection | None:
         conn = ctx.data.get(_KEY) if ctx is not None else None
-        if isinstance(conn, UpstreamConnection) and not conn.closed:
+        if isinstance(conn, AppConnection) and not conn.closed:
             return conn
         try:
-            conn = await UpstreamConnection.open(self.host, self.port, self.connect_timeout)
+            conn = await AppConnection.open(self.host, self.port, self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             log.warning("cannot connect to upstream %s: %s", self.target, exc)
             return None
@@ -139,20 +139,20 @@ class Bridge:
         return conn
 
     @staticmethod
-    def _forget(ctx: ConnectionContext | None, conn: UpstreamConnection) -> None:
+    def _forget(ctx: ConnectionContext | None, conn: AppConnection) -> None:
         conn.close()
         if ctx is not None and ctx.data.get(_KEY) is conn:
             del ctx.data[_KEY]
 
     @staticmethod
     async def _relay(
-        conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]], send: Send
+        conn: AppConnection, status: int, headers: list[tuple[bytes, bytes]], send: Send
     ) -> None:
         await send(
             {"type": "http.response.start", "status": status, "headers": _strip_hop(headers)}
         )
         while True:
-            # Raises UpstreamError mid-body: the app fails after start and the
+            # Raises AppConnectionError mid-body: the app fails after start and the
             # core aborts the session, which is the only honest signal left.
             data, complete = await conn.read_body()
             await send({"type": "http.response.body", "body": data, "more_body": not complete})
@@ -160,11 +160,11 @@ class Bridge:
                 return
 
 
-async def _send_body(conn: UpstreamConnection, receive: Receive, chunked: bool) -> None:
+async def _send_body(conn: AppConnection, receive: Receive, chunked: bool) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise UpstreamError("session closed while relaying the request body")
+            raise AppConnectionError("session closed while relaying the request body")
         data = message.get("body", b"")
         more = message.get("more_body", False)
         if chunked:

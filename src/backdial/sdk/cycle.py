@@ -4,25 +4,47 @@ A ``RequestCycle`` is created by the connection when a request head has been
 parsed.  It buffers the request body the parser hands it, gives the app the
 ASGI ``receive``/``send`` callables and turns ``send`` messages into bytes via
 the sans-IO ``ResponseFramer``.  It never touches the parser: flow control
-decisions are the connection's.
+decisions are the connection's, and the cycle knows its connection only as
+a ``CycleOwner``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .asgitypes import ASGIApp, Message, Scope
 from .http11 import CONTINUE_100, FramingError, ResponseFramer, simple_response
-
-if TYPE_CHECKING:
-    from .connection import HttpProtocol
 
 log = logging.getLogger("backdial.sdk")
 
 _DISCONNECT: dict[str, str] = {"type": "http.disconnect"}
 _ERROR_500 = b"Internal Server Error\n"
+
+
+class InFlight(Protocol):
+    in_flight: int  # requests of the server being answered
+
+
+class CycleOwner(Protocol):
+    """What a cycle needs of its connection (``connection.HttpProtocol``)."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport | None
+    close_after_response: bool
+    write_paused: bool
+
+    @property
+    def state(self) -> InFlight: ...
+
+    async def drain(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def body_consumed(self) -> None: ...
+
+    def response_complete(self, cycle: RequestCycle) -> None: ...
 
 
 class RequestCycle:
@@ -44,7 +66,7 @@ class RequestCycle:
     )
 
     def __init__(
-        self, conn: HttpProtocol, scope: Scope, framer: ResponseFramer, expect_100: bool
+        self, conn: CycleOwner, scope: Scope, framer: ResponseFramer, expect_100: bool
     ) -> None:
         self.conn = conn
         self.scope = scope

@@ -14,8 +14,13 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-FATAL_CODES = frozenset({"version", "malformed", "too-long", "timeout", "auth"})
-RETRY_CODES = frozenset({"limit", "draining"})
+from backdial.wire import ErrCode
+
+# Refusals retrying cannot fix; every other code (and one this version does not
+# know) is retried with backoff.
+FATAL_CODES = frozenset(
+    {ErrCode.VERSION, ErrCode.MALFORMED, ErrCode.TOO_LONG, ErrCode.TIMEOUT, ErrCode.AUTH}
+)
 
 
 class RegistrationError(Exception):
@@ -23,19 +28,23 @@ class RegistrationError(Exception):
 
 
 class RegistrationRejected(RegistrationError):
-    """The acceptor refused in a way retrying cannot fix; the service must stop."""
+    """The acceptor refused in a way retrying cannot fix; the service must stop.
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"acceptor refused registration: {code}: {message}")
+    ``code`` is None when the acceptor's reply itself was not ``BDREG/1``.
+    """
+
+    def __init__(self, code: ErrCode | None, message: str) -> None:
+        what = code.value if code is not None else "protocol"
+        super().__init__(f"acceptor refused registration: {what}: {message}")
         self.code = code
         self.message = message
 
 
 class RegistrationRefused(RegistrationError):
-    """A transient ``ERR`` (``limit``/``draining``): retry later."""
+    """A transient ``ERR`` (``limit``, ``draining``, or a code this version does not know)."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
+    def __init__(self, code: ErrCode | None, message: str) -> None:
+        super().__init__(f"{code.value}: {message}" if code is not None else message)
         self.code = code
         self.message = message
 

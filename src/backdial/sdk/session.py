@@ -81,7 +81,7 @@ class SessionProtocol(HttpProtocol):
         try:
             end = wire.find_line(buf)
         except wire.PreambleError as exc:
-            self._fail(RegistrationRejected("protocol", f"bad reply from acceptor: {exc}"))
+            self._fail(RegistrationRejected(None, f"bad reply from acceptor: {exc}"))
             return
         if end < 0:
             self._reply_buf = buf
@@ -90,11 +90,11 @@ class SessionProtocol(HttpProtocol):
         try:
             reply = wire.parse_reply(buf[:end])
         except ValueError as exc:
-            self._fail(RegistrationRejected("protocol", str(exc)))
+            self._fail(RegistrationRejected(None, str(exc)))
             return
         if not reply.ok:
             error: RegistrationError
-            if reply.code in FATAL_CODES:
+            if reply.code is not None and reply.code in FATAL_CODES:
                 error = RegistrationRejected(reply.code, reply.message)
             else:
                 error = RegistrationRefused(reply.code, reply.message)

@@ -2,7 +2,7 @@
 
 ``serve_main``/``bridge_main`` take argv (without the sub-command) and
 return an exit code; the top-level ``backdial`` script dispatches to them,
-and ``python -m backdial.sdk.cli serve ...`` works before it is installed.
+and ``python -m backdial.sdk.main serve ...`` works before it is installed.
 
 Signals (sessions mode): SIGUSR1 adds a session, SIGUSR2 removes one,
 SIGTERM/SIGINT drain gracefully and exit 0.  A fatal registration refusal
@@ -26,8 +26,8 @@ from .admin import admin_app
 from .bridge import Bridge
 from .config import ConfigError, Settings, parse_settings
 from .lifespan import LifespanError
+from .listen import ListenServer
 from .registration import RegistrationRejected
-from .server import ListenServer
 from .service import Service
 
 log = logging.getLogger("backdial.sdk")
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_main(args[1:])
     if args and args[0] == "bridge":
         return bridge_main(args[1:])
-    print("usage: python -m backdial.sdk.cli {serve|bridge} ...", file=sys.stderr)
+    print("usage: python -m backdial.sdk.main {serve|bridge} ...", file=sys.stderr)
     return 1
 
 

@@ -24,46 +24,21 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Final
 
 from backdial import control, fdpass
+from backdial.control import ErrorCode, Rejection, ReleaseState, WantKey
 from backdial.metrics import LATENCY_BUCKETS, Histogram
 from backdial.policy import Policy, PolicyError, Slice, policy_from_data
 from backdial.sidecar.idlering import IdleRing
+from backdial.sidecar.lease import Lease, LeasedConn, Waiter
 
 log = logging.getLogger("backdial.sidecar")
 
-Key = tuple[str, str]  # (service as requested, slice)
 WANT_INTERVAL = 0.02  # seconds between coalesced WANT updates for keys already waiting
+_IDLE: Final = ReleaseState.IDLE  # bound once: enum attribute access costs ~0.1 us on 3.11
 
-
-@dataclass(slots=True)
-class Lease:
-    session: int
-    service: str
-    slice: str
-    registrant: int
-    sock: socket.socket
-    key: Key = ("", "")
-    idle_since: float = 0.0
-    epoch: int = 0  # control connection generation that granted it
-
-
-class UpstreamConn(Protocol):
-    lease: Lease
-
-    def close(self) -> None: ...
-
-
-ConnFactory = Callable[[Lease], Awaitable[UpstreamConn]]
-
-
-class Waiter(Protocol):
-    """Who waits for a session: told exactly once, by one of the two calls."""
-
-    def lease_ready(self, conn: UpstreamConn) -> None: ...
-
-    def lease_refused(self, reason: str, retry_after: int) -> None: ...
+ConnFactory = Callable[[Lease], Awaitable[LeasedConn]]
 
 
 @dataclass(slots=True, eq=False)
@@ -71,35 +46,49 @@ class Ticket:
     """One waiting request in a slice's FIFO; ``cancel`` it when the client goes away."""
 
     waiter: Waiter
-    key: Key
+    key: WantKey
     started: float
     deadline: float
     active: bool = True
 
 
-class _Refused(Exception):
-    def __init__(self, retry_after: int, reason: str) -> None:
-        super().__init__(reason)
+class Refused(Exception):
+    """A request the pool answers with 503 and ``Retry-After`` (``reason`` says why)."""
+
+    reason: Rejection
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(self.reason.value)
         self.retry_after = retry_after
-        self.reason = reason
 
 
-class QueueFull(_Refused):
+class QueueFull(Refused):
     """The slice's queue (this worker's part of it) is full."""
 
+    reason = Rejection.QUEUE_FULL
 
-class QueueTimeout(_Refused):
+
+class QueueTimeout(Refused):
     """No session within the slice's queue timeout."""
 
+    reason = Rejection.TIMEOUT
 
-class NoCapacity(_Refused):
-    """The pool is closing or has no acceptor; nothing can be leased."""
+
+class Draining(Refused):
+    """The pool is closing; nothing can be leased."""
+
+    reason = Rejection.DRAINING
+
+
+_REFUSED: dict[Rejection, type[Refused]] = {
+    cls.reason: cls for cls in (QueueFull, QueueTimeout, Draining)
+}
 
 
 @dataclass(slots=True)
 class SliceStats:
     wait: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
-    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    rejected: collections.Counter[Rejection] = field(default_factory=collections.Counter)
 
 
 def _resolve(fut: asyncio.Future[None], exc: Exception | None) -> None:
@@ -112,19 +101,18 @@ class _FutureWaiter:
 
     __slots__ = ("fut", "pool")
 
-    def __init__(self, pool: LeasePool, fut: asyncio.Future[UpstreamConn]) -> None:
+    def __init__(self, pool: LeasePool, fut: asyncio.Future[LeasedConn]) -> None:
         self.pool, self.fut = pool, fut
 
-    def lease_ready(self, conn: UpstreamConn) -> None:
+    def lease_ready(self, conn: LeasedConn) -> None:
         if self.fut.done():  # the awaiting task was cancelled meanwhile
-            self.pool.release(conn, "idle")
+            self.pool.release(conn, ReleaseState.IDLE)
         else:
             self.fut.set_result(conn)
 
-    def lease_refused(self, reason: str, retry_after: int) -> None:
+    def lease_refused(self, reason: Rejection, retry_after: int) -> None:
         if not self.fut.done():
-            cls = {"timeout": QueueTimeout, "queue_full": QueueFull}.get(reason, NoCapacity)
-            self.fut.set_exception(cls(retry_after, reason))
+            self.fut.set_exception(_REFUSED[reason](retry_after))
 
 
 class LeasePool:
@@ -138,14 +126,14 @@ class LeasePool:
         self.workers = 1
         self.index = 0
         self.worker_id = 0
-        self.idle: dict[Key, IdleRing[UpstreamConn]] = collections.defaultdict(IdleRing)
-        self.waiters: dict[Key, collections.deque[Ticket]] = collections.defaultdict(
+        self.idle: dict[WantKey, IdleRing[LeasedConn]] = collections.defaultdict(IdleRing)
+        self.waiters: dict[WantKey, collections.deque[Ticket]] = collections.defaultdict(
             collections.deque
         )
         self._timer: asyncio.TimerHandle | None = None  # fires at the earliest queue deadline
         self._timer_at = 0.0
-        self._handoffs: list[tuple[Ticket, UpstreamConn]] = []
-        self.held: dict[int, UpstreamConn] = {}  # every session this worker holds, by id
+        self._handoffs: list[tuple[Ticket, LeasedConn]] = []
+        self.held: dict[int, LeasedConn] = {}  # every session this worker holds, by id
         self.busy: set[int] = set()
         self.recall: collections.Counter[str] = collections.Counter()  # by actual service
         self.stats: dict[str, SliceStats] = collections.defaultdict(SliceStats)
@@ -156,7 +144,7 @@ class LeasePool:
         self.configured = asyncio.Event()
         self._channel: fdpass.Channel | None = None
         self._epoch = 0
-        self._reported: dict[Key, int] = {}
+        self._reported: dict[WantKey, int] = {}
         self._want_dirty = False
         self._want_urgent = False
         self._last_want = 0.0
@@ -169,7 +157,7 @@ class LeasePool:
         self._split_queues()
 
     # -- public API used by the proxy --------------------------------------------------
-    def try_acquire(self, service: str, slice_name: str) -> UpstreamConn | None:
+    def try_acquire(self, service: str, slice_name: str) -> LeasedConn | None:
         """The no-wait path: an idle session this worker holds, or None.
 
         Synchronous, so the proxy needs no task per request at steady state.  It
@@ -185,12 +173,12 @@ class LeasePool:
                 return conn
         return None
 
-    async def acquire(self, service: str, slice_name: str) -> UpstreamConn:
+    async def acquire(self, service: str, slice_name: str) -> LeasedConn:
         """``try_acquire``, else wait in the slice's queue (raises the 503 exceptions)."""
         conn = self.try_acquire(service, slice_name)
         if conn is not None:
             return conn
-        fut: asyncio.Future[UpstreamConn] = self._loop.create_future()
+        fut: asyncio.Future[LeasedConn] = self._loop.create_future()
         ticket = self.wait(service, slice_name, _FutureWaiter(self, fut))
         try:
             return await fut
@@ -198,7 +186,7 @@ class LeasePool:
             self.cancel(ticket)
             raise
 
-    def release(self, conn: UpstreamConn, state: str) -> None:
+    def release(self, conn: LeasedConn, state: ReleaseState) -> None:
         lease = conn.lease
         self.busy.discard(lease.session)
         if self.closing and not self.busy:
@@ -206,23 +194,22 @@ class LeasePool:
         if lease.session not in self.held:
             conn.close()
             return
-        if state != "idle" or lease.epoch != self._epoch or self.closing:
-            self._give_back(
-                conn, state if state != "idle" or lease.epoch == self._epoch else "broken"
-            )
+        if state != _IDLE or lease.epoch != self._epoch or self.closing:
+            stale = state == _IDLE and lease.epoch != self._epoch
+            self._give_back(conn, ReleaseState.BROKEN if stale else state)
             return
         self._settle(conn)
 
-    def _settle(self, conn: UpstreamConn) -> None:
+    def _settle(self, conn: LeasedConn) -> None:
         """A clean session is free: honour a pending recall first, else reuse it here."""
         service = conn.lease.service
         if self.recall[service] > 0:
             self.recall[service] -= 1
-            self._give_back(conn, "idle")
+            self._give_back(conn, ReleaseState.IDLE)
         else:
             self._offer(conn)
 
-    def lost(self, conn: UpstreamConn, state: str) -> None:
+    def lost(self, conn: LeasedConn, state: ReleaseState) -> None:
         """An idle held session died or was retired by its service."""
         lease = conn.lease
         if lease.session not in self.held:
@@ -247,18 +234,18 @@ class LeasePool:
     # Waiters are callbacks, not tasks: a request that waits costs a small record
     # in a FIFO, and one timer per pool (for the earliest deadline) bounds all waits.
     def wait(self, service: str, slice_name: str, waiter: Waiter) -> Ticket:
-        """Queue *waiter* for a session; raises QueueFull or NoCapacity at once."""
+        """Queue *waiter* for a session; raises QueueFull or Draining at once."""
         key = (service, slice_name)
         entry = self._queues.get(slice_name)
         retry_after = self.policy.limits.retry_after
         stats = self.stats[slice_name]
         if self.closing:
-            stats.rejected["draining"] += 1
-            raise NoCapacity(retry_after, "draining")
+            stats.rejected[Rejection.DRAINING] += 1
+            raise Draining(retry_after)
         queue = self.waiters[key]
         if entry is None or len(queue) >= entry[1]:
-            stats.rejected["queue_full"] += 1
-            raise QueueFull(retry_after, "queue_full")
+            stats.rejected[Rejection.QUEUE_FULL] += 1
+            raise QueueFull(retry_after)
         now = time.monotonic()
         ticket = Ticket(waiter, key, now, now + entry[0].queue.timeout)
         queue.append(ticket)
@@ -294,16 +281,16 @@ class LeasePool:
                 ticket = queue.popleft()
                 ticket.active = False
                 stats = self.stats[ticket.key[1]]
-                stats.rejected["timeout"] += 1
+                stats.rejected[Rejection.TIMEOUT] += 1
                 stats.wait.observe(now - ticket.started)
                 self._mark_want()
-                ticket.waiter.lease_refused("timeout", retry_after)
+                ticket.waiter.lease_refused(Rejection.TIMEOUT, retry_after)
             if queue and (not earliest or queue[0].deadline < earliest):
                 earliest = queue[0].deadline
         if earliest:
             self._arm(earliest, now)
 
-    def _offer(self, conn: UpstreamConn) -> None:
+    def _offer(self, conn: LeasedConn) -> None:
         """Hand a clean session to this key's oldest waiter, else keep it idle (sticky)."""
         lease = conn.lease
         queue = self.waiters.get(lease.key)
@@ -363,7 +350,7 @@ class LeasePool:
                 else:
                     self._reported.pop(key, None)
 
-    def _give_back(self, conn: UpstreamConn, state: str) -> None:
+    def _give_back(self, conn: LeasedConn, state: ReleaseState) -> None:
         lease = conn.lease
         self.held.pop(lease.session, None)
         conn.close()
@@ -478,7 +465,7 @@ class LeasePool:
             log.error("acceptor error %s: %s", msg.code, msg.message)
             for fd in fds:
                 os.close(fd)
-            if msg.code == "listen":
+            if msg.code == ErrorCode.LISTEN:
                 for fut in self._listen_waiters.values():
                     if not fut.done():
                         fut.set_exception(OSError(msg.message))
@@ -493,7 +480,9 @@ class LeasePool:
             log.warning("session %d unusable: %s", lease.session, exc)
             lease.sock.close()
             if lease.epoch == self._epoch and self._channel is not None:
-                self._channel.send(control.Release([control.Released(lease.session, "broken")]))
+                self._channel.send(
+                    control.Release([control.Released(lease.session, ReleaseState.BROKEN)])
+                )
             return
         self.held[lease.session] = conn
         if lease.epoch != self._epoch:
@@ -517,7 +506,7 @@ class LeasePool:
         for key, ring in list(self.idle.items()):
             if key[1] not in valid:
                 for conn in ring.drain():
-                    self._give_back(conn, "idle")
+                    self._give_back(conn, ReleaseState.IDLE)
         self.configured.set()
 
     def _on_recall(self, service: str, n: int) -> None:
@@ -525,7 +514,7 @@ class LeasePool:
             if n <= 0:
                 break
             for conn in ring.take_if(lambda c: c.lease.service == service, n):
-                self._give_back(conn, "idle")
+                self._give_back(conn, ReleaseState.IDLE)
                 n -= 1
         if n > 0:
             self.recall[service] += n
@@ -538,7 +527,7 @@ class LeasePool:
             for ring in self.idle.values():
                 for conn in [c for c in ring if c.lease.idle_since < cutoff]:
                     ring.remove(conn)
-                    self._give_back(conn, "idle")
+                    self._give_back(conn, ReleaseState.IDLE)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -591,13 +580,13 @@ class LeasePool:
             while waiting:
                 ticket = waiting.popleft()
                 ticket.active = False
-                ticket.waiter.lease_refused("draining", self.policy.limits.retry_after)
+                ticket.waiter.lease_refused(Rejection.DRAINING, self.policy.limits.retry_after)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for ring in self.idle.values():
             for conn in ring.drain():
-                self._give_back(conn, "idle")
+                self._give_back(conn, ReleaseState.IDLE)
         if self.busy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), deadline)

@@ -1,6 +1,6 @@
-"""A minimal kept-alive HTTP/1.1 client connection, used by the bridge.
+"""The bridge's connection to the app it fronts: a minimal kept-alive HTTP/1.1 client.
 
-One ``UpstreamConnection`` carries one request at a time to an unmodified
+One ``AppConnection`` carries one request at a time to an unmodified
 HTTP/1.1 app.  Response bodies are buffered only up to ``HIGH_WATER`` before
 reading from the upstream pauses, so a slow session (or proxy) pushes back on
 the app instead of growing memory.
@@ -17,11 +17,11 @@ import httptools
 HIGH_WATER = 256 * 1024
 
 
-class UpstreamError(ConnectionError):
-    """The upstream connection failed or closed mid-exchange."""
+class AppConnectionError(ConnectionError):
+    """The connection to the app failed or closed mid-exchange."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class AppConnection(asyncio.Protocol):
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -45,7 +45,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._error: Exception | None = None
 
     @classmethod
-    async def open(cls, host: str, port: int, connect_timeout: float = 5.0) -> UpstreamConnection:
+    async def open(cls, host: str, port: int, connect_timeout: float = 5.0) -> AppConnection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(connect_timeout):
             _, proto = await loop.create_connection(cls, host, port)
@@ -64,7 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete = True
             self._keep_alive = False
         if not self._complete and self._error is None:
-            self._error = UpstreamError(f"upstream closed the connection: {exc or 'EOF'}")
+            self._error = AppConnectionError(f"upstream closed the connection: {exc or 'EOF'}")
         self._wake()
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
@@ -74,12 +74,12 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         if self._parser is None:
-            self._fail(UpstreamError("upstream sent bytes without a request"))
+            self._fail(AppConnectionError("upstream sent bytes without a request"))
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"malformed upstream response: {exc}"))
+            self._fail(AppConnectionError(f"malformed upstream response: {exc}"))
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -138,7 +138,7 @@ class UpstreamConnection(asyncio.Protocol):
     def begin(self, head: bytes, is_head: bool) -> None:
         """Start an exchange by writing the request head."""
         if self.closed or self.transport is None:
-            raise UpstreamError("upstream connection is closed")
+            raise AppConnectionError("upstream connection is closed")
         self.requests += 1
         self.received = 0
         self._parser = httptools.HttpResponseParser(self)
@@ -167,7 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
         assert self._head is not None
         await self._head
         if self._status == 0:
-            raise self._error or UpstreamError("no response from upstream")
+            raise self._error or AppConnectionError("no response from upstream")
         return self._status, self._headers
 
     async def read_body(self) -> tuple[bytes, bool]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from backdial.sidecar.leases import Lease
-from backdial.sidecar.upstream import UpstreamProtocol
+from backdial.sidecar.lease import Lease
+from backdial.sidecar.sessionconn import SessionConn
 from backdial.wire import RETIRE_LINE
 from tests.sidecar.conftest import ProxyRunner, RawClient
 
@@ -124,13 +124,13 @@ class _Sink:
         self.events.append(("writable", writable))
 
 
-def _conn() -> tuple[UpstreamProtocol, _Transport, Any]:
+def _conn() -> tuple[SessionConn, _Transport, Any]:
     a, b = socket.socketpair()
     b.close()
     pool = type("P", (), {})()
     pool.lost_states = []
     pool.lost = lambda conn, state: pool.lost_states.append(state)
-    conn = UpstreamProtocol(Lease(1, "s", "default", 1, a), pool)
+    conn = SessionConn(Lease(1, "s", "default", 1, a), pool)
     t = _Transport()
     conn.connection_made(t)  # type: ignore[arg-type]
     a.close()
@@ -241,7 +241,7 @@ def test_closing_an_idle_session_keeps_it_open_for_the_acceptor() -> None:
 
     import uvloop
 
-    from backdial.sidecar.upstream import conn_factory
+    from backdial.sidecar.sessionconn import wrap_lease
 
     ours, service = socket.socketpair()
     acceptor_copy = socket.socket(fileno=os.dup(ours.fileno()))
@@ -249,7 +249,7 @@ def test_closing_an_idle_session_keeps_it_open_for_the_acceptor() -> None:
     service.settimeout(0.3)
 
     async def run() -> None:
-        conn = await conn_factory(Lease(1, "s", "default", 1, ours), None)
+        conn = await wrap_lease(Lease(1, "s", "default", 1, ours), None)
         conn.close()
         await asyncio.sleep(0.05)
 

@@ -1,16 +1,15 @@
-"""http1.py without sockets: validation, smuggling rules, rewriting, canned responses."""
+"""request.py without sockets: validation, smuggling rules, header rewriting."""
 
 from __future__ import annotations
 
 import httptools
 import pytest
 
-from backdial.sidecar import http1
-from backdial.sidecar.http1 import HttpError, Request
+from backdial.sidecar.request import HttpError, Request, forwarded_node, forwarding_block, xff_line
 
 
 class _Collect:
-    """Feeds one request through httptools into an http1.Request, like the proxy does."""
+    """Feeds one request through httptools into a request.Request, like the proxy does."""
 
     def __init__(self, limit: int = 65536, max_body: int = 1 << 20) -> None:
         self.parser = httptools.HttpRequestParser(self)
@@ -56,11 +55,6 @@ def status_of(raw: bytes, **kw: int) -> int:
     except httptools.HttpParserError:
         return 400
     return 200
-
-
-def test_parser_is_strict() -> None:
-    assert http1.PARSER_STRICT
-    http1.require_strict_parser()
 
 
 @pytest.mark.parametrize(
@@ -137,8 +131,8 @@ def test_rewrite_removes_hop_by_hop_and_adds_forwarding() -> None:
     r = c.r
     assert c.host == b"example.com"
     r.body_len = 3
-    fwd = http1.forwarding_block("192.0.2.7", b"http", b"backdial")
-    head = r.build_head(fwd, http1.xff_line([], "192.0.2.7"), "192.0.2.7")
+    fwd = forwarding_block("192.0.2.7", b"http", b"backdial")
+    head = r.build_head(fwd, xff_line([], "192.0.2.7"), "192.0.2.7")
     lines = head.split(b"\r\n")
     assert lines[0] == b"POST /p?q=1 HTTP/1.1"
     names = [ln.split(b":")[0].lower() for ln in lines[1:] if ln]
@@ -212,70 +206,7 @@ def test_keep_alive_flags() -> None:
     assert not parse(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").r.keep_alive
 
 
-@pytest.mark.parametrize(
-    ("value", "key"),
-    [
-        (b"Example.com", b"example.com"),
-        (b"example.com:8080", b"example.com"),
-        (b"[::1]:8080", b"[::1]"),
-        (b"[::1]", b"[::1]"),
-        (b"", b""),
-        (b"a b", None),
-        (b"a@b", None),
-        (b"[::1", None),
-        (b"[::1]x", None),
-        (b"a:b", None),
-    ],
-)
-def test_host_key(value: bytes, key: bytes | None) -> None:
-    assert http1.host_key(value) == key
-
-
-def test_split_target() -> None:
-    assert http1.split_target(b"/a?b") == (None, b"/a?b")
-    assert http1.split_target(b"http://h:1/x") == (b"h:1", b"/x")
-    assert http1.split_target(b"HTTPS://h?q") == (b"h", b"/?q")
-    assert http1.split_target(b"ftp://h/") is None
-    assert http1.split_target(b"http:///x") is None
-
-
 def test_forwarded_quotes_ipv6() -> None:
-    assert http1.forwarded_node("2001:db8::1") == b'"[2001:db8::1]"'
-    assert http1.forwarded_node("192.0.2.1") == b"192.0.2.1"
-    assert http1.forwarded_node("") == b"unknown"
-
-
-def test_canned_responses() -> None:
-    for status in (400, 408, 413, 431, 501, 505):
-        data = getattr(http1, f"RESP_{status}")
-        assert data.startswith(b"HTTP/1.1 %d " % status)
-        assert b"\r\nConnection: close\r\n" in data
-        head, body = data.split(b"\r\n\r\n")
-        assert b"Content-Length: %d\r\n" % len(body) in head + b"\r\n"
-    assert b"Connection" not in http1.RESP_502 and b"Connection" not in http1.RESP_504
-    assert b"Retry-After: 1\r\n" in http1.RESP_503
-    assert b"Retry-After: 7\r\n" in http1.canned(503, http1.KEEP, retry_after=7)
-    assert http1.canned(503, http1.KEEP_10, True).endswith(b"Connection: keep-alive\r\n\r\n")
-    assert http1.canned(502, http1.KEEP) is http1.canned(502, http1.KEEP)
-
-
-def test_chunk_framing() -> None:
-    assert http1.chunk(b"hello") == b"5\r\nhello\r\n"
-    assert http1.chunk(b"x" * 255) == b"ff\r\n" + b"x" * 255 + b"\r\n"
-    assert http1.LAST_CHUNK == b"0\r\n\r\n"
-
-
-def test_connection_tokens_and_drop_named() -> None:
-    assert http1.connection_tokens([b"Keep-Alive, X-A", b" x-b ,"]) == {
-        b"keep-alive",
-        b"x-a",
-        b"x-b",
-    }
-    lines = [b"X-A: 1\r\n", b"Y: 2\r\n", b"x-b: 3\r\n"]
-    assert http1.drop_named(lines, {b"x-a", b"x-b"}) == [b"Y: 2\r\n"]
-
-
-def test_status_line_cache() -> None:
-    assert http1.cached_status_line(299, b"Fine") == b"HTTP/1.1 299 Fine\r\n"
-    assert http1.cached_status_line(299, b"Other") == b"HTTP/1.1 299 Other\r\n"
-    assert http1.cached_status_line(299, b"Fine") == b"HTTP/1.1 299 Fine\r\n"
+    assert forwarded_node("2001:db8::1") == b'"[2001:db8::1]"'
+    assert forwarded_node("192.0.2.1") == b"192.0.2.1"
+    assert forwarded_node("") == b"unknown"

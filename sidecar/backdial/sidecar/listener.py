@@ -1,0 +1,101 @@
+"""What every client connection of one listener shares: the connection set, one
+timeout sweep, and the worker's graceful-stop handle.
+
+Connections carry a single deadline each; one timer per listener sweeps them
+every ``ProxySettings.tick``, so a request costs a float store instead of a
+timer handle.  The per-connection protocol lives in ``proxy.py``; this module
+knows it only as a ``SweptConnection``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from backdial.http1 import require_strict_parser
+from backdial.sidecar.config import ProxySettings
+from backdial.sidecar.leasepool import LeasePool, Ticket
+from backdial.sidecar.sessionconn import SessionConn
+from backdial.sidecar.stats import ProxyStats
+
+
+class SweptConnection(Protocol):
+    """What the listener needs of a client connection."""
+
+    deadline: float  # loop time at which on_deadline is due; 0 = none
+
+    def on_deadline(self, now: float) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class ListenerState:
+    """What every connection of one listener shares; the worker's handle for a graceful stop."""
+
+    def __init__(self, pool: LeasePool, settings: ProxySettings, stats: ProxyStats) -> None:
+        require_strict_parser()
+        self.pool = pool
+        self.settings = settings
+        self.stats = stats
+        self.connections: set[SweptConnection] = set()
+        self.draining = False
+        self.via = settings.via.encode("ascii")
+        self.proto = settings.forwarded_proto.encode("ascii")
+        # Optional synchronous fast path: an idle held session without creating a task.
+        # (The pool holds SessionConns: the worker builds it with sessionconn.wrap_lease.)
+        self.try_acquire = cast(
+            Callable[[str, str], SessionConn | None] | None, getattr(pool, "try_acquire", None)
+        )
+        # Optional callback waiting (LeasePool.wait): no task per waiting request.
+        self.wait: Callable[[str, str, Any], Ticket] | None = getattr(pool, "wait", None)
+        self._timer: asyncio.TimerHandle | None = None
+        self._empty: asyncio.Event | None = None
+
+    def add(self, conn: SweptConnection) -> None:
+        self.connections.add(conn)
+        self.stats.connections_total += 1
+        self.stats.connections_active += 1
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.settings.tick, self._sweep)
+
+    def remove(self, conn: SweptConnection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.stats.connections_active -= 1
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self.connections):
+            if conn.deadline and now >= conn.deadline:
+                conn.on_deadline(now)
+        self._timer = loop.call_later(self.settings.tick, self._sweep)
+
+    async def shutdown(self, timeout: float) -> int:  # noqa: ASYNC109 (the worker's API)
+        """Close idle connections, let in-flight requests finish within *timeout* seconds.
+
+        Call after the listening server stopped accepting.  Responses sent while
+        draining carry ``Connection: close``.  Returns how many connections had to
+        be aborted at the deadline.
+        """
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+        if self.connections:
+            self._empty = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._empty.wait(), max(0.0, timeout))
+        aborted = len(self.connections)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return aborted

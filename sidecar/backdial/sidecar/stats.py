@@ -1,0 +1,100 @@
+"""The proxy's counters: plain integers bumped inline, rendered only when scraped.
+
+The hot path pays an integer add per event; nothing is formatted until
+``/metrics`` is read.
+"""
+
+from __future__ import annotations
+
+from backdial.control import Rejection
+from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
+
+
+class SliceCounters:
+    """Requests of one slice: counts by status code and the latency histogram."""
+
+    __slots__ = ("latency", "status")
+
+    def __init__(self) -> None:
+        self.status = [0] * 600
+        self.latency = Histogram(LATENCY_BUCKETS)
+
+
+class ProxyStats:
+    """Plain integer counters the proxy bumps inline; rendered only when scraped."""
+
+    def __init__(self) -> None:
+        self.slices: dict[str, SliceCounters] = {}
+        self.connections_total = 0
+        self.connections_active = 0
+        self.requests_active = 0
+        self.buffered_request_bytes = 0  # gauge: request bodies held before/while leasing
+        self.upstream_failed = 0  # session failed before any response byte
+        self.upstream_broken_mid_response = 0
+        self.upstream_timeouts = 0  # 504s and stalled responses
+        self.retries = 0
+        self.unavailable: dict[Rejection, int] = dict.fromkeys(Rejection, 0)
+        self.requests_streamed = 0  # request bodies above max_request_body
+        self.responses_streamed = 0  # responses that outgrew response_buffer under a lease
+        self.tunnels = 0
+        self.client_aborts = 0  # client went away with a request in flight
+        self.proxy_header_errors = 0
+
+    def slice(self, name: str) -> SliceCounters:
+        counters = self.slices.get(name)
+        if counters is None:
+            counters = self.slices[name] = SliceCounters()
+        return counters
+
+    def render(self, exp: Exposition) -> None:
+        p = "backdial_sidecar_"
+        exp.family(
+            p + "requests_total",
+            "counter",
+            "Client requests answered, by slice and status code.",
+            [
+                ({"slice": name or "none", "code": str(code)}, float(n))
+                for name, c in sorted(self.slices.items())
+                for code, n in enumerate(c.status)
+                if n
+            ],
+        )
+        exp.histogram(
+            p + "request_duration_seconds",
+            "From the request head to the last response byte handed to the client.",
+            [({"slice": name or "none"}, c.latency) for name, c in sorted(self.slices.items())],
+        )
+        gauges = (
+            ("client_connections", "Open client connections.", self.connections_active),
+            ("requests_in_flight", "Requests being served.", self.requests_active),
+            ("request_buffered_bytes", "Request body bytes buffered.", self.buffered_request_bytes),
+        )
+        for name, text, value in gauges:
+            exp.family(p + name, "gauge", text, [({}, float(value))])
+        counters = (
+            ("client_connections_total", "Client connections accepted.", self.connections_total),
+            ("upstream_retries_total", "Idempotent requests retried.", self.retries),
+            ("requests_streamed_total", "Bodies streamed under a lease.", self.requests_streamed),
+            ("responses_streamed_total", "Responses over the buffer.", self.responses_streamed),
+            ("tunnels_total", "Upgraded connections tunnelled.", self.tunnels),
+            ("client_aborts_total", "Clients gone mid-request.", self.client_aborts),
+            ("proxy_header_errors_total", "Bad PROXY headers.", self.proxy_header_errors),
+        )
+        for name, text, value in counters:
+            exp.family(p + name, "counter", text, [({}, float(value))])
+        exp.family(
+            p + "upstream_errors_total",
+            "counter",
+            "Session failures: before any response byte, mid-response, timeouts.",
+            [
+                ({"kind": "before_response"}, float(self.upstream_failed)),
+                ({"kind": "mid_response"}, float(self.upstream_broken_mid_response)),
+                ({"kind": "timeout"}, float(self.upstream_timeouts)),
+            ],
+        )
+        exp.family(
+            p + "unavailable_total",
+            "counter",
+            "503 answers by reason (queue_full, timeout, draining).",
+            [({"reason": k}, float(v)) for k, v in self.unavailable.items()],
+        )

@@ -1,0 +1,262 @@
+"""The HTTP/1.1 toolkit every backdial component shares, sans-IO.
+
+Header rules (which fields are hop-by-hop, how ``Connection`` is read), request
+targets, status lines, chunk framing and small complete responses, as pure
+functions and constants.  The sidecar proxy, the SDK's server core and its
+bridge, and the admin servers all use these, so a rule is written once and
+every component applies it the same way.  The proxy's request record and its
+smuggling checks build on it in ``backdial.sidecar.request``.
+
+Parsing itself is httptools (llhttp).  ``PARSER_STRICT`` feeds the installed
+parser the ambiguous framings strict llhttp refuses (bare LF and CR, obs-fold,
+invalid names and values, conflicting or repeated lengths) once at import;
+the proxy refuses to start on a lenient parser.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from http import HTTPStatus
+from typing import Final
+
+import httptools
+
+
+# -- header classification ------------------------------------------------------------------
+class Field(IntEnum):
+    """What a received header field means to a proxy (one dict lookup per field)."""
+
+    OTHER = 0
+    HOST = 1
+    CONTENT_LENGTH = 2
+    TRANSFER_ENCODING = 3
+    CONNECTION = 4
+    HOP = 5  # always hop-by-hop: dropped (Keep-Alive, TE, Trailer, Proxy-*, HTTP2-Settings)
+    EXPECT = 6
+    XFF = 7
+    XFP = 8
+    UPGRADE = 9
+
+
+FIELDS: Final[dict[bytes, Field]] = {
+    b"host": Field.HOST,
+    b"content-length": Field.CONTENT_LENGTH,
+    b"transfer-encoding": Field.TRANSFER_ENCODING,
+    b"connection": Field.CONNECTION,
+    b"keep-alive": Field.HOP,
+    b"proxy-connection": Field.HOP,
+    b"proxy-authorization": Field.HOP,  # meant for this hop; never leak credentials upstream
+    b"te": Field.HOP,
+    b"trailer": Field.HOP,
+    b"http2-settings": Field.HOP,
+    b"upgrade": Field.UPGRADE,
+    b"expect": Field.EXPECT,
+    b"x-forwarded-for": Field.XFF,
+    b"x-forwarded-proto": Field.XFP,
+}
+
+# Fields that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+# framing fields a relay re-creates itself: never forwarded as received.
+HOP_BY_HOP: Final = frozenset(
+    name
+    for name, kind in FIELDS.items()
+    if kind in (Field.HOP, Field.CONNECTION, Field.TRANSFER_ENCODING, Field.UPGRADE)
+)
+
+CONNECTION_BUILTIN: Final = frozenset((b"close", b"keep-alive", b"upgrade"))
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """Lower-cased tokens of every Connection header (a list-valued field)."""
+    out: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                out.add(token)
+    return out
+
+
+def drop_named(lines: list[bytes], names: set[bytes]) -> list[bytes]:
+    """Remove header lines whose field name is in *names* (Connection-nominated hop-by-hop)."""
+    return [ln for ln in lines if ln[: ln.index(b":")].lower() not in names]
+
+
+def transfer_coding_ok(values: list[bytes]) -> bool:
+    """Only a single, exact ``chunked`` coding is accepted (case-insensitive)."""
+    return len(values) == 1 and values[0].strip().lower() == b"chunked"
+
+
+# -- request targets and hosts ---------------------------------------------------------------
+# Host: reg-name / IPv4 / IP-literal with optional port (RFC 3986 characters only).
+_HOST_CHARS: Final = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
+)
+
+
+def host_key(value: bytes) -> bytes | None:
+    """Lower-cased host without port, for routing; None when the value is not a valid Host."""
+    if value.translate(None, _HOST_CHARS):
+        return None
+    value = value.lower()
+    if value.startswith(b"["):
+        end = value.find(b"]")
+        if end < 0 or (end + 1 < len(value) and value[end + 1 : end + 2] != b":"):
+            return None
+        return value[: end + 1]
+    host, _, port = value.partition(b":")
+    if port and not port.isdigit():
+        return None
+    return host
+
+
+def split_target(url: bytes) -> tuple[bytes | None, bytes] | None:
+    """(authority or None, origin-form target) of a request-target; None when unusable.
+
+    absolute-form (``http://host/p?q``) is accepted as RFC 9112 §3.2.2 requires, and
+    forwarded in origin-form with Host taken from the authority.  asterisk-form
+    is left to the caller (only OPTIONS may use it).
+    """
+    if url[:1] == b"/":
+        return None, url
+    lower = url[:8].lower()
+    if lower.startswith(b"http://"):
+        rest = url[7:]
+    elif lower.startswith(b"https://"):
+        rest = url[8:]
+    else:
+        return None
+    cut = len(rest)
+    for sep in (b"/", b"?"):
+        pos = rest.find(sep)
+        if 0 <= pos < cut:
+            cut = pos
+    authority, target = rest[:cut], rest[cut:]
+    if not authority or b"@" in authority:  # userinfo is deprecated and a phishing vector
+        return None
+    if not target.startswith(b"/"):
+        target = b"/" + target
+    return authority, target
+
+
+def path_of(target: bytes) -> bytes:
+    q = target.find(b"?")
+    return target if q < 0 else target[:q]
+
+
+# -- status lines and small responses --------------------------------------------------------
+REASONS: Final[dict[int, bytes]] = {int(s): s.phrase.encode("ascii") for s in HTTPStatus}
+REASONS[413] = b"Content Too Large"  # RFC 9110's name; http.HTTPStatus still has the old one
+
+CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ConnMode(IntEnum):
+    """The Connection header of a response the proxy writes itself."""
+
+    KEEP = 0  # HTTP/1.1 persistent: no Connection header
+    CLOSE = 1  # "Connection: close"; the writer closes after it
+    KEEP_10 = 2  # HTTP/1.0 client that asked for keep-alive
+
+
+def status_line(status: int, reason: bytes | None = None) -> bytes:
+    """``HTTP/1.1 <status> <reason>``; the standard phrase when *reason* is None."""
+    if reason is None:
+        reason = REASONS.get(status, b"")
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}
+
+
+def cached_status_line(status: int, reason: bytes) -> bytes:
+    """The status line, memoised per code for the reason phrase seen first (one lookup)."""
+    cached = _STATUS_LINES.get(status)
+    if cached is not None and cached[0] == reason:
+        return cached[1]
+    line = status_line(status, reason)
+    if cached is None and 100 <= status <= 999:
+        _STATUS_LINES[status] = (reason, line)
+    return line
+
+
+def error_response(
+    status: int, mode: ConnMode, head_only: bool = False, retry_after: int = -1
+) -> bytes:
+    """A complete small plain-text response; cached by ``canned`` for the hot cases."""
+    reason = REASONS.get(status, b"Error")
+    body = reason.lower() + b"\n"
+    parts = [status_line(status, reason), b"Server: backdial\r\n"]
+    if retry_after >= 0:
+        parts.append(b"Retry-After: %d\r\n" % retry_after)
+    parts.append(b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body))
+    if mode == ConnMode.CLOSE:
+        parts.append(b"Connection: close\r\n")
+    elif mode == ConnMode.KEEP_10:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+_CANNED: dict[tuple[int, int, bool, int], bytes] = {}
+
+
+def canned(status: int, mode: ConnMode, head_only: bool = False, retry_after: int = -1) -> bytes:
+    """``error_response`` memoised: 503 bursts cost one dict lookup each."""
+    key = (status, mode, head_only, retry_after)
+    data = _CANNED.get(key)
+    if data is None:
+        data = error_response(status, mode, head_only, retry_after)
+        if len(_CANNED) < 4096:  # Retry-After values are few; stay bounded regardless
+            _CANNED[key] = data
+    return data
+
+
+# -- body framing ----------------------------------------------------------------------------
+LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# -- parser strictness probe -------------------------------------------------------------------
+_MUST_REJECT: Final = (
+    b"GET / HTTP/1.1\nHost: a\n\n",  # bare LF
+    b"GET / HTTP/1.1\r\nHost: a\rX: y\r\n\r\n",  # bare CR
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n z\r\n\r\n",  # obs-fold
+    b"GET / HTTP/1.1\r\nHo st: a\r\n\r\n",  # invalid name
+    b"GET / HTTP/1.1\r\nHost: a\x01\r\n\r\n",  # invalid value
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+)
+
+
+class _Sink:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        return None
+
+
+def _probe() -> bool:
+    for raw in _MUST_REJECT:
+        try:
+            httptools.HttpRequestParser(_Sink()).feed_data(raw)
+        except httptools.HttpParserError:
+            continue
+        return False
+    return True
+
+
+PARSER_STRICT: Final = _probe()
+
+
+def require_strict_parser() -> None:
+    if not PARSER_STRICT:
+        raise RuntimeError(
+            "the installed httptools accepts ambiguous HTTP framing (bare LF, obs-fold or "
+            "conflicting lengths); install httptools>=0.6.2 (strict llhttp 9)"
+        )
