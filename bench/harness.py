@@ -57,12 +57,81 @@ def backdial_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "backdial.cli", *args]
 
 
+APT_TOOLS = {
+    "wrk": "wrk",
+    "nginx": "nginx",
+    "haproxy": "haproxy",
+    "taskset": "util-linux",
+    "ss": "iproute2",
+}
+
+
 def require_tools(names: Iterable[str]) -> None:
     missing = [n for n in names if shutil.which(n) is None and not Path(n).exists()]
     if missing:
         raise BenchError(
             f"missing tools: {', '.join(missing)} (apt-get install -y wrk nginx haproxy)"
         )
+
+
+def ensure_tools(install: bool = True, plots: bool = True) -> None:
+    """Install the peers (Debian's wrk, nginx, haproxy) and matplotlib when missing.
+
+    apt-get needs root; pip installs matplotlib into the interpreter running the bench.
+    """
+    global WRK
+    missing = sorted({pkg for tool, pkg in APT_TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        if not install or os.geteuid() != 0:
+            raise BenchError(
+                f"missing: {', '.join(missing)} (apt-get install -y {' '.join(missing)})"
+            )
+        log(f"installing {', '.join(missing)} with apt-get")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise BenchError(f"{' '.join(argv)} failed:\n{proc.stderr[-2000:]}")
+        WRK = shutil.which("wrk") or WRK
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            if not install:
+                raise BenchError("matplotlib missing (pip install matplotlib)") from None
+            log("installing matplotlib with pip")
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "install", "-q", "matplotlib>=3.6"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise BenchError(f"pip install matplotlib failed:\n{proc.stderr[-2000:]}") from None
+
+
+def raise_fd_limit(want: int = 65536) -> int:
+    """Raise this process's (and so its children's) open-file limit; returns the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def rss_kib(pids: Iterable[int]) -> int:
+    """Resident set size (VmRSS) summed over *pids*, in KiB."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+    return total
 
 
 # ---------------------------------------------------------------- processes
@@ -307,6 +376,9 @@ class Stack:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}/"
 
+    def url_for(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}{path}"
+
     def proxy_pids(self) -> list[int]:
         return [pid for p in self.proxy for pid in p.pids()]
 
@@ -491,6 +563,7 @@ def start_backdial(
     sidecar_prefix: Sequence[str] = (),
     sidecar_args: Sequence[str] = (),
     name: str = "backdial",
+    config: Path | None = None,
 ) -> Stack:
     """Acceptor + sidecar + demo service: the three commands ``backdial up`` runs."""
     run_dir = ws.path(f"{name}-run")
@@ -506,6 +579,7 @@ def start_backdial(
             f"{HOST}:{acc_admin}",
             "--log-level",
             "warning",
+            *(["--config", str(config)] if config is not None else []),
         ),
         ws.path(f"{name}-acceptor.log"),
         cpus,
@@ -584,6 +658,7 @@ class WrkResult:
     socket_errors: dict[str, int]
     non2xx: int
     raw: str
+    bytes_per_s: float = 0.0
 
     @property
     def errors(self) -> int:
@@ -601,9 +676,11 @@ class WrkResult:
             "socket_errors": self.socket_errors,
             "non2xx": self.non2xx,
             "errors": self.errors,
+            "bytes_per_s": self.bytes_per_s,
         }
 
 
+_BYTES = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
 
@@ -646,20 +723,36 @@ def parse_wrk(out: str) -> WrkResult:
         ),
         non2xx=int(non2xx.group(1)) if non2xx else 0,
         raw=out,
+        bytes_per_s=_transfer(out),
     )
 
 
-def wrk(url: str, conns: int, seconds: float, threads: int, cpus: str | None) -> WrkResult:
+def _transfer(out: str) -> float:
+    m = re.search(r"^Transfer/sec:\s+([\d.]+)([KMGT]?B)", out, re.M)
+    return float(m.group(1)) * _BYTES[m.group(2)] if m else 0.0
+
+
+def wrk(
+    url: str,
+    conns: int,
+    seconds: float,
+    threads: int,
+    cpus: str | None,
+    headers: Sequence[str] = (),
+) -> WrkResult:
+    """One wrk run; *headers* like ``"Connection: close"`` (a new connection per request)."""
     argv = [
         WRK,
-        f"-t{threads}",
+        f"-t{min(threads, conns)}",
         f"-c{conns}",
         f"-d{max(1, round(seconds))}s",
         "--latency",
         "--timeout",
         "5s",
-        url,
     ]
+    for h in headers:
+        argv += ["-H", h]
+    argv.append(url)
     if cpus is not None:
         argv = ["taskset", "-c", cpus, *argv]
     try:

@@ -37,7 +37,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,15 +234,21 @@ def _self_cpu() -> float:
 
 
 def measure(
-    stack: Stack, conns: int, ns: argparse.Namespace, after_warmup: Callable[[], None] | None = None
+    stack: Stack,
+    conns: int,
+    ns: argparse.Namespace,
+    after_warmup: Callable[[], None] | None = None,
+    headers: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """One warm-up + measured wrk run against ``stack``; ``ns`` carries the settings."""
+    """One warm-up + measured wrk run against ``stack``; ``ns`` carries the settings.
+
+    *headers* go on every request (``Connection: close``: a new connection per request)."""
     wrk_cpus: str | None = ns.wrk_cpus
     server_cpus: str | None = ns.server_cpus
     stack.check_alive()
     quiet_wait = wait_quiet(ns.quiet_wait, ns.max_foreign) if ns.quiet_wait > 0 else 0.0
     if ns.warmup > 0:
-        wrk(stack.url, conns, ns.warmup, ns.threads, wrk_cpus)
+        wrk(stack.url, conns, ns.warmup, ns.threads, wrk_cpus, headers)
     if after_warmup is not None:
         after_warmup()
     time.sleep(0.3)
@@ -253,7 +259,7 @@ def measure(
     opens0 = tcp_opens()
     u0 = usage_many([*proxy_pids, *backend_pids])
     busy0, kids0, self0, t0 = system_cpu(), _children_cpu(), _self_cpu(), time.monotonic()
-    res = wrk(stack.url, conns, ns.duration, ns.threads, wrk_cpus)
+    res = wrk(stack.url, conns, ns.duration, ns.threads, wrk_cpus, headers)
     t1, self1, kids1, busy1 = time.monotonic(), _self_cpu(), _children_cpu(), system_cpu()
     u1 = usage_many([*proxy_pids, *backend_pids])
     opens1 = tcp_opens()
@@ -339,14 +345,18 @@ def _noise(r: dict[str, Any]) -> float:
 
 
 def measure_stable(
-    stack: Stack, conns: int, ns: argparse.Namespace, after_warmup: Callable[[], None] | None = None
+    stack: Stack,
+    conns: int,
+    ns: argparse.Namespace,
+    after_warmup: Callable[[], None] | None = None,
+    headers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """``measure``, repeated (up to ``ns.retries`` more times) while other processes on the
     machine took more than ``ns.max_foreign`` % of a core on the servers' or wrk's core.
     Keeps the least disturbed attempt; the others stay in the record, summarized."""
     attempts: list[dict[str, Any]] = []
     while True:
-        r = measure(stack, conns, ns, after_warmup)
+        r = measure(stack, conns, ns, after_warmup, headers)
         attempts.append(r)
         if _noise(r) <= ns.max_foreign or len(attempts) > ns.retries:
             break

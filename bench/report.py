@@ -1,0 +1,389 @@
+# ruff: noqa: RUF001  (the multiplication sign is the ratio sign in the report)
+"""The suite's Markdown report: targets with their status, then one section per scenario.
+
+Pure functions of the result dict (``suite.py`` writes it to ``results.json``),
+so a report can be re-rendered from a stored result:
+``python3 bench/report.py bench/results/<ts>/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+NAN = float("nan")
+
+
+def _num(value: Any) -> float:
+    return NAN if value is None else float(value)
+
+
+def _f(value: Any, digits: int = 0) -> str:
+    v = _num(value)
+    if v != v:
+        return "—"
+    return f"{v:,.{digits}f}"
+
+
+def _x(value: float) -> str:
+    return "—" if value != value else f"{value:.2f}×"
+
+
+def _med(summary: dict[str, Any], target: str, key: str) -> float:
+    cell = summary.get(target, {}).get(key)
+    return _num(cell["median"]) if cell else NAN
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if a == a and b == b and b else NAN
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(what, measured, met) for every target of issue 11 this result can judge."""
+    rows: list[tuple[str, str, bool | None]] = []
+    sweep = result.get("sweep")
+    if sweep:
+        for c in (16, 64):
+            s = sweep["summary"].get(str(c))
+            if not s:
+                continue
+            bd = _med(s, "backdial", "rps")
+            for peer in ("nginx-keepalive", "haproxy"):
+                r = _ratio(bd, _med(s, peer, "rps"))
+                rows.append((f"req/s ≥ 1.0× {peer}, c={c}", _x(r), r >= 1.0 if r == r else None))
+            cpu = _ratio(
+                _med(s, "backdial", "proxy_cpu_us_per_req"),
+                _med(s, "nginx-keepalive", "proxy_cpu_us_per_req"),
+            )
+            rows.append(
+                (
+                    f"proxy CPU/request ≤ nginx-keepalive's, c={c}",
+                    _x(cpu),
+                    cpu <= 1.0 if cpu == cpu else None,
+                )
+            )
+            csw = _ratio(
+                _med(s, "backdial", "proxy_csw_per_req"),
+                _med(s, "nginx-keepalive", "proxy_csw_per_req"),
+            )
+            rows.append(
+                (
+                    f"context switches/request ≤ nginx-keepalive's, c={c}",
+                    _x(csw),
+                    csw <= 1.0 if csw == csw else None,
+                )
+            )
+        s16, s64 = sweep["summary"].get("16"), sweep["summary"].get("64")
+        if s16 and s64:
+            r = _ratio(_med(s64, "backdial", "rps"), _med(s16, "backdial", "rps"))
+            rows.append(
+                ("c=64 rate ≥ c=16 rate (16 sessions)", _x(r), r >= 1.0 if r == r else None)
+            )
+    close = result.get("close")
+    if close:
+        s = close["summary"]
+        bd = _med(s, "backdial", "rps")
+        for peer, bar in (("nginx-dialing", 1.75), ("nginx-keepalive", 1.0)):
+            r = _ratio(bd, _med(s, peer, "rps"))
+            rows.append(
+                (f"connection per request: ≥ {bar}× {peer}", _x(r), r >= bar if r == r else None)
+            )
+    for slow in result.get("slow_readers") or []:
+        if slow["target"] == "backdial":
+            r = _num(slow["ratio"])
+            rows.append(
+                (
+                    f"{slow['clients']} slow readers of {slow['body_kib'] // 1024} MiB: fast req/s "
+                    "≥ 0.90× quiet",
+                    _x(r),
+                    r >= 0.9 if r == r else None,
+                )
+            )
+    for sp in result.get("spike") or []:
+        if sp["target"] == "backdial":
+            top = sp["backend_max_concurrency"]
+            rows.append(
+                (
+                    "10× spike: backend concurrency ≤ declared sessions",
+                    f"{top} ≤ {sp['sessions']}",
+                    top <= sp["sessions"],
+                )
+            )
+    for sl in result.get("slicing") or []:
+        if sl["layout"] == "slices":
+            ch = _num(sl["p99_change_pct"])
+            rows.append(
+                (
+                    "slicing: protected p99 moves ≤ 10%",
+                    f"{ch:+.1f}%",
+                    ch <= 10 if ch == ch else None,
+                )
+            )
+    return rows
+
+
+def render(
+    result: dict[str, Any], images: list[str], img_prefix: str, heading_level: int = 1
+) -> str:
+    h = "#" * heading_level
+    env = result["environment"]
+    v = env["versions"]
+    p = result["params"]
+    lines = [
+        f"{h} Suite run {result['started']}",
+        "",
+        f"{env['cpus']} CPUs ({env['cpu_model']}), kernel {v['kernel']}; {v['nginx']}; "
+        f"{v['haproxy']}; {v['wrk']}; Python {v['python']}, uvloop {v['uvloop']}, "
+        f"httptools {v['httptools']}; backdial {v['backdial_commit']}. "
+        f"Pinning {p['pin']}; {p['duration']} s windows after {p['warmup']} s warm-up; "
+        f"{p['rounds']} rounds at c=16/64; whole run {result.get('elapsed_s', '?')} s.",
+        "",
+    ]
+    rows = targets(result)
+    if rows:
+        lines += [f"{h}# Targets (issue 11)", "", "| target | measured | met |", "|---|---|---|"]
+        for what, measured, met in rows:
+            mark = "—" if met is None else ("yes" if met else "**no**")
+            lines.append(f"| {what} | {measured} | {mark} |")
+        lines.append("")
+    lines += _sweep(result, h)
+    lines += _close(result, h)
+    lines += _bodies(result, h)
+    lines += _spike(result, h)
+    lines += _determinism(result, h)
+    lines += _slicing(result, h)
+    lines += _memory(result, h)
+    if images:
+        lines += [f"{h}# Plots", ""]
+        for name in images:
+            lines += [f"![{name[:-4]}]({img_prefix}{name})", ""]
+    return "\n".join(lines) + "\n"
+
+
+SWEEP_KEYS = (
+    ("rps", "req/s", 0),
+    ("p50_ms", "p50 ms", 2),
+    ("p99_ms", "p99 ms", 2),
+    ("proxy_cpu_us_per_req", "proxy CPU µs/req", 1),
+    ("proxy_csw_per_req", "proxy csw/req", 3),
+    ("connects_per_req", "connects/req", 3),
+    ("tw_upstream_new", "new TIME_WAIT proxy→backend", 0),
+)
+
+
+def _sweep(result: dict[str, Any], h: str) -> list[str]:
+    sweep = result.get("sweep")
+    if not sweep:
+        return []
+    conns, targets_ = sweep["conns"], sweep["targets"]
+    out = [
+        f"{h}# Keep-alive clients: concurrency sweep",
+        "",
+        "wrk `GET /` (20-byte body); medians over rounds; ×ka = ratio to nginx-keepalive at "
+        "the same concurrency.",
+        "",
+    ]
+    for key, label, digits in SWEEP_KEYS:
+        out += [
+            f"**{label}**",
+            "",
+            "| target | " + " | ".join(f"c={c}" for c in conns) + " |",
+            "|---|" + "---|" * len(conns),
+        ]
+        for t in targets_:
+            cells = []
+            for c in conns:
+                s = sweep["summary"][str(c)]
+                val = _med(s, t, key)
+                ka = _ratio(val, _med(s, "nginx-keepalive", key))
+                cell = _f(val, digits)
+                if t == "backdial" and key in ("rps", "proxy_cpu_us_per_req", "proxy_csw_per_req"):
+                    cell += f" ({_x(ka)})"
+                cells.append(cell)
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def _close(result: dict[str, Any], h: str) -> list[str]:
+    close = result.get("close")
+    if not close:
+        return []
+    s = close["summary"]
+    out = [
+        f"{h}# A new connection per request (the seed's method)",
+        "",
+        f"wrk -c{close['conns']} with `Connection: close`: every request opens a client "
+        "connection; medians over rounds.",
+        "",
+        "| target | req/s | ×dial | ×ka | p99 ms | proxy CPU µs/req | proxy csw/req |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in close["targets"]:
+        rps = _med(s, t, "rps")
+        dial = _x(_ratio(rps, _med(s, "nginx-dialing", "rps")))
+        ka = _x(_ratio(rps, _med(s, "nginx-keepalive", "rps")))
+        cpu = _f(_med(s, t, "proxy_cpu_us_per_req"), 1)
+        csw = _f(_med(s, t, "proxy_csw_per_req"), 3)
+        out.append(
+            f"| {t} | {_f(rps)} | {dial} | {ka} | {_f(_med(s, t, 'p99_ms'), 2)} | {cpu} | {csw} |"
+        )
+    return [*out, ""]
+
+
+def _bodies(result: dict[str, Any], h: str) -> list[str]:
+    out: list[str] = []
+    bodies = result.get("large_bodies")
+    if bodies:
+        ng = next((b["mb_per_s"] for b in bodies if b["target"] == "nginx-keepalive"), NAN)
+        out += [
+            f"{h}# Large responses",
+            "",
+            f"{bodies[0]['mib']} MiB chunked responses, wrk -c4.",
+            "",
+            "| target | MB/s | ×nginx-keepalive | errors |",
+            "|---|---|---|---|",
+        ]
+        for b in bodies:
+            out.append(
+                f"| {b['target']} | {_f(b['mb_per_s'])} | {_x(_ratio(b['mb_per_s'], ng))} | "
+                f"{b['errors']} |"
+            )
+        out.append("")
+    slow = result.get("slow_readers")
+    if slow:
+        out += [
+            f"{h}# Slow readers",
+            "",
+            f"{slow[0]['clients']} clients each read a {slow[0]['body_kib'] // 1024} MiB response "
+            "at 1 KiB/s while wrk -c16 measures `GET /`.",
+            "",
+            "| target | quiet req/s | with slow readers | ratio | p99 quiet / slow (ms) | "
+            "slow readers answered 200 | sessions busy |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in slow:
+            busy = "—" if s["sessions_busy"] is None else str(s["sessions_busy"])
+            out.append(
+                f"| {s['target']} | {_f(s['quiet_rps'])} | {_f(s['slow_rps'])} | "
+                f"{_f(s['ratio'], 3)} | {_f(s['quiet_p99_ms'], 2)} / {_f(s['slow_p99_ms'], 2)} | "
+                f"{s['slow_clients']['status_200']}/{s['clients']} | {busy} |"
+            )
+        out.append("")
+    return out
+
+
+def _spike(result: dict[str, Any], h: str) -> list[str]:
+    runs = result.get("spike")
+    if not runs:
+        return []
+    r0 = runs[0]
+    w = r0["window"]
+    out = [
+        f"{h}# 10× spike",
+        "",
+        f"{r0['steady_clients']} clients at one request per {r0['service_ms']} ms each (half the "
+        f"capacity of {r0['sessions']} sessions × {r0['service_ms']} ms), then "
+        f"{r0['spike_clients']} clients for {w['spike_end'] - w['spike_start']:.0f} s. "
+        f"backdial's slice queue holds {r0['sessions']} (timeout 1 s).",
+        "",
+        "| target | backend max concurrency | declared | steady p99 ms "
+        "| spike admitted p50 / p99 ms | admitted in spike | 503s | 503 p50 / p99 ms "
+        "| other errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        out.append(
+            f"| {r['target']} | {r['backend_max_concurrency']} | {r['sessions']} | "
+            f"{_f(r['steady_p99_ms'], 1)} | {_f(r['spike_admitted_p50_ms'], 1)} / "
+            f"{_f(r['spike_admitted_p99_ms'], 1)} | {r['spike_admitted']} | {r['rejected_503']} | "
+            f"{_f(r['rejected_p50_ms'], 2)} / {_f(r['rejected_p99_ms'], 2)} | {r['other_status']} |"
+        )
+    return [*out, ""]
+
+
+def _determinism(result: dict[str, Any], h: str) -> list[str]:
+    rows = result.get("determinism")
+    if not rows:
+        return []
+    out = [
+        f"{h}# Determinism",
+        "",
+        "Saturated (wrk -c 2S) `/delay?ms=T` through S sessions: measured req/s against S ÷ T.",
+        "",
+        "| sessions S | service time T | S ÷ T req/s | measured req/s | error | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['sessions']} | {r['service_ms']} ms | {_f(r['expected_rps'])} | "
+            f"{_f(r['rps'])} | {r['error_pct']:+.1f}% | {_f(r['p99_ms'], 1)} | {r['errors']} |"
+        )
+    return [*out, ""]
+
+
+def _slicing(result: dict[str, Any], h: str) -> list[str]:
+    rows = result.get("slicing")
+    if not rows:
+        return []
+    out = [
+        f"{h}# Slicing under contention",
+        "",
+        "Protected class: `X-Class: api`, wrk -c4 `/delay?ms=5`; bulk flood: wrk -c200 "
+        "`/delay?ms=50`; 16 sessions. `slices`: protected 50 %, bulk 50 % (both may borrow); "
+        "`one-slice`: everyone shares one queue.",
+        "",
+        "| layout | protected p99 alone | with flood | change | protected req/s alone / flood | "
+        "bulk req/s | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['layout']} | {_f(r['protected_alone_p99_ms'], 2)} ms | "
+            f"{_f(r['protected_flood_p99_ms'], 2)} ms | {r['p99_change_pct']:+.1f}% | "
+            f"{_f(r['protected_rps_alone'])} / {_f(r['protected_rps_flood'])} | "
+            f"{_f(r['bulk_rps'])} | {r['protected_errors'] + r['bulk_errors']} |"
+        )
+    return [*out, ""]
+
+
+def _memory(result: dict[str, Any], h: str) -> list[str]:
+    out: list[str] = []
+    idle = result.get("idle_connections")
+    if idle:
+        out += [
+            f"{h}# Memory",
+            "",
+            f"RSS growth of the proxy processes with {idle[0]['connections']:,} idle client "
+            "connections (connected, nothing sent):",
+            "",
+            "| target | RSS before (MiB) | after (MiB) | bytes per connection |",
+            "|---|---|---|---|",
+        ]
+        for r in idle:
+            out.append(
+                f"| {r['target']} | {r['rss_before_kib'] / 1024:.1f} | "
+                f"{r['rss_after_kib'] / 1024:.1f} | {_f(r['bytes_per_connection'])} |"
+            )
+        out.append("")
+    sm = result.get("sessions_memory")
+    if sm:
+        a, b = sm["rows"]
+        out += [
+            f"Sessions: acceptor RSS {a['acceptor_rss_kib'] / 1024:.1f} MiB with {a['sessions']} "
+            f"registered, {b['acceptor_rss_kib'] / 1024:.1f} MiB with {b['sessions']}: "
+            f"**{_f(sm['acceptor_bytes_per_session'])} bytes per registered session**. Sidecar, "
+            f"after a load that leased them (held {a['held']} / {b['held']}): "
+            f"{a['sidecar_rss_kib'] / 1024:.1f} / {b['sidecar_rss_kib'] / 1024:.1f} MiB, "
+            f"**{_f(sm['sidecar_bytes_per_leased_session'])} bytes per leased session**.",
+            "",
+        ]
+    return out
+
+
+if __name__ == "__main__":
+    data = json.loads(Path(sys.argv[1]).read_text())
+    pngs = sorted(p.name for p in Path(sys.argv[1]).parent.glob("*.png"))
+    print(render(data, pngs, ""))
