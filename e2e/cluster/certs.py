@@ -57,6 +57,7 @@ class PKI:
         )
         self.scheduler = CertPair(directory / "scheduler.crt", directory / "scheduler.key")
         self.kwok = CertPair(directory / "kwok.crt", directory / "kwok.key")
+        self.kubelet = CertPair(directory / "kubelet.crt", directory / "kubelet.key")
         self.service_account_key = directory / "sa.key"
         self.service_account_pub = directory / "sa.pub"
         self._config = directory / "openssl.cnf"
@@ -152,6 +153,11 @@ class PKI:
         # kwok updates node and pod status for many nodes, like a fleet of kubelets; it gets
         # cluster-admin through system:masters rather than per-node identities.
         self._new_leaf(self.kwok, self.ca, "/O=system:masters/CN=backdial-kwok", "clientAuth")
+        # The process kubelet reads every ConfigMap/Secret/EndpointSlice and requests tokens
+        # for any ServiceAccount; like kwok it is cluster-admin rather than a Node identity.
+        self._new_leaf(
+            self.kubelet, self.ca, "/O=system:masters/CN=backdial-process-kubelet", "clientAuth"
+        )
         sa_key, sa_pub = self.service_account_key.name, self.service_account_pub.name
         self._openssl(f"genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out {sa_key}")
         self._openssl(f"pkey -in {sa_key} -pubout -out {sa_pub}")

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from apiclient import ApiClient
 from binaries import Binaries
+from kubelet import POD_LOGS
 from util import HarnessError
 
 
@@ -22,6 +23,7 @@ class ClusterClients:
     workdir: Path
     kubeconfig: Path
     kube_cache_dir: Path
+    logs_dir: Path
 
     @property
     def api(self) -> ApiClient:
@@ -124,9 +126,50 @@ class ClusterClients:
             text = yaml.safe_dump_all([dict(item) for item in manifest])
         return self.kubectl("apply", "-f", "-", input=text).stdout
 
+    def pod_log_path(self, pod: str, container: str | None = None, namespace: str = "") -> Path:
+        """The log file of a container that ran on the process node.
+
+        Without ``namespace`` the pod name must be unique across namespaces; without
+        ``container`` the pod must have had one container. The newest pod of that name wins
+        (a StatefulSet's pod comes back with the same name)."""
+        return find_pod_log(self.logs_dir, pod, container, namespace)
+
+    def pod_logs(self, pod: str, container: str | None = None, namespace: str = "") -> str:
+        """The output (stdout and stderr, all restarts) of a container on the process node."""
+        return self.pod_log_path(pod, container, namespace).read_text(errors="replace")
+
     def get_json(self, path: str) -> Any:
         """GET ``path`` as admin; raises :class:`HarnessError` unless 200."""
         response = self.api.request("GET", path)
         if response.status != 200:
             raise HarnessError(f"GET {path}: HTTP {response.status}: {response.text[:500]}")
         return response.json()
+
+
+def find_pod_log(logs_dir: Path, pod: str, container: str | None, namespace: str = "") -> Path:
+    """``<logs_dir>/pods/<namespace>_<pod>_<uid>/<container>.log``, see
+    :meth:`ClusterClients.pod_log_path`; :class:`HarnessError` says what is ambiguous."""
+    root = logs_dir / POD_LOGS
+    dirs = [
+        d
+        for d in (root.iterdir() if root.is_dir() else [])
+        if d.is_dir()
+        and d.name.split("_")[1:2] == [pod]
+        and (not namespace or d.name.split("_")[0] == namespace)
+    ]
+    if not dirs:
+        raise HarnessError(f"no logs of pod {pod!r} in {root} (did it run on the process node?)")
+    if len({d.name.split("_")[0] for d in dirs}) > 1:
+        found = sorted({d.name.split("_")[0] for d in dirs})
+        raise HarnessError(f"pod {pod!r} exists in several namespaces {found}: name one")
+    newest = max(dirs, key=lambda d: d.stat().st_mtime)
+    logs = sorted(newest.glob("*.log"))
+    if container is None:
+        if len(logs) != 1:
+            names = [p.stem for p in logs]
+            raise HarnessError(f"pod {pod!r} has containers {names}: name one")
+        return logs[0]
+    path = newest / f"{container}.log"
+    if not path.is_file():
+        raise HarnessError(f"pod {pod!r} has no log of container {container!r}")
+    return path

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +168,24 @@ def kwok_args(workdir: Path, pod_cidr: str) -> list[str]:
         "--node-lease-duration-seconds=40",
         # Fake pod IPs written into pod status; nothing is ever sent to them.
         f"--cidr={pod_cidr}",
+    ]
+
+
+def kubelet_args(
+    workdir: Path, logs_dir: Path, node_name: str, pod_cidr: str, project_images: Sequence[str]
+) -> list[str]:
+    """Command line of the process kubelet (``e2e/cluster/kubelet``), run by this Python."""
+    images = [f"--project-image={image}" for image in project_images]
+    return [
+        sys.executable,
+        "-m",
+        "kubelet",
+        f"--kubeconfig={workdir / 'run' / 'kubelet.kubeconfig'}",
+        f"--node-name={node_name}",
+        f"--pod-cidr={pod_cidr}",
+        f"--state-dir={workdir / 'kubelet' / node_name}",
+        f"--log-dir={logs_dir}",
+        *images,
     ]
 
 

@@ -9,7 +9,9 @@ but complete enough to run workloads:
 * ``kube-controller-manager`` (all default controllers, including the HPA controller),
 * ``kube-scheduler``,
 * ``kwok``, which fakes the kubelets of Node objects annotated ``kwok.x-k8s.io/node=fake``
-  and moves their pods to ``Running`` using the stages in ``kwok/stages.yaml``.
+  and moves their pods to ``Running`` using the stages in ``kwok/stages.yaml``,
+* the process kubelet (``kubelet/``, node ``backdial-proc-0``), which really runs the pods
+  placed on it (``PROCESS_PLACEMENT``) as local processes with pod IPs in 127.42.0.0/16.
 
 Binaries come from ``build.sh`` (built from the Go module proxy into ``~/.cache/backdial``);
 certificates are made with the ``openssl`` CLI. Everything listens on 127.0.0.1 only, on free
@@ -22,7 +24,8 @@ Typical use::
         cluster.kubectl("get", "nodes")
         cluster.api.request("GET", "/api/v1/namespaces")
 
-Only the Python standard library and PyYAML are used.
+The harness itself uses only the Python standard library and PyYAML; the process kubelet,
+a separate process, uses ``kubernetes_asyncio`` (the ``test`` extra).
 
 The pieces live in sibling modules, re-exported here: ``util`` (errors, logging, polling),
 ``binaries`` (caches and ``build.sh``), ``certs`` (PKI and kubeconfigs), ``apiclient`` (HTTPS
@@ -63,7 +66,7 @@ from certs import (
     CertPair,
     write_kubeconfig,
 )
-from clients import ClusterClients
+from clients import ClusterClients, find_pod_log
 from components import (
     KWOK_NODE_ANNOTATION,
     KWOK_NODE_ANNOTATION_VALUE,
@@ -77,11 +80,26 @@ from components import (
     default_service_account,
     etcd_args,
     etcd_healthy,
+    kubelet_args,
     kwok_args,
     node_ready,
     scheduler_args,
 )
-from processes import Process, _tail, stop_processes
+from kubelet import (
+    DEFAULT_POD_CIDR as PROCESS_POD_CIDR,
+)
+from kubelet import (
+    DEFAULT_PROJECT_IMAGE,
+    FAKE_POD_CIDR,
+    IMAGE_NOT_RUNNABLE,
+    NODE_KIND_LABEL,
+    NODE_KIND_PROCESS,
+    NODE_NAME,
+    PROCESS_PLACEMENT,
+    TAINT_KEY,
+    place_on_process_node,
+)
+from processes import Process, _tail, processes_matching, stop_processes
 from util import HarnessError, LogFn, ToolchainMissingError, _free_port, _stderr_log, poll
 
 __all__ = [
@@ -89,14 +107,22 @@ __all__ = [
     "BUILD_SCRIPT",
     "DEFAULT_NODE_NAMES",
     "DEFAULT_POD_CIDR",
+    "DEFAULT_PROJECT_IMAGE",
     "DEFAULT_SERVICE_CIDR",
     "DEFAULT_SERVICE_IP",
     "HERE",
+    "IMAGE_NOT_RUNNABLE",
     "KWOK_NODE_ANNOTATION",
     "KWOK_NODE_ANNOTATION_VALUE",
     "KWOK_STAGES",
+    "NODE_KIND_LABEL",
+    "NODE_KIND_PROCESS",
     "PKI",
+    "PROCESS_NODE_NAME",
+    "PROCESS_PLACEMENT",
+    "PROCESS_POD_CIDR",
     "STATE_FILE",
+    "TAINT_KEY",
     "TOOL_NAMES",
     "ApiClient",
     "ApiResponse",
@@ -112,18 +138,25 @@ __all__ = [
     "cache_root",
     "default_state_dir",
     "find_go",
+    "find_pod_log",
     "missing_prerequisites",
+    "place_on_process_node",
     "poll",
+    "processes_matching",
     "stop_processes",
     "write_kubeconfig",
 ]
 
 DEFAULT_NODE_NAMES: tuple[str, ...] = ("backdial-kwok-0",)
-DEFAULT_POD_CIDR = "10.244.0.0/16"  # kwok writes pod IPs from here into pod status only
+DEFAULT_POD_CIDR = FAKE_POD_CIDR  # kwok writes pod IPs from here into pod status only
+PROCESS_NODE_NAME = NODE_NAME
 STATE_FILE = "state.json"
+KUBELET = "kubelet"
 
-# Clients of the API server first, then the API server, then its storage.
+# The kubelet first (it stops its containers), then the other clients of the API server,
+# then the API server, then its storage.
 _STOP_ORDER: tuple[tuple[str, ...], ...] = (
+    (KUBELET,),
     ("kwok", "kube-scheduler", "kube-controller-manager"),
     ("kube-apiserver",),
     ("etcd",),
@@ -147,6 +180,8 @@ class Cluster(ClusterClients):
         workdir: Path | None = None,
         *,
         node_names: Sequence[str] = DEFAULT_NODE_NAMES,
+        process_node: bool = True,
+        project_images: Sequence[str] = (DEFAULT_PROJECT_IMAGE,),
         service_cidr: str = DEFAULT_SERVICE_CIDR,
         service_ip: str = DEFAULT_SERVICE_IP,
         pod_cidr: str = DEFAULT_POD_CIDR,
@@ -162,6 +197,8 @@ class Cluster(ClusterClients):
             Path(tempfile.mkdtemp(prefix="backdial-k8s-")) if workdir is None else workdir
         )
         self.node_names = tuple(node_names)
+        self.process_node = process_node
+        self.project_images = tuple(project_images)
         self.service_cidr = service_cidr
         self.service_ip = service_ip
         self.pod_cidr = pod_cidr
@@ -179,6 +216,11 @@ class Cluster(ClusterClients):
         self._api: ApiClient | None = None
 
     # -- public helpers ------------------------------------------------------------------
+
+    @property
+    def all_node_names(self) -> tuple[str, ...]:
+        """The kwok nodes, then the process node (if started)."""
+        return self.node_names + ((NODE_NAME,) if self.process_node else ())
 
     @property
     def server(self) -> str:
@@ -300,6 +342,13 @@ class Cluster(ClusterClients):
         write_kubeconfig(
             run / "kwok.kubeconfig", self.server, self.pki.ca.cert, self.pki.kwok, "backdial-kwok"
         )
+        write_kubeconfig(
+            run / "kubelet.kubeconfig",
+            self.server,
+            self.pki.ca.cert,
+            self.pki.kubelet,
+            "backdial-process-kubelet",
+        )
 
         ep, wd = self._endpoints, self.workdir
         self._spawn("etcd", etcd_args(wd, ep))
@@ -322,6 +371,11 @@ class Cluster(ClusterClients):
         )
         self._spawn("kube-scheduler", scheduler_args(wd, ep, self.verbosity))
         self._spawn("kwok", kwok_args(wd, self.pod_cidr))
+        if self.process_node:
+            self._spawn(
+                KUBELET,
+                kubelet_args(wd, self.logs_dir, NODE_NAME, PROCESS_POD_CIDR, self.project_images),
+            )
         for name in self.node_names:
             create_node(self.api, name)
         for name, port in (
@@ -333,7 +387,7 @@ class Cluster(ClusterClients):
                 timeout=self._remaining(deadline),
                 what=f"{name} /healthz",
             )
-        for name in self.node_names:
+        for name in self.all_node_names:
             poll(
                 functools.partial(self._node_ready, name),
                 timeout=self._remaining(deadline),
@@ -392,6 +446,8 @@ class Cluster(ClusterClients):
             "server": self.server,
             "endpoints": asdict(self._endpoints),
             "node_names": list(self.node_names),
+            "process_node": self.process_node,
+            "project_images": list(self.project_images),
             "binaries": self.binaries.as_tools(),
             "processes": [proc.to_state() for proc in self.processes.values()],
         }
@@ -407,6 +463,8 @@ class Cluster(ClusterClients):
             Binaries.from_tools(state["binaries"]),
             Path(state["workdir"]),
             node_names=state["node_names"],
+            process_node=bool(state.get("process_node", False)),
+            project_images=state.get("project_images") or (DEFAULT_PROJECT_IMAGE,),
             die_with_parent=False,
             log=log,
         )
@@ -425,19 +483,25 @@ class Cluster(ClusterClients):
     # -- internals -----------------------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        binary = {
-            "etcd": self.binaries.etcd,
-            "kube-apiserver": self.binaries.kube_apiserver,
-            "kube-controller-manager": self.binaries.kube_controller_manager,
-            "kube-scheduler": self.binaries.kube_scheduler,
-            "kwok": self.binaries.kwok,
-        }[name]
         env = dict(os.environ)
         for var in ("KUBECONFIG", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
             env.pop(var, None)
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
         env["HOME"] = str(self.workdir / "home")  # kwok reads ~/.kwok/kwok.yaml if present
-        proc = Process(name, [str(binary), *args], str(self.logs_dir / f"{name}.log"))
+        if name == KUBELET:  # a Python program: args start with the interpreter
+            argv = args
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+        else:
+            binary = {
+                "etcd": self.binaries.etcd,
+                "kube-apiserver": self.binaries.kube_apiserver,
+                "kube-controller-manager": self.binaries.kube_controller_manager,
+                "kube-scheduler": self.binaries.kube_scheduler,
+                "kwok": self.binaries.kwok,
+            }[name]
+            argv = [str(binary), *args]
+        proc = Process(name, argv, str(self.logs_dir / f"{name}.log"))
         proc.start(cwd=self.workdir, env=env, die_with_parent=self.die_with_parent)
         self.processes[name] = proc
         self.log(f"started {name} (pid {proc.pid})")
@@ -464,7 +528,7 @@ class Cluster(ClusterClients):
         return component_healthy(port)
 
     def _node_ready(self, name: str) -> bool | None:
-        self._check_alive("kwok")
+        self._check_alive(KUBELET if name == NODE_NAME and self.process_node else "kwok")
         return node_ready(self.api, name)
 
     def _default_service_account(self) -> bool | None:

@@ -150,3 +150,20 @@ def stop_processes(groups: Sequence[Sequence[Process]], grace: float = 10.0) -> 
             if not proc.wait(max(0.0, deadline - time.monotonic())):
                 proc.signal_group(signal.SIGKILL)
                 proc.wait(5.0)
+
+
+def processes_matching(text: str) -> list[int]:
+    """Pids of the host's processes whose command line contains ``text`` (for tests that
+    prove a container left nothing behind)."""
+    found: list[int] = []
+    needle = text.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(int(entry.name))
+    return found
