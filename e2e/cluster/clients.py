@@ -173,3 +173,31 @@ def find_pod_log(logs_dir: Path, pod: str, container: str | None, namespace: str
     if not path.is_file():
         raise HarnessError(f"pod {pod!r} has no log of container {container!r}")
     return path
+
+
+def service_account_with_role(
+    namespace: str, account: str, role: str, rules: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Manifests of a ServiceAccount, a Role with ``rules`` and the RoleBinding between them
+    (named like the Role), for :meth:`ClusterClients.apply`."""
+    rbac = "rbac.authorization.k8s.io"
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": account, "namespace": namespace},
+        },
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "Role",
+            "metadata": {"name": role, "namespace": namespace},
+            "rules": rules,
+        },
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": role, "namespace": namespace},
+            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        },
+    ]

@@ -66,7 +66,7 @@ from certs import (
     CertPair,
     write_kubeconfig,
 )
-from clients import ClusterClients, find_pod_log
+from clients import ClusterClients, find_pod_log, service_account_with_role
 from components import (
     KWOK_NODE_ANNOTATION,
     KWOK_NODE_ANNOTATION_VALUE,
@@ -143,6 +143,7 @@ __all__ = [
     "place_on_process_node",
     "poll",
     "processes_matching",
+    "service_account_with_role",
     "stop_processes",
     "write_kubeconfig",
 ]

@@ -175,36 +175,12 @@ def test_rbac_for_impersonated_service_account(
     """A ServiceAccount may do what its Role grants (200) and nothing else (403)."""
     ns = k8s_namespace
     k8s_cluster.apply(
-        [
-            {
-                "apiVersion": "v1",
-                "kind": "ServiceAccount",
-                "metadata": {"name": "reader", "namespace": ns},
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": "configmap-reader", "namespace": ns},
-                "rules": [
-                    {
-                        "apiGroups": [""],
-                        "resources": ["configmaps"],
-                        "verbs": ["get", "list", "watch"],
-                    }
-                ],
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": "reader-reads-configmaps", "namespace": ns},
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "Role",
-                    "name": "configmap-reader",
-                },
-                "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}],
-            },
-        ]
+        harness.service_account_with_role(
+            ns,
+            "reader",
+            "configmap-reader",
+            [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}],
+        )
     )
     user = f"system:serviceaccount:{ns}:reader"
     configmaps = f"/api/v1/namespaces/{ns}/configmaps"

@@ -183,7 +183,11 @@ def test_readiness_failure_leaves_the_slice_and_liveness_failure_restarts(
         "app",
         command=["python", "-c", PROBED_APP],
         env=[{"name": "LISTEN", "value": "0.0.0.0"}],
-        readinessProbe={"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1},
+        readinessProbe={
+            "httpGet": {"path": "/ready", "port": 8080},
+            "periodSeconds": 1,
+            "failureThreshold": 1,
+        },
         livenessProbe={
             "httpGet": {"path": "/live", "port": 8080},
             "periodSeconds": 1,
@@ -349,30 +353,12 @@ def test_in_cluster_client_uses_its_projected_token_and_rbac(
     and gets 403 for what its Role does not allow."""
     ns = k8s_namespace
     k8s_cluster.apply(
-        [
-            {
-                "apiVersion": "v1",
-                "kind": "ServiceAccount",
-                "metadata": {"name": "lister", "namespace": ns},
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": "pod-lister", "namespace": ns},
-                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}],
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": "lister", "namespace": ns},
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "Role",
-                    "name": "pod-lister",
-                },
-                "subjects": [{"kind": "ServiceAccount", "name": "lister", "namespace": ns}],
-            },
-        ]
+        harness.service_account_with_role(
+            ns,
+            "lister",
+            "pod-lister",
+            [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}],
+        )
     )
     client_container = _container(
         "client",
