@@ -15,6 +15,7 @@ the proxy refuses to start on a lenient parser.
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 from http import HTTPStatus
 from typing import Final
@@ -82,6 +83,20 @@ def drop_named(lines: list[bytes], names: set[bytes]) -> list[bytes]:
     return [ln for ln in lines if ln[: ln.index(b":")].lower() not in names]
 
 
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]")
+
+
+def field_ok(name: bytes, value: bytes) -> bool:
+    """A field name is a token and its value holds no CR, LF or NUL (RFC 9110 §5)."""
+    return _TOKEN.fullmatch(name) is not None and _BAD_VALUE.search(value) is None
+
+
+def expects_continue(value: bytes) -> bool:
+    """An ``Expect`` value this hop can honour: exactly ``100-continue``."""
+    return value.strip().lower() == b"100-continue"
+
+
 def transfer_coding_ok(values: list[bytes]) -> bool:
     """Only a single, exact ``chunked`` coding is accepted (case-insensitive)."""
     return len(values) == 1 and values[0].strip().lower() == b"chunked"
@@ -144,25 +159,74 @@ def path_of(target: bytes) -> bytes:
     return target if q < 0 else target[:q]
 
 
-# -- status lines and small responses --------------------------------------------------------
+# -- status lines, connection and body framing decisions ---------------------------------------
 REASONS: Final[dict[int, bytes]] = {int(s): s.phrase.encode("ascii") for s in HTTPStatus}
 REASONS[413] = b"Content Too Large"  # RFC 9110's name; http.HTTPStatus still has the old one
+
+# Precomputed once: formatting status lines per response showed in profiles.
+STATUS_LINES: Final[dict[int, bytes]] = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()
+}
 
 CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class ConnMode(IntEnum):
-    """The Connection header of a response the proxy writes itself."""
+    """How a response ends its connection, i.e. which Connection field it carries."""
 
-    KEEP = 0  # HTTP/1.1 persistent: no Connection header
-    CLOSE = 1  # "Connection: close"; the writer closes after it
-    KEEP_10 = 2  # HTTP/1.0 client that asked for keep-alive
+    KEEP = 0  # HTTP/1.1 persistent: no Connection field
+    CLOSE = 1  # "Connection: close"; the writer closes after the response
+    KEEP_10 = 2  # HTTP/1.0 peer that asked for keep-alive: "Connection: keep-alive"
+
+
+CONNECTION_LINE: Final[dict[ConnMode, bytes]] = {
+    ConnMode.KEEP: b"",
+    ConnMode.CLOSE: b"Connection: close\r\n",
+    ConnMode.KEEP_10: b"Connection: keep-alive\r\n",
+}
+
+
+def conn_mode(keep_alive: bool, http10: bool) -> ConnMode:
+    if not keep_alive:
+        return ConnMode.CLOSE
+    return ConnMode.KEEP_10 if http10 else ConnMode.KEEP
+
+
+class BodyMode(IntEnum):
+    """How a response body is framed towards the peer."""
+
+    LENGTH = 0  # Content-Length
+    CHUNK = 1  # chunked (HTTP/1.1 peer, length unknown)
+    EOF = 2  # close-delimited (HTTP/1.0 peer, length unknown): the connection ends
+    NONE = 3  # HEAD, 1xx, 204, 304: no body whatever the fields say
+    TUNNEL = 4  # 101 Switching Protocols: raw bytes both ways
+
+
+def body_allowed(status: int, head_only: bool) -> bool:
+    """Whether a response with *status* to this request carries a body (RFC 9110 §6.4.1)."""
+    return not (head_only or status < 200 or status == 204 or status == 304)
+
+
+def body_mode(status: int, head_only: bool, length: int, http10: bool) -> BodyMode:
+    """Framing of a response body: *length* is its size, or -1 when not known up front."""
+    if status == 101:
+        return BodyMode.TUNNEL
+    if not body_allowed(status, head_only):
+        return BodyMode.NONE
+    if length >= 0:
+        return BodyMode.LENGTH
+    return BodyMode.EOF if http10 else BodyMode.CHUNK
 
 
 def status_line(status: int, reason: bytes | None = None) -> bytes:
     """``HTTP/1.1 <status> <reason>``; the standard phrase when *reason* is None."""
     if reason is None:
-        reason = REASONS.get(status, b"")
+        line = STATUS_LINES.get(status)
+        if line is not None:
+            return line
+        if not 100 <= status <= 999:
+            raise ValueError(f"invalid HTTP status {status}")
+        reason = b""
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
 
@@ -190,10 +254,7 @@ def error_response(
     if retry_after >= 0:
         parts.append(b"Retry-After: %d\r\n" % retry_after)
     parts.append(b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body))
-    if mode == ConnMode.CLOSE:
-        parts.append(b"Connection: close\r\n")
-    elif mode == ConnMode.KEEP_10:
-        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(CONNECTION_LINE[mode])
     parts.append(b"\r\n")
     if not head_only:
         parts.append(body)
@@ -214,7 +275,7 @@ def canned(status: int, mode: ConnMode, head_only: bool = False, retry_after: in
     return data
 
 
-# -- body framing ----------------------------------------------------------------------------
+# -- chunked framing -------------------------------------------------------------------------
 LAST_CHUNK: Final = b"0\r\n\r\n"
 
 

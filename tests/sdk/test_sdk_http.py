@@ -18,7 +18,7 @@ from tests.sdk.sdkpeer import run
 
 from backdial import demo
 from backdial.sdk import ListenServer
-from backdial.sdk.http11 import FramingError, ResponseFramer, split_target
+from backdial.sdk.framing import FramingError, ResponseFramer, asgi_target
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,15 +27,16 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _head(data: bytes) -> str:
-    return data.split(b"\r\n\r\n", 1)[0].decode()
+    """The response head, lower-cased (field names are case-insensitive)."""
+    return data.split(b"\r\n\r\n", 1)[0].decode().lower()
 
 
 def test_framer_coalesces_head_and_known_body() -> None:
     f = ResponseFramer(is_head=False, keep_alive=True, http11=True)
     f.start(200, [(b"content-type", b"text/plain")])
     out = f.body(b"hello", False)
-    assert out.startswith(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ndate: ")
-    assert out.endswith(b"content-length: 5\r\n\r\nhello")
+    assert out.startswith(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nDate: ")
+    assert out.endswith(b"Content-Length: 5\r\n\r\nhello")
     assert f.finished and f.keep_alive
 
 
@@ -57,11 +58,11 @@ def test_framer_no_body_statuses_and_head() -> None:
         f = ResponseFramer(is_head=False, keep_alive=True, http11=True)
         f.start(status, [])
         out = f.body(b"ignored", False)
-        assert out.endswith(b"\r\n\r\n") and b"content-length" not in out
+        assert out.endswith(b"\r\n\r\n") and b"content-length" not in out.lower()
     h = ResponseFramer(is_head=True, keep_alive=True, http11=True)
     h.start(200, [(b"content-length", b"20")])
     out = h.body(b"x" * 20, False)
-    assert out.endswith(b"content-length: 20\r\n\r\n")
+    assert out.endswith(b"Content-Length: 20\r\n\r\n")  # HEAD: the length GET would have
 
 
 def test_framer_rejects_bad_headers_and_overlong_body() -> None:
@@ -80,12 +81,14 @@ def test_framer_rejects_bad_headers_and_overlong_body() -> None:
     assert not short.keep_alive, "a truncated body can only be signalled by closing"
 
 
-def test_split_target() -> None:
-    assert split_target(b"/a%20b/c?x=1&y=%20") == ("/a b/c", b"/a%20b/c", b"x=1&y=%20")
-    assert split_target(b"http://h:1/p?q") == ("/p", b"/p", b"q")
-    assert split_target(b"http://h:1?q") == ("/", b"/", b"q")
-    assert split_target(b"/caf%C3%A9") == ("/café", b"/caf%C3%A9", b"")
-    assert split_target(b"*") == ("*", b"*", b"")
+def test_asgi_target() -> None:
+    assert asgi_target(b"/a%20b/c?x=1&y=%20") == ("/a b/c", b"/a%20b/c", b"x=1&y=%20")
+    assert asgi_target(b"http://h:1/p?q") == ("/p", b"/p", b"q")
+    assert asgi_target(b"http://h:1?q") == ("/", b"/", b"q")
+    assert asgi_target(b"/caf%C3%A9") == ("/café", b"/caf%C3%A9", b"")
+    assert asgi_target(b"*") == ("*", b"*", b"")
+    assert asgi_target(b"a/b") is None  # answered 400, as the sidecar does
+    assert asgi_target(b"http://user@h/") is None
 
 
 # --- on real sockets ---------------------------------------------------------------
@@ -164,7 +167,7 @@ def test_malformed_request_gets_400_and_close() -> None:
         async with serving(demo.app) as server:
             out = await raw_exchange(server.bound_port, b"GARBAGE\x01 / HTTP/1.1\r\n\r\n")
             assert out.startswith(b"HTTP/1.1 400 Bad Request\r\n")
-            assert b"connection: close" in out
+            assert b"connection: close" in out.lower()
 
     run(main())
 
@@ -186,10 +189,10 @@ def test_http10_and_connection_close() -> None:
             assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"hello from backdial\n")
             req = b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"
             out = await raw_exchange(server.bound_port, req, expect_close=False)
-            assert b"connection: keep-alive" in out
+            assert b"connection: keep-alive" in out.lower()
             req = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
             out = await raw_exchange(server.bound_port, req)
-            assert b"connection: close" in out
+            assert b"connection: close" in out.lower()
 
     run(main())
 
@@ -232,7 +235,7 @@ def test_app_errors() -> None:
                 req = b"GET %b HTTP/1.1\r\nhost: x\r\n\r\n" % path
                 out = await raw_exchange(port, req, expect_close=False)
                 assert out.startswith(b"HTTP/1.1 500 Internal Server Error")
-                assert b"connection: close" not in out  # the connection stays usable
+                assert b"connection: close" not in out.lower()  # the connection stays usable
             out = await raw_exchange(port, b"GET /after HTTP/1.1\r\nhost: x\r\n\r\n")
             # The head and first chunk went out; the connection is then dropped,
             # so the chunked body never terminates.

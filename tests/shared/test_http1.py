@@ -76,3 +76,53 @@ def test_status_line_cache() -> None:
     assert http1.cached_status_line(299, b"Fine") == b"HTTP/1.1 299 Fine\r\n"
     assert http1.cached_status_line(299, b"Other") == b"HTTP/1.1 299 Other\r\n"
     assert http1.cached_status_line(299, b"Fine") == b"HTTP/1.1 299 Fine\r\n"
+
+
+def test_status_lines() -> None:
+    assert http1.status_line(200) == b"HTTP/1.1 200 OK\r\n"
+    assert http1.status_line(200) is http1.status_line(200)  # precomputed
+    assert http1.status_line(299) == b"HTTP/1.1 299 \r\n"
+    assert http1.status_line(299, b"Fine") == b"HTTP/1.1 299 Fine\r\n"
+    with pytest.raises(ValueError):
+        http1.status_line(99)
+
+
+@pytest.mark.parametrize(
+    ("status", "head_only", "length", "http10", "mode"),
+    [
+        (200, False, 5, False, http1.BodyMode.LENGTH),
+        (200, False, 5, True, http1.BodyMode.LENGTH),
+        (200, False, -1, False, http1.BodyMode.CHUNK),
+        (200, False, -1, True, http1.BodyMode.EOF),
+        (200, True, -1, True, http1.BodyMode.NONE),
+        (204, False, 5, False, http1.BodyMode.NONE),
+        (304, False, -1, False, http1.BodyMode.NONE),
+        (103, False, -1, False, http1.BodyMode.NONE),
+        (101, False, -1, False, http1.BodyMode.TUNNEL),
+    ],
+)
+def test_body_mode(status: int, head_only: bool, length: int, http10: bool, mode: int) -> None:
+    assert http1.body_mode(status, head_only, length, http10) == mode
+
+
+def test_connection_modes() -> None:
+    assert http1.conn_mode(False, False) == ConnMode.CLOSE
+    assert http1.conn_mode(False, True) == ConnMode.CLOSE
+    assert http1.conn_mode(True, False) == ConnMode.KEEP
+    assert http1.conn_mode(True, True) == ConnMode.KEEP_10
+    assert http1.CONNECTION_LINE[ConnMode.KEEP] == b""
+
+
+def test_field_rules() -> None:
+    assert http1.field_ok(b"X-Ok", b"any value, with; punctuation")
+    assert not http1.field_ok(b"bad name", b"v")
+    assert not http1.field_ok(b"x", b"a\r\nset-cookie: b")
+    assert not http1.field_ok(b"x", b"a\x00b")
+    assert http1.expects_continue(b" 100-Continue ")
+    assert not http1.expects_continue(b"100-continue, x")
+    assert {b"connection", b"transfer-encoding", b"upgrade", b"te", b"keep-alive"} <= (
+        http1.HOP_BY_HOP
+    )
+    assert b"host" not in http1.HOP_BY_HOP and b"expect" not in http1.HOP_BY_HOP
+    assert http1.transfer_coding_ok([b" Chunked"]) and not http1.transfer_coding_ok([b"gzip"])
+    assert http1.path_of(b"/a/b?c=d") == b"/a/b" and http1.path_of(b"/x") == b"/x"

@@ -36,10 +36,10 @@ import httptools
 
 from backdial import http1
 from backdial.control import Rejection, ReleaseState
-from backdial.http1 import ConnMode, canned
+from backdial.http1 import BodyMode, ConnMode, body_mode, canned
 from backdial.sidecar.classify import Classifier, IPAddress, classifier_for, parse_ip
 from backdial.sidecar.config import ProxySettings
-from backdial.sidecar.connstate import BodyMode, Deadline, PauseReason
+from backdial.sidecar.connstate import Deadline, PauseReason
 from backdial.sidecar.lease import LeasedConn
 from backdial.sidecar.leasepool import Draining, LeasePool, QueueFull, Refused, Ticket
 from backdial.sidecar.listener import ListenerState
@@ -618,17 +618,8 @@ class ClientProtocol(asyncio.Protocol):
         self._resp_started = True
         self._status = status
         self._progress += 1
-        if r.head_only or status == 204 or status == 304:
-            mode = _M_NONE
-        elif status == 101:
-            mode = _M_TUNNEL
-        elif length >= 0:
-            mode = _M_LENGTH
-        elif r.v10:
-            mode = _M_EOF  # an HTTP/1.0 client cannot take chunked: close-delimited
-        else:
-            mode = _M_CHUNK
-        self._mode = mode
+        # An HTTP/1.0 client cannot take chunked: without a length the body is close-delimited.
+        self._mode = mode = body_mode(status, r.head_only, length, r.v10)
         keep = (
             r.keep_alive
             and mode != _M_EOF

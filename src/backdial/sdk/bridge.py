@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlsplit
 
+from backdial.http1 import HOP_BY_HOP, LAST_CHUNK, chunk, connection_tokens
+
 from .appconn import AppConnection, AppConnectionError
 from .asgitypes import Receive, Scope, Send
 from .connection import ConnectionContext
@@ -26,29 +28,16 @@ from .lifespan import acknowledge_lifespan
 
 log = logging.getLogger("backdial.sdk")
 
-# Hop-by-hop headers (RFC 9110 7.6.1) plus ones whose meaning the bridge re-creates.
-_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"expect",
-    }
-)
+# Hop-by-hop fields, plus Expect: the bridge buffers nothing the app would have to ask for.
+_HOP = HOP_BY_HOP | {b"expect"}
 _KEY = "backdial.bridge.upstream"
 _BAD_GATEWAY = b"Bad Gateway\n"
 
 
 def _strip_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    extra: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            extra.update(token.strip().lower() for token in value.split(b","))
-    return [(n, v) for n, v in headers if n not in _HOP and n not in extra]
+    """Drop hop-by-hop fields and those Connection names (names are lower-case here)."""
+    named = connection_tokens([v for n, v in headers if n == b"connection"])
+    return [(n, v) for n, v in headers if n not in _HOP and n not in named]
 
 
 def request_head(scope: Scope) -> tuple[bytes, bool]:
@@ -169,9 +158,9 @@ async def _send_body(conn: AppConnection, receive: Receive, chunked: bool) -> No
         more = message.get("more_body", False)
         if chunked:
             if data:
-                conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+                conn.write(chunk(data))
             if not more:
-                conn.write(b"0\r\n\r\n")
+                conn.write(LAST_CHUNK)
         elif data:
             conn.write(data)
         await conn.drain()

@@ -21,9 +21,11 @@ from typing import Any, cast
 
 import httptools
 
+from backdial.http1 import ConnMode, canned, expects_continue
+
 from .asgitypes import ASGI_VERSION, ASGIApp
 from .cycle import RequestCycle
-from .http11 import ResponseFramer, simple_response, split_target
+from .framing import ResponseFramer, asgi_target
 
 log = logging.getLogger("backdial.sdk")
 
@@ -31,7 +33,6 @@ HIGH_WATER = 64 * 1024  # buffered request body bytes before reading pauses
 MAX_HEAD = 64 * 1024  # request line + headers; llhttp itself sets no limit
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
-_BAD_REQUEST = b"Bad Request\n"
 
 
 class ServerState:
@@ -102,8 +103,6 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
-        self._conn_close = False
-        self._conn_keep_alive = False
         self._expect_100 = False
         self.context = ConnectionContext()
         self._extensions = {"backdial.connection": self.context}
@@ -178,7 +177,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_size = 0
-        self._conn_close = self._conn_keep_alive = self._expect_100 = False
+        self._expect_100 = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -190,11 +189,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._head_size > MAX_HEAD:
             raise ValueError("request headers too large")  # -> HttpParserCallbackError -> 400
         name = name.lower()
-        if name == b"connection":
-            lvalue = value.lower()
-            self._conn_close |= b"close" in lvalue
-            self._conn_keep_alive |= b"keep-alive" in lvalue
-        elif name == b"expect" and value.lower() == b"100-continue":
+        if name == b"expect" and expects_continue(value):
             self._expect_100 = True
         self._headers.append((name, value))
 
@@ -203,7 +198,10 @@ class HttpProtocol(asyncio.Protocol):
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("ascii")
         http11 = parser.get_http_version() == "1.1"
-        path, raw_path, query = split_target(self._url)
+        target = asgi_target(self._url)
+        if target is None:
+            raise ValueError("unusable request target")  # -> HttpParserCallbackError -> 400
+        path, raw_path, query = target
         state = self.state
         scope: dict[str, Any] = {
             "type": "http",
@@ -222,10 +220,10 @@ class HttpProtocol(asyncio.Protocol):
         }
         if state.lifespan_state is not None:
             scope["state"] = state.lifespan_state.copy()
-        keep_alive = (not self._conn_close) if http11 else self._conn_keep_alive
+        # llhttp applies the Connection rules of both versions (tokens, not substrings).
         framer = ResponseFramer(
             is_head=method == "HEAD",
-            keep_alive=keep_alive and not self.close_after_response,
+            keep_alive=parser.should_keep_alive() and not self.close_after_response,
             http11=http11,
         )
         cycle = RequestCycle(self, scope, framer, self._expect_100 and http11)
@@ -326,7 +324,7 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
             return
         if self.cycle is None and self.transport is not None:
-            self.transport.write(simple_response(400, _BAD_REQUEST, close=True))
+            self.transport.write(canned(400, ConnMode.CLOSE))
             self._close()
         # else: the request being answered finishes with Connection: close
 

@@ -14,13 +14,14 @@ import asyncio
 import logging
 from typing import Protocol
 
+from backdial.http1 import CONTINUE_100, canned, conn_mode
+
 from .asgitypes import ASGIApp, Message, Scope
-from .http11 import CONTINUE_100, FramingError, ResponseFramer, simple_response
+from .framing import FramingError, ResponseFramer
 
 log = logging.getLogger("backdial.sdk")
 
 _DISCONNECT: dict[str, str] = {"type": "http.disconnect"}
-_ERROR_500 = b"Internal Server Error\n"
 
 
 class InFlight(Protocol):
@@ -226,11 +227,12 @@ class RequestCycle:
             conn.abort()  # a half-written response cannot be repaired
             return
         self.response_started = True
-        close = not self.framer.keep_alive or conn.close_after_response
-        self.framer = ResponseFramer(is_head=False, keep_alive=not close, http11=True)
+        keep = self.framer.keep_alive and not conn.close_after_response
+        http11 = self.framer.http11
+        self.framer = ResponseFramer(is_head=False, keep_alive=keep, http11=http11)
         transport = conn.transport
         if transport is not None:
-            transport.write(simple_response(500, _ERROR_500, close=close))
+            transport.write(canned(500, conn_mode(keep, not http11)))
         self.response_complete = True
         self._wake()
         conn.response_complete(self)
