@@ -224,13 +224,19 @@ def test_readiness_failure_leaves_the_slice_and_liveness_failure_restarts(
     assert k8s_cluster.pod_logs("probed", namespace=ns).count("started") == 2
 
 
-def test_deletion_runs_prestop_then_sigterm_then_kills_and_stops_sidecars_last(
+def test_start_order_and_deletion_prestop_sigterm_kill_sidecars_last(
     k8s_cluster: harness.Cluster, k8s_namespace: str
 ) -> None:
-    """preStop runs, then SIGTERM; an app ignoring SIGTERM is killed after the grace period;
-    the native sidecar gets SIGTERM only after that; the pod object then goes away."""
+    """Start: the init container runs first, the app starts only once the native sidecar's
+    startup probe passed. Deletion: preStop, then SIGTERM; an app ignoring SIGTERM is
+    killed after the grace period; the sidecar gets SIGTERM only after that; the pod
+    object then goes away and no process is left."""
     ns = k8s_namespace
     marker = uuid.uuid4().hex
+    shared = [{"name": "shared", "mountPath": "/shared"}]
+    init = _container(
+        "init", command=["sh", "-c", "echo init-done > /shared/init"], volumeMounts=shared
+    )
     sidecar = _container(
         "side",
         restartPolicy="Always",
@@ -240,8 +246,12 @@ def test_deletion_runs_prestop_then_sigterm_then_kills_and_stops_sidecars_last(
             "import signal, sys, time\n"
             "def term(*a):\n    print('side-term', time.time(), flush=True); sys.exit(0)\n"
             "signal.signal(signal.SIGTERM, term)\nprint('side-up', flush=True)\n"
+            "time.sleep(1)\nprint('side-ready', time.time(), flush=True)\n"
+            "open('/shared/ready', 'w').close()\n"
             "while True: time.sleep(1)\n",
         ],
+        volumeMounts=shared,
+        startupProbe={"exec": {"command": ["test", "-f", "/shared/ready"]}, "periodSeconds": 1},
     )
     app = _container(
         "app",
@@ -250,15 +260,26 @@ def test_deletion_runs_prestop_then_sigterm_then_kills_and_stops_sidecars_last(
             "-c",
             f"# {marker}\nimport signal, time\n"
             "signal.signal(signal.SIGTERM, lambda *a: print('app-term', time.time(), flush=True))\n"
-            "print('app-up', flush=True)\nwhile True: time.sleep(0.1)\n",
+            "print('app-up', time.time(), open('/shared/init').read().strip(), flush=True)\n"
+            "while True: time.sleep(0.1)\n",
         ],
+        volumeMounts=shared,
         lifecycle={"preStop": {"exec": {"command": ["sh", "-c", "echo prestop >> /proc/1/fd/1"]}}},
     )
     k8s_cluster.apply(
-        _pod("graceful", ns, [app], initContainers=[sidecar], terminationGracePeriodSeconds=2)
+        _pod(
+            "graceful",
+            ns,
+            [app],
+            initContainers=[init, sidecar],
+            terminationGracePeriodSeconds=2,
+            volumes=[{"name": "shared", "emptyDir": {}}],
+        )
     )
     (pod,) = _wait_ready(k8s_cluster, ns, "graceful", 1)
-    assert pod["status"]["initContainerStatuses"][0]["started"] is True
+    init_status, side_status = pod["status"]["initContainerStatuses"]
+    assert init_status["state"]["terminated"]["reason"] == "Completed"
+    assert side_status["started"] is True and "running" in side_status["state"]
     uid = pod["metadata"]["uid"]
 
     started = time.monotonic()
@@ -267,18 +288,50 @@ def test_deletion_runs_prestop_then_sigterm_then_kills_and_stops_sidecars_last(
     gone = k8s_cluster.api.request("GET", f"/api/v1/namespaces/{ns}/pods/graceful")
     assert gone.status == 404 or gone.json()["metadata"]["uid"] != uid
 
-    app_log = k8s_cluster.pod_logs("graceful", "app", namespace=ns).splitlines()
-    assert app_log[0] == "app-up"
-    assert app_log[1] == "prestop"  # the hook ran before SIGTERM
-    assert app_log[2].startswith("app-term ")
-    term_at = float(app_log[2].split()[1])
-    side_log = k8s_cluster.pod_logs("graceful", "side", namespace=ns).splitlines()
-    assert side_log[0] == "side-up"
-    side_term_at = float(side_log[1].split()[1])
-    # The sidecar was stopped after the app, and the app had the whole grace period.
-    assert side_term_at - term_at >= 1.5
-    leftovers = harness.processes_matching(marker)
-    assert leftovers == []
+    def lines(container: str) -> list[list[str]]:
+        text = k8s_cluster.pod_logs("graceful", container, namespace=ns)
+        return [line.split() for line in text.splitlines()]
+
+    app_log, side_log = lines("app"), lines("side")
+    assert [line[0] for line in app_log] == ["app-up", "prestop", "app-term"]
+    assert [line[0] for line in side_log] == ["side-up", "side-ready", "side-term"]
+    assert app_log[0][2] == "init-done"  # the init container ran first, in the same emptyDir
+    assert float(app_log[0][1]) >= float(side_log[1][1])  # after the sidecar's startup
+    # The hook ran before SIGTERM (log order); the sidecar was stopped after the app, and
+    # the app had the whole grace period.
+    assert float(side_log[2][1]) - float(app_log[2][1]) >= 1.5
+    assert harness.processes_matching(marker) == []
+
+
+def test_configmap_volume_follows_updates(k8s_cluster: harness.Cluster, k8s_namespace: str) -> None:
+    """A configMap volume is rewritten when the ConfigMap changes (readiness reads it)."""
+    ns = k8s_namespace
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "settings", "namespace": ns},
+        "data": {"mode": "on"},
+    }
+    watcher = _container(
+        "watcher",
+        command=["sleep", "1000"],
+        volumeMounts=[{"name": "settings", "mountPath": "/etc/settings", "readOnly": True}],
+        readinessProbe={
+            "exec": {"command": ["grep", "-qx", "on", "/etc/settings/mode"]},
+            "periodSeconds": 1,
+            "failureThreshold": 1,
+        },
+    )
+    volume = {"name": "settings", "configMap": {"name": "settings"}}
+    k8s_cluster.apply([configmap, _pod("watcher", ns, [watcher], volumes=[volume])])
+    _wait_ready(k8s_cluster, ns, "watcher", 1)
+    k8s_cluster.apply({**configmap, "data": {"mode": "off"}})
+
+    def unready() -> bool | None:
+        pod = k8s_cluster.get_json(f"/api/v1/namespaces/{ns}/pods/watcher")
+        return True if not _ready(pod) else None
+
+    assert harness.poll(unready, timeout=30, interval=0.25, what="the pod to see the new value")
 
 
 def test_emptydir_shared_within_a_pod_not_across_pods(
@@ -340,6 +393,7 @@ async def main():
         except ApiException as exc:
             out["secrets"] = exc.status
     out["token"] = open("/var/run/secrets/kubernetes.io/serviceaccount/token").read()
+    out["backdial_token"] = open("/var/run/secrets/backdial/token").read()
     print(json.dumps(out), flush=True)
 
 asyncio.run(main())
@@ -364,10 +418,30 @@ def test_in_cluster_client_uses_its_projected_token_and_rbac(
         "client",
         command=["python", "-c", IN_CLUSTER_CLIENT],
         env=[{"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        volumeMounts=[{"name": "backdial-token", "mountPath": "/var/run/secrets/backdial"}],
     )
+    token_volume = {
+        "name": "backdial-token",
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": "backdial",
+                        "expirationSeconds": 3600,
+                        "path": "token",
+                    }
+                }
+            ]
+        },
+    }
     k8s_cluster.apply(
         _pod(
-            "incluster", ns, [client_container], serviceAccountName="lister", restartPolicy="Never"
+            "incluster",
+            ns,
+            [client_container],
+            serviceAccountName="lister",
+            restartPolicy="Never",
+            volumes=[token_volume],
         )
     )
 
@@ -383,11 +457,20 @@ def test_in_cluster_client_uses_its_projected_token_and_rbac(
     assert result["resolved"] == "127.0.0.1"  # kubernetes.default.svc via the pod's /etc/hosts
     assert result["listed"] == ["incluster"]
     assert result["secrets"] == 403
-    claims = json.loads(base64.urlsafe_b64decode(result["token"].split(".")[1] + "=="))
+    bound_pod = {"name": "incluster", "uid": pod["metadata"]["uid"]}
+    claims = _claims(result["token"])
     assert claims["sub"] == f"system:serviceaccount:{ns}:lister"
-    assert claims["kubernetes.io"]["pod"] == {"name": "incluster", "uid": pod["metadata"]["uid"]}
+    assert claims["kubernetes.io"]["pod"] == bound_pod
+    custom = _claims(result["backdial_token"])  # the projected volume with an audience
+    assert custom["aud"] == ["backdial"] and custom["kubernetes.io"]["pod"] == bound_pod
+    assert custom["exp"] - custom["iat"] == 3600
     status = pod["status"]["containerStatuses"][0]
     assert status["state"]["terminated"]["exitCode"] == 0
+
+
+def _claims(token: str) -> dict[str, Any]:
+    payload: dict[str, Any] = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    return payload
 
 
 def test_foreign_image_is_not_run(k8s_cluster: harness.Cluster, k8s_namespace: str) -> None:
