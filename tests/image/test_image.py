@@ -65,9 +65,19 @@ print(json.dumps({
 }))
 """
     out = docker(
-        "run", "--rm", "--read-only", "--network", "none", "--cap-drop", "ALL",
-        "--entrypoint", "python3", image, "-c", probe,
-    )  # fmt: skip
+        "run",
+        "--rm",
+        "--read-only",
+        "--network",
+        "none",
+        "--cap-drop",
+        "ALL",
+        "--entrypoint",
+        "python3",
+        image,
+        "-c",
+        probe,
+    )
     facts = json.loads(out)
     # apt-get stays: it is part of the Debian base, not something the build added.
     assert facts == {
@@ -110,12 +120,22 @@ def test_acceptor_sidecar_demo_containers_serve_through_a_leased_session(
         name = f"backdial-{role}-{suffix}"
         containers.append(name)
         docker(
-            "run", "--detach", "--name", name,
-            "--read-only", "--network", "host", "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges",
-            "--mount", f"source={volume},target={RUN_DIR}",
-            image, *args,
-        )  # fmt: skip
+            "run",
+            "--detach",
+            "--name",
+            name,
+            "--read-only",
+            "--network",
+            "host",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--mount",
+            f"source={volume},target={RUN_DIR}",
+            image,
+            *args,
+        )
         return name
 
     acceptor = run(
@@ -127,13 +147,26 @@ def test_acceptor_sidecar_demo_containers_serve_through_a_leased_session(
         what="acceptor /healthz",
     )
     run(
-        "sidecar", "sidecar", "--run-dir", RUN_DIR,
-        "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{sidecar_admin}",
-    )  # fmt: skip
+        "sidecar",
+        "sidecar",
+        "--run-dir",
+        RUN_DIR,
+        "--listen",
+        f"127.0.0.1:{listen}",
+        "--admin",
+        f"127.0.0.1:{sidecar_admin}",
+    )
     run(
-        "demo", "serve", "backdial.demo:app", "--sessions", "2", "--instance", "image-demo",
-        "--register", f"unix://{RUN_DIR}/register.sock",
-    )  # fmt: skip
+        "demo",
+        "serve",
+        "backdial.demo:app",
+        "--sessions",
+        "2",
+        "--instance",
+        "image-demo",
+        "--register",
+        f"unix://{RUN_DIR}/register.sock",
+    )
     # Ready only once the demo's sessions are registered at the acceptor.
     wait_for(
         lambda: http_get(f"http://127.0.0.1:{sidecar_admin}/readyz")[0] == 200,
@@ -163,10 +196,13 @@ def test_acceptor_sidecar_demo_containers_serve_through_a_leased_session(
 
     # Read-only root filesystem, non-root uid; the shared volume is where the sockets live.
     check = docker(
-        "exec", acceptor, "python3", "-c",
+        "exec",
+        acceptor,
+        "python3",
+        "-c",
         "import os, errno\n"
         "try:\n    open('/opt/backdial/x', 'w')\nexcept OSError as e:\n    err = e.errno\n"
         f"st = os.stat('{RUN_DIR}/register.sock')\n"
         "print(os.getuid(), errno.errorcode[err], st.st_uid)",
-    )  # fmt: skip
+    )
     assert check.split() == [str(UID), "EROFS", str(UID)]
