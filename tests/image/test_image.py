@@ -191,7 +191,9 @@ def test_acceptor_sidecar_demo_containers_serve_through_a_leased_session(
 
     # The answers came over leased sessions: the acceptor granted leases.
     _, metrics, _ = http_get(f"http://127.0.0.1:{acceptor_admin}/metrics")
-    granted = re.search(rb"^backdial_leases_granted_total(?:\{[^}]*\})? (\S+)$", metrics, re.M)
+    granted = re.search(
+        rb"^backdial_acceptor_leases_granted_total(?:\{[^}]*\})? (\S+)$", metrics, re.M
+    )
     assert granted is not None and float(granted.group(1)) >= 1, metrics.decode()[-2000:]
 
     # Read-only root filesystem, non-root uid; the shared volume is where the sockets live.
