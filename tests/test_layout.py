@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import operator
+import os
 import subprocess
 import sys
 import tomllib
@@ -168,3 +169,25 @@ def test_no_import_cycles_between_modules() -> None:
     for name in sorted(edges):
         if name not in state:
             visit(name, [name])
+
+
+def test_bad_env_values_exit_1_with_one_line() -> None:
+    # Environment values are parsed like flags: a bad one is one line, never a traceback.
+    for name, value, command in (
+        ("BACKDIAL_WORKERS", "x", "sidecar"),
+        ("BACKDIAL_DRAIN_TIMEOUT", "soon", "sidecar"),
+        ("BACKDIAL_RELOAD_INTERVAL", "fast", "acceptor"),
+        ("BACKDIAL_CONTROL_UIDS", "nosuchuser", "acceptor"),
+        ("BACKDIAL_PORT", "x", "up"),
+        ("BACKDIAL_SESSIONS", "many", "up"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "backdial.cli", command],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, name: value},
+        )
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1, (name, out.stderr)
+        assert len(lines) == 1 and "error" in lines[0], (name, out.stderr)

@@ -10,6 +10,7 @@ maps between bytes and the dataclasses below.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 VERSION = 1
 MAX_RECORD = 1 << 20  # CONFIG carries the slice table; everything else is tiny
 MAX_FDS = 64  # sessions per GRANT record (well under the kernel's SCM_MAX_FD)
+MAX_WANT = 1_000_000  # a WANT count can never exceed the largest queue.maxWaiting
+MAX_NAME = 256  # service and slice names (wire values are at most 128 characters)
+MAX_STATS = 4096  # counters in one STATS record
 
 
 class Kind(IntEnum):
@@ -204,9 +208,32 @@ def _build(kind: Kind, data: dict[str, Any]) -> Message:
         return Release(items)
     cls = _CLASS[kind]
     msg: Message = cls(**_fields(data, cls))
-    if isinstance(msg, Want) and msg.n < 0:
-        raise ValueError("want n must be >= 0")
+    if isinstance(msg, Want):
+        if not 0 <= msg.n <= MAX_WANT:
+            raise ValueError(f"want n must be 0..{MAX_WANT}")
+        if len(msg.service) > MAX_NAME or len(msg.slice) > MAX_NAME:
+            raise ValueError(f"want names longer than {MAX_NAME}")
+    elif isinstance(msg, Stats):
+        _check_counters(msg.counters)
     return msg
+
+
+def _check_counters(counters: Any) -> None:
+    """STATS values feed exported counters: string keys, finite non-negative numbers."""
+    if not isinstance(counters, dict):
+        raise TypeError("counters must be an object")
+    if len(counters) > MAX_STATS:
+        raise ValueError(f"more than {MAX_STATS} counters")
+    for key, value in counters.items():
+        if len(key) > MAX_NAME:
+            raise ValueError(f"counter name longer than {MAX_NAME}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(f"counter {key[:40]!r} must be a finite number >= 0")
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {

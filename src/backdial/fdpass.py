@@ -3,7 +3,9 @@
 asyncio has no transport for SEQPACKET sockets, so :class:`Channel` drives a
 non-blocking socket with ``add_reader``/``add_writer`` directly.  Records and
 the descriptors attached to them are delivered together; outgoing records are
-queued when the kernel buffer is full so ``send`` never blocks the loop.
+queued when the kernel buffer is full so ``send`` never blocks the loop.  That
+queue is bounded (bytes and descriptors): a peer that stops reading is
+disconnected rather than allowed to pile up duplicated descriptors here.
 """
 
 from __future__ import annotations
@@ -11,14 +13,26 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
 
 from backdial import control
 
+log = logging.getLogger("backdial.control")
+
 _FD_SIZE = array.array("i").itemsize
 _ANC_SPACE = socket.CMSG_SPACE(control.MAX_FDS * _FD_SIZE)
+
+# Outgoing records a peer may leave unread before it is disconnected.  The kernel
+# buffer absorbs normal bursts; these only bound a peer that stopped reading.
+MAX_PENDING_BYTES = 16 << 20  # sixteen full-size CONFIG records
+MAX_PENDING_FDS = 1024
+
+
+class PeerNotReading(control.ProtocolError):
+    """The peer left more than the pending-record bound unread."""
 
 
 def send_record(sock: socket.socket, record: bytes, fds: Sequence[int] = ()) -> None:
@@ -69,6 +83,8 @@ class Channel:
         self._on_record = on_record
         self._on_close = on_close
         self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self._pending_bytes = 0
+        self._pending_fds = 0
         self._writing = False
         self.closed = False
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -77,8 +93,21 @@ class Channel:
         """Queue *msg*; descriptors are duplicated, so the caller keeps its own."""
         if self.closed:
             return
-        owned = [os.dup(fd) for fd in fds]
-        self._out.append((control.encode(msg), owned))
+        record = control.encode(msg)
+        if self._out and (
+            self._pending_bytes + len(record) > MAX_PENDING_BYTES
+            or self._pending_fds + len(fds) > MAX_PENDING_FDS
+        ):
+            self.close(PeerNotReading(f"peer left {len(self._out)} records unread"))
+            return
+        try:
+            owned = [os.dup(fd) for fd in fds]
+        except OSError as exc:  # EMFILE: better to lose this peer than to half-send
+            self.close(exc)
+            return
+        self._out.append((record, owned))
+        self._pending_bytes += len(record)
+        self._pending_fds += len(owned)
         if not self._writing:
             self._flush()
 
@@ -96,6 +125,8 @@ class Channel:
                 self.close(exc)
                 return
             self._out.popleft()
+            self._pending_bytes -= len(record)
+            self._pending_fds -= len(fds)
             for fd in fds:
                 os.close(fd)
         if self._writing:
@@ -121,7 +152,12 @@ class Channel:
                     os.close(fd)
                 self.close(exc)
                 return
-            self._on_record(msg, fds)
+            try:
+                self._on_record(msg, fds)
+            except Exception as exc:  # a handler bug: drop this peer, keep the process
+                log.exception("control record %s could not be handled", type(msg).__name__)
+                self.close(exc)
+                return
             if self.closed:
                 return
 
@@ -138,5 +174,6 @@ class Channel:
             for fd in fds:
                 os.close(fd)
         self._out.clear()
+        self._pending_bytes = self._pending_fds = 0
         self.sock.close()
         self._on_close(exc)

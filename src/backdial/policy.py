@@ -141,6 +141,9 @@ class Limits(_Model):
     lease_prefetch: int = Field(default=8, ge=0, le=64, alias="leasePrefetch")
     lease_idle_release: Duration = Field(default=2.0, alias="leaseIdleRelease")
     retry_after: int = Field(default=1, ge=0, le=3600, alias="retryAfter")
+    # Service names are metric labels: bound how many exist and forget unused ones.
+    max_services: int = Field(default=256, ge=1, le=100_000, alias="maxServices")
+    forget_services_after: Duration = Field(default=60.0, alias="forgetServicesAfter")
 
 
 class Policy(_Model):

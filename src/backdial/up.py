@@ -49,19 +49,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--port",
         type=int,
-        default=int(env("PORT", "8080") or 8080),
+        default=env("PORT", "8080"),
         help="client port of the sidecar (default 8080)",
     )
     p.add_argument(
         "--admin-port",
         type=int,
-        default=int(env("ADMIN_PORT", "9901") or 9901),
+        default=env("ADMIN_PORT", "9901"),
         help="acceptor admin port; the sidecar's admin is the next port (default 9901)",
     )
     p.add_argument(
         "--sessions",
         type=int,
-        default=int(env("SESSIONS", "16") or 16),
+        default=env("SESSIONS", "16"),
         help="sessions the demo service registers (default 16)",
     )
     p.add_argument("--workers", type=int, default=1, help="sidecar worker processes (default 1)")

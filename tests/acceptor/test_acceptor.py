@@ -17,35 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.acceptor.conftest import PRE, RawWorker, services
 from tests.helpers import free_port, get_json, http_get, register, wait_for
 
-from backdial import control, fdpass, wire
-
-PRE = b"BDREG/1 service=demo instance=a1\r\n"
-
-
-@pytest.fixture
-def acceptor(procs, run_dir: Path):  # type: ignore[no-untyped-def]
-    def start(config: str | None = None, tcp: bool = False):  # type: ignore[no-untyped-def]
-        admin = f"127.0.0.1:{free_port()}"
-        args = ["acceptor", "--run-dir", str(run_dir), "--admin", admin, "--reload-interval", "0.2"]
-        if config is not None:
-            path = run_dir / "config.yaml"
-            path.write_text(config)
-            args += ["--config", str(path)]
-        reg_tcp = None
-        if tcp:
-            reg_tcp = ("127.0.0.1", free_port())
-            args += ["--register-tcp", f"{reg_tcp[0]}:{reg_tcp[1]}"]
-        proc = procs(*args, name="acceptor")
-        wait_for(lambda: http_get(f"http://{admin}/healthz")[0] == 200, what="acceptor")
-        return proc, admin, reg_tcp
-
-    return start
-
-
-def services(admin: str) -> dict:  # type: ignore[type-arg]
-    return get_json(f"http://{admin}/v1/state")["services"]
+from backdial import control, wire
 
 
 def test_registration_ok_and_state(acceptor, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -151,28 +126,6 @@ def test_dead_and_retired_sessions_are_dropped_alone(acceptor, run_dir: Path) ->
     metrics = http_get(f"http://{admin}/metrics")[1].decode()
     assert 'backdial_acceptor_sessions_dropped_total{reason="retired"} 1' in metrics
     assert 'backdial_acceptor_sessions_dropped_total{reason="protocol"} 1' in metrics
-
-
-class RawWorker:
-    """A control-socket client built only from docs/protocol.md."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.settimeout(5)
-        self.sock.connect(str(run_dir / "control.sock"))
-
-    def send(self, msg: control.Message) -> None:
-        fdpass.send_record(self.sock, control.encode(msg))
-
-    def recv(self, kind: type) -> tuple[control.Message, list[int]]:  # type: ignore[type-arg]
-        while True:
-            record, fds = fdpass.recv_record(self.sock)
-            assert record, "control socket closed"
-            msg = control.decode(record)
-            if isinstance(msg, kind):
-                return msg, fds
-            for fd in fds:
-                os.close(fd)
 
 
 def test_control_grant_release_and_http_over_leased_fd(acceptor, run_dir: Path) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,11 @@ from backdial.adminhttp import AdminRequest, AdminResponse
 from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
 from backdial.policy import PolicyError, Route, policy_from_data
 
+# Rejection reasons workers report in STATS (``rejected|<slice>|<reason>``).
+REJECT_REASONS = frozenset({"queue_full", "timeout", "draining"})
+# Services waited for but not registered that get a label of their own.
+MAX_UNREGISTERED = 32
+
 
 def state(acc: Acceptor) -> dict[str, Any]:
     ledger = acc.ledger
@@ -98,9 +103,18 @@ def metrics(acc: Acceptor) -> bytes:
             rows_quota.append((labels, float(quotas.get(sl, 0))))
             rows_leased.append((labels, float(book.leased[sl])))
             rows_waiting.append((labels, float(waiting[(name, sl)])))
-    for (service, sl), n in waiting.items():
-        if service not in ledger.services:  # waiting for a service nobody registered yet
-            rows_waiting.append(({"service": service or "(default)", "slice": sl}, float(n)))
+    # Waiting for a service nobody registered yet (an HPA may scale it from zero): a
+    # few names by their own label, the rest summed, so labels stay bounded.
+    unknown: collections.Counter[tuple[str, str]] = collections.Counter()
+    names: set[str] = set()
+    for (service, sl), n in sorted(waiting.items()):
+        if service not in ledger.services and sl in slices:
+            if service in names or len(names) < MAX_UNREGISTERED:
+                names.add(service)
+                unknown[(service or "(default)", sl)] += n
+            else:
+                unknown[("(other)", sl)] += n
+    rows_waiting += [({"service": s, "slice": sl}, float(n)) for (s, sl), n in unknown.items()]
     exp.family(
         "backdial_sessions_registered",
         "gauge",
@@ -138,11 +152,13 @@ def metrics(acc: Acceptor) -> bytes:
         [({}, float(len(acc.workers)))],
     )
     totals = _worker_totals(acc)
-    rejected = [
-        ({"slice": key.split("|")[1], "reason": key.split("|")[2]}, float(v))
-        for key, v in sorted(totals.items())
-        if key.startswith("rejected|")
-    ]
+    rejected = []
+    for key, v in sorted(totals.items()):
+        kind, _, rest = key.partition("|")
+        sl, _, reason = rest.partition("|")
+        # Worker-reported keys become labels only in their documented shape.
+        if kind == "rejected" and sl in slices and reason in REJECT_REASONS:
+            rejected.append(({"slice": sl, "reason": reason}, float(v)))
     exp.family(
         "backdial_requests_rejected_total",
         "counter",
@@ -197,6 +213,24 @@ def metrics(acc: Acceptor) -> bytes:
         "counter",
         "Config reloads by result.",
         [({"result": k}, float(v)) for k, v in sorted(c.reloads.items())],
+    )
+    exp.family(
+        "backdial_acceptor_peers_refused_total",
+        "counter",
+        "Connections refused on a UNIX socket because of the peer's uid, by socket.",
+        [({"socket": k}, float(v)) for k, v in sorted(c.peers_refused.items())],
+    )
+    exp.family(
+        "backdial_acceptor_control_violations_total",
+        "counter",
+        "Control peers that broke a bound (disconnected, or clamped for want_clamped).",
+        [({"kind": k}, float(v)) for k, v in sorted(c.violations.items())],
+    )
+    exp.family(
+        "backdial_acceptor_services_forgotten_total",
+        "counter",
+        "Service names forgotten after having no sessions (forgetServicesAfter, maxServices).",
+        [({}, float(c.services_forgotten))],
     )
     exp.family(
         "backdial_acceptor_config_generation",

@@ -68,6 +68,7 @@ class ServiceBook:
     leased: collections.Counter[str] = field(default_factory=collections.Counter)
     idle_count: int = 0
     total: int = 0
+    empty_since: float = 0.0  # when a sweep first saw it without sessions (0: it has some)
 
 
 def apportion(total: int, shares: dict[str, int]) -> dict[str, int]:
@@ -184,6 +185,44 @@ class Ledger:
             for hkey in [k for k in self.held_by if k[1] == reg.id]:
                 del self.held_by[hkey]
         return sess
+
+    # -- forgetting services -------------------------------------------------------
+    # A service name lives on (metrics, default-service choice) while it has sessions
+    # and for a while after, so a restarting service keeps its series; names that
+    # come and go must not grow the books, /metrics and /v1/state without bound.
+    def sweep_services(self, now: float, ttl: float) -> list[str]:
+        """Forget services without sessions for *ttl* seconds (as seen by sweeps)."""
+        gone: list[str] = []
+        for name, book in self.services.items():
+            if book.total or book.registrants:
+                book.empty_since = 0.0
+            elif not book.empty_since:
+                book.empty_since = now
+            elif now - book.empty_since >= ttl:
+                gone.append(name)
+        for name in gone:
+            self._forget_service(name)
+        return gone
+
+    def evict_empty_service(self) -> str | None:
+        """Make room for a new service: forget the longest-empty one, if any is empty."""
+        empty = [
+            (book.empty_since or float("inf"), name)
+            for name, book in self.services.items()
+            if not book.total and not book.registrants
+        ]
+        if not empty:
+            return None
+        name = min(empty)[1]
+        self._forget_service(name)
+        return name
+
+    def _forget_service(self, name: str) -> None:
+        del self.services[name]
+        self.service_order.remove(name)
+        self._quota_cache.pop(name, None)
+        for rkey in [k for k in self.recalls if k[1] == name]:
+            del self.recalls[rkey]
 
     # -- workers ----------------------------------------------------------------
     def add_worker(self, worker: int) -> None:

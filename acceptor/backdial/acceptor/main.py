@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from backdial.acceptor.admin import AdminAPI, apply_overlay
-from backdial.acceptor.server import Acceptor
+from backdial.acceptor.server import Acceptor, SocketTrust
 from backdial.adminhttp import start_admin
 from backdial.policy import Policy, PolicyError, load_policy, policy_from_data
 from backdial.runtime import (
@@ -30,6 +30,7 @@ from backdial.runtime import (
     run,
     setup_logging,
 )
+from backdial.trust import Uids
 
 log = logging.getLogger("backdial.acceptor")
 
@@ -40,6 +41,7 @@ class AcceptorSettings:
     config: Path | None
     admin: tuple[str, int]
     register_tcp: tuple[str, int] | None
+    trust: SocketTrust
     reload_interval: float
     log_level: str
 
@@ -73,11 +75,24 @@ def parser() -> argparse.ArgumentParser:
         help="also accept registrations on HOST:PORT (env BACKDIAL_REGISTER_TCP)",
     )
     p.add_argument(
+        "--register-uids",
+        default=env("REGISTER_UIDS", "self"),
+        help="uids (or user names, comma-separated) allowed to connect to register.sock, "
+        "or 'any' (env BACKDIAL_REGISTER_UIDS; default self: the acceptor's own uid). "
+        "In a pod: 'any', so app containers running as other users can register",
+    )
+    p.add_argument(
+        "--control-uids",
+        default=env("CONTROL_UIDS", "self"),
+        help="uids allowed on control.sock and admin.sock: they can lease every session "
+        "(env BACKDIAL_CONTROL_UIDS; default self)",
+    )
+    p.add_argument(
         "--reload-interval",
         type=float,
-        default=float(env("RELOAD_INTERVAL", "1.0") or 1.0),
+        default=env("RELOAD_INTERVAL", "1.0"),
         help="seconds between config file change checks; 0 disables polling "
-        "(SIGHUP always reloads)",
+        "(SIGHUP always reloads; env BACKDIAL_RELOAD_INTERVAL)",
     )
     p.add_argument(
         "--log-level",
@@ -91,11 +106,19 @@ def settings_from(argv: list[str]) -> AcceptorSettings:
     ns = parser().parse_args(argv)
     if ns.reload_interval < 0:
         raise ConfigError("--reload-interval must be >= 0")
+    try:
+        trust = SocketTrust(
+            register=Uids.parse(ns.register_uids, "--register-uids"),
+            control=Uids.parse(ns.control_uids, "--control-uids"),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return AcceptorSettings(
         run_dir=Path(ns.run_dir),
         config=Path(ns.config) if ns.config else None,
         admin=parse_hostport(ns.admin, "--admin"),
         register_tcp=parse_hostport(ns.register_tcp, "--register-tcp") if ns.register_tcp else None,
+        trust=trust,
         reload_interval=ns.reload_interval,
         log_level=ns.log_level,
     )
@@ -140,7 +163,7 @@ class Reloader:
 
 
 async def serve(cfg: AcceptorSettings, policy: Policy, stop: asyncio.Event) -> int:
-    acc = Acceptor(cfg.run_dir, policy, cfg.register_tcp)
+    acc = Acceptor(cfg.run_dir, policy, cfg.register_tcp, cfg.trust)
     overlay: dict[str, Any] = {}
     try:
         await acc.start()

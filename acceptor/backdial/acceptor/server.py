@@ -4,6 +4,11 @@ All decisions are delegated to :class:`~backdial.acceptor.ledger.Ledger`; this
 module moves bytes and descriptors.  The acceptor keeps its own descriptor of
 every session, also while a worker leases it, so it can reclaim the session
 (shut it down) if that worker vanishes.
+
+Peers are not trusted blindly: UNIX sockets admit only allowed uids
+(``SO_PEERCRED``), and every control peer is bounded (connections, time to
+HELLO, WANT counts and keys, listeners, unread records) so that a faulty or
+hostile worker can be disconnected, never wedge or bloat the acceptor.
 """
 
 from __future__ import annotations
@@ -23,17 +28,37 @@ from backdial import control, fdpass, wire
 from backdial.acceptor.ledger import DropReason, GrantAction, Ledger, Session
 from backdial.control import ErrorCode, ReleaseState
 from backdial.policy import Policy
+from backdial.sdk.backoff import StateLog
+from backdial.trust import Uids, admitted
 
 log = logging.getLogger("backdial.acceptor")
+
+# Per-peer bounds on the control socket (docs/security.md).
+MAX_WORKERS = 256  # control connections at once (64 workers x restarts overlapping)
+MAX_WANT_KEYS = 256  # distinct (service, slice) keys one worker may wait for
+MAX_LISTENERS = 16  # client listening sockets the acceptor binds for workers
+SWEEP_INTERVAL = 1.0  # seconds between housekeeping sweeps
 
 
 @dataclass(slots=True)
 class Worker:
     id: int
     channel: fdpass.Channel
+    connected: float = 0.0  # monotonic time of connect
+    helloed: bool = False
+    serving: bool = False  # holds a client listener (counted in the queue split)
     pid: int = 0
     name: str = ""
     stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketTrust:
+    """Allowed peer uids of the UNIX sockets (``register.sock``; ``control.sock`` and
+    ``admin.sock``, which carry the same authority)."""
+
+    register: Uids = field(default_factory=Uids.own)
+    control: Uids = field(default_factory=Uids.own)
 
 
 @dataclass(slots=True)
@@ -48,15 +73,25 @@ class Counters:
     reloads: collections.Counter[str] = field(default_factory=collections.Counter)
     records: collections.Counter[control.Kind] = field(default_factory=collections.Counter)
     retired_workers: collections.Counter[str] = field(default_factory=collections.Counter)
+    peers_refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    violations: collections.Counter[str] = field(default_factory=collections.Counter)
+    services_forgotten: int = 0
 
 
 class Acceptor:
     """Owns every session; grants leases to sidecar workers."""
 
-    def __init__(self, run_dir: Path, policy: Policy, register_tcp: tuple[str, int] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        policy: Policy,
+        register_tcp: tuple[str, int] | None = None,
+        trust: SocketTrust | None = None,
+    ):
         self.run_dir = run_dir
         self.ledger = Ledger(policy)
         self.register_tcp = register_tcp
+        self.trust = trust or SocketTrust()
         self.workers: dict[int, Worker] = {}
         self.counters = Counters()
         self.listeners: dict[str, socket.socket] = {}  # client listening sockets handed to sidecars
@@ -66,6 +101,9 @@ class Acceptor:
         self.closing = False
         self._next_worker = 1
         self._pump_scheduled = False
+        self._config_scheduled = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._refusals = StateLog(log, interval=10.0)
         self._announced = -1  # registered-session count last sent to workers
         self._servers: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -79,13 +117,18 @@ class Acceptor:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        reg = _unix_listener(self.run_dir / "register.sock", socket.SOCK_STREAM)
+        reg = _unix_listener(
+            self.run_dir / "register.sock", socket.SOCK_STREAM, self.trust.register.mode()
+        )
         self._listen(reg, self._accept_registration)
         if self.register_tcp:
             tcp = socket.create_server(self.register_tcp, backlog=1024, reuse_port=False)
             self._listen(tcp, self._accept_registration)
-        ctl = _unix_listener(self.run_dir / "control.sock", socket.SOCK_SEQPACKET)
+        ctl = _unix_listener(
+            self.run_dir / "control.sock", socket.SOCK_SEQPACKET, self.trust.control.mode()
+        )
         self._listen(ctl, self._accept_worker)
+        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _listen(self, sock: socket.socket, on_ready: object) -> None:
         sock.setblocking(False)
@@ -98,6 +141,8 @@ class Acceptor:
         leased ones are only let go, so requests running on them still finish."""
         assert self._loop is not None
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for sock in self._servers:
             self._loop.remove_reader(sock.fileno())
             sock.close()
@@ -121,6 +166,13 @@ class Acceptor:
             except OSError as exc:  # EMFILE and friends: log and let the backlog wait
                 log.warning("accept on register socket failed: %s", exc)
                 return
+            if conn.family == socket.AF_UNIX and not self._admit_peer(
+                conn, self.trust.register, "register"
+            ):
+                with contextlib.suppress(OSError):
+                    conn.send(wire.encode_err(wire.ErrCode.AUTH, "peer uid not allowed"))
+                conn.close()
+                continue
             conn.setblocking(False)
             task = asyncio.ensure_future(self._register(conn))
             self._tasks.add(task)
@@ -175,6 +227,21 @@ class Acceptor:
             raise wire.PreambleError(wire.ErrCode.AUTH, "token missing or not accepted")
         if len(self.ledger.sessions) >= policy.limits.max_sessions:
             raise wire.PreambleError(wire.ErrCode.LIMIT, "acceptor session limit reached")
+        services = self.ledger.services
+        if pre.service not in services and len(services) >= policy.limits.max_services:
+            if self.ledger.evict_empty_service() is None:
+                raise wire.PreambleError(wire.ErrCode.LIMIT, "acceptor service limit reached")
+            self.counters.services_forgotten += 1
+
+    def _admit_peer(self, conn: socket.socket, allowed: Uids, what: str) -> bool:
+        ok, uid = admitted(conn, allowed)
+        if not ok:
+            self.counters.peers_refused[what] += 1
+            self._refusals.report(
+                what, logging.WARNING, "%s.sock: refused peer uid %d (allowed: %s)", what, uid,
+                allowed,
+            )  # fmt: skip
+        return ok
 
     def _refuse(self, conn: socket.socket, code: wire.ErrCode, message: str) -> None:
         self.counters.registrations_err[code] += 1
@@ -231,6 +298,13 @@ class Acceptor:
             except OSError as exc:
                 log.warning("accept on control socket failed: %s", exc)
                 return
+            if not self._admit_peer(conn, self.trust.control, "control"):
+                conn.close()
+                continue
+            if len(self.workers) >= MAX_WORKERS:
+                self._violation(0, "workers", f"more than {MAX_WORKERS} control connections")
+                conn.close()
+                continue
             wid = self._next_worker
             self._next_worker += 1
             channel = fdpass.Channel(
@@ -238,28 +312,45 @@ class Acceptor:
                 functools.partial(self._on_record, wid),
                 functools.partial(self._on_worker_gone, wid),
             )
-            self.workers[wid] = Worker(wid, channel)
+            assert self._loop is not None
+            self.workers[wid] = Worker(wid, channel, self._loop.time())
+
+    def _violation(self, wid: int, kind: str, detail: str) -> None:
+        """A control peer broke a bound: count it and disconnect it (0: not yet connected)."""
+        self.counters.violations[kind] += 1
+        self._refusals.report(
+            "violation:" + kind, logging.WARNING, "control peer %d: %s", wid, detail
+        )
+        worker = self.workers.get(wid)
+        if worker is not None:
+            worker.channel.close(control.ProtocolError(detail))
 
     def _on_record(self, wid: int, msg: control.Message, fds: list[int]) -> None:
         handed_back = isinstance(msg, control.Listen) and len(fds) == 1
-        if handed_back:
+        worker = self.workers.get(wid)
+        if handed_back and worker is not None and worker.helloed:
             assert isinstance(msg, control.Listen)
-            self._adopt_listener(msg.address, fds.pop())
+            if self._adopt_listener(msg.address, fds.pop()):
+                self._set_serving(worker)
         for fd in fds:  # otherwise workers send no descriptors to the acceptor
             os.close(fd)
-        worker = self.workers.get(wid)
         if worker is None:
             return
         self.counters.records[control.kind_of(msg)] += 1
         if isinstance(msg, control.Hello):
+            if worker.helloed:
+                self._violation(wid, "hello", "second HELLO")
+                return
+            worker.helloed = True
             worker.pid, worker.name = msg.pid, msg.name
             self.ledger.add_worker(wid)
             log.info("worker %d connected (pid %d %s)", wid, msg.pid, msg.name)
-            self.broadcast_config()
+            self.schedule_config()
             worker.channel.send(control.Stats({"registered": float(len(self.ledger.sessions))}))
+        elif not worker.helloed:
+            self._violation(wid, "hello", f"{type(msg).__name__} before HELLO")
         elif isinstance(msg, control.Want):
-            self.ledger.set_want(wid, (msg.service, msg.slice), msg.n)
-            self.schedule_pump()
+            self._on_want(worker, msg)
         elif isinstance(msg, control.Release):
             for item in msg.sessions:
                 self._on_release(wid, item)
@@ -271,12 +362,35 @@ class Acceptor:
                 worker.channel.send(
                     control.Listener(msg.address), [self.listeners[msg.address].fileno()]
                 )
+                self._set_serving(worker)
             else:
                 self._on_listen(worker, msg.address)
         elif isinstance(msg, control.Stats):
             worker.stats = msg.counters
         else:
-            worker.channel.close(control.ProtocolError(f"unexpected {type(msg).__name__}"))
+            self._violation(wid, "unexpected", f"unexpected {type(msg).__name__}")
+
+    def _on_want(self, worker: Worker, msg: control.Want) -> None:
+        # No worker may queue more for a key than the slice's whole queue holds: this
+        # bounds the units the ledger keeps whatever a peer claims.
+        spec = next((s for s in self.policy.slices if s.name == msg.slice), None)
+        if spec is None:
+            spec = next(s for s in self.policy.slices if s.name == self.policy.default_slice)
+        n = min(msg.n, spec.queue.max_waiting)
+        if n < msg.n:
+            self.counters.violations["want_clamped"] += 1
+        key = (msg.service, msg.slice)
+        wants = self.ledger.wants.get(worker.id)
+        if n and wants is not None and key not in wants and len(wants) >= MAX_WANT_KEYS:
+            self._violation(worker.id, "want_keys", f"waits for more than {MAX_WANT_KEYS} keys")
+            return
+        self.ledger.set_want(worker.id, key, n)
+        self.schedule_pump()
+
+    def _set_serving(self, worker: Worker) -> None:
+        if not worker.serving:
+            worker.serving = True
+            self.schedule_config()
 
     def _on_release(self, wid: int, item: control.Released) -> None:
         sess = self.ledger.sessions.get(item.session)
@@ -299,21 +413,45 @@ class Acceptor:
         os.close(sess.fd)
         self.counters.sessions_dropped[reason] += 1
 
-    def _adopt_listener(self, address: str, fd: int) -> None:
+    def _adopt_listener(self, address: str, fd: int) -> bool:
         """A worker that outlived the previous acceptor hands back the listening socket,
-        so the next sidecar can take it over instead of failing to bind the port."""
-        sock = socket.socket(fileno=fd)
-        if address in self.listeners or not sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
-        ):
+        so the next sidecar can take it over instead of failing to bind the port.
+
+        Only a listening TCP socket is kept; any other descriptor is closed (True when
+        the worker serves *address*, whether or not its copy was adopted)."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket at all
+            os.close(fd)
+            self.counters.violations["listen_fd"] += 1
+            return False
+        try:
+            usable = (
+                sock.family in (socket.AF_INET, socket.AF_INET6)
+                and sock.type == socket.SOCK_STREAM
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            )
+        except OSError:
+            usable = False
+        if not usable:
             sock.close()
-            return
+            self.counters.violations["listen_fd"] += 1
+            return False
+        if address in self.listeners or len(self.listeners) >= MAX_LISTENERS:
+            sock.close()
+            return address in self.listeners
         self.listeners[address] = sock
         log.info("adopted client listener %s from a sidecar worker", address)
+        return True
 
     def _on_listen(self, worker: Worker, address: str) -> None:
         sock = self.listeners.get(address)
         if sock is None:
+            if len(self.listeners) >= MAX_LISTENERS:
+                worker.channel.send(
+                    control.Error("listen", f"more than {MAX_LISTENERS} client listeners")
+                )
+                return
             try:
                 host, _, port = address.rpartition(":")
                 sock = socket.create_server((host.strip("[]"), int(port)), backlog=4096)
@@ -325,36 +463,79 @@ class Acceptor:
             self.listeners[address] = sock
             log.info("holding client listener %s for sidecars", address)
         worker.channel.send(control.Listener(address), [sock.fileno()])
+        self._set_serving(worker)
 
     def _on_worker_gone(self, wid: int, exc: Exception | None) -> None:
         worker = self.workers.pop(wid, None)
         if worker is None:
             return
-        for key, value in worker.stats.items():  # keep counters monotonic across workers
-            self.counters.retired_workers[key] += int(value)
+        # Capacity first: whatever else goes wrong, no session stays leased to nobody.
         held = self.ledger.remove_worker(wid)
         for sess in held:
             self._close_session_leased(sess, DropReason.RECLAIMED)
+        for key, value in worker.stats.items():  # keep counters monotonic across workers
+            self.counters.retired_workers[key] += int(value)
+        if isinstance(exc, fdpass.PeerNotReading):
+            self.counters.violations["not_reading"] += 1
         if held or exc:
             log.warning(
                 "worker %d gone (%s); reclaimed %d leased sessions", wid, exc or "closed", len(held)
             )
-        self.broadcast_config()
+        if worker.helloed:
+            self.schedule_config()
         self.schedule_pump()
 
+    # -- configuration of workers --------------------------------------------------------
+    def _split_position(self, worker: Worker) -> tuple[int, int]:
+        """(workers, index) a worker splits each slice's maxWaiting by.
+
+        Only workers that serve clients (hold the listener) share the queue bounds;
+        any other connected worker is placed as one more after them.  So peers that
+        merely say HELLO cannot dilute the serving workers' shares.
+        """
+        serving = sorted(w.id for w in self.workers.values() if w.serving and w.helloed)
+        if worker.serving:
+            return len(serving), serving.index(worker.id)
+        return len(serving) + 1, len(serving)
+
+    def _send_config(self, worker: Worker, workers: int, index: int) -> None:
+        worker.channel.send(
+            control.ConfigMsg(self.generation, self.policy.to_wire(), worker.id, workers, index)
+        )
+
+    def schedule_config(self) -> None:
+        """Send CONFIG to every worker once, at the end of this loop iteration (a burst of
+        joins, leaves and reloads then costs one round with the final split)."""
+        if not self._config_scheduled and self._loop is not None:
+            self._config_scheduled = True
+            self._loop.call_soon(self.broadcast_config)
+
     def broadcast_config(self) -> None:
-        ids = sorted(w for w in self.workers if w in self.ledger.wants)
-        wire_policy = self.policy.to_wire()
-        for index, wid in enumerate(ids):
-            self.workers[wid].channel.send(
-                control.ConfigMsg(self.generation, wire_policy, wid, len(ids), index)
-            )
+        self._config_scheduled = False
+        for worker in [w for w in self.workers.values() if w.helloed]:
+            if not worker.channel.closed:
+                self._send_config(worker, *self._split_position(worker))
 
     def set_policy(self, policy: Policy) -> None:
         self.ledger.set_policy(policy)
         self.generation += 1
-        self.broadcast_config()
+        self.schedule_config()
         self.schedule_pump()
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def _sweep(self) -> None:
+        """Once a second: drop control peers silent past ``preambleTimeout``, forget unused
+        services."""
+        assert self._loop is not None
+        now = self._loop.time()
+        deadline = self.policy.limits.preamble_timeout  # as for a registration's first line
+        for worker in list(self.workers.values()):
+            if not worker.helloed and now - worker.connected > deadline:
+                self._violation(worker.id, "hello", f"no HELLO within {deadline:g}s")
+        ttl = self.policy.limits.forget_services_after
+        forgotten = self.ledger.sweep_services(time.monotonic(), ttl)
+        self.counters.services_forgotten += len(forgotten)
+        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- granting -----------------------------------------------------------------------
     def schedule_pump(self) -> None:
@@ -371,7 +552,10 @@ class Acceptor:
             self._loop.remove_reader(g.session.fd)
             by_worker[g.worker].append(g)
         for wid, actions in by_worker.items():
-            channel = self.workers[wid].channel
+            worker = self.workers.get(wid)
+            if worker is None:  # gone while this pump ran: its leases were reclaimed
+                continue
+            channel = worker.channel
             for start in range(0, len(actions), control.MAX_FDS):
                 batch = actions[start : start + control.MAX_FDS]
                 leases = [
@@ -388,8 +572,9 @@ class Acceptor:
                 channel.send(control.Grant(leases), [g.session.fd for g in batch])
             self.counters.grants += len(actions)
         for wid, service, n in self.ledger.recall_plan():
-            self.workers[wid].channel.send(control.Recall(service, n))
-            self.counters.recalls += n
+            if wid in self.workers:
+                self.workers[wid].channel.send(control.Recall(service, n))
+                self.counters.recalls += n
         registered = len(self.ledger.sessions)
         if registered != self._announced:
             self.announce(registered)
@@ -397,7 +582,7 @@ class Acceptor:
     def announce(self, registered: int) -> None:
         """Tell workers how many sessions are registered (their /readyz depends on it)."""
         self._announced = registered
-        for worker in self.workers.values():
+        for worker in list(self.workers.values()):
             worker.channel.send(control.Stats({"registered": float(registered)}))
 
 
@@ -406,11 +591,17 @@ def _shutdown(fd: int) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _unix_listener(path: Path, kind: int) -> socket.socket:
+def _unix_listener(path: Path, kind: int, mode: int) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, kind)
-    sock.bind(str(path))
-    os.chmod(path, 0o660)
+    # Bind under a umask that leaves nothing open, then widen to the configured mode:
+    # the socket never exists with more permissions than asked for.
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
     sock.listen(1024)
     return sock

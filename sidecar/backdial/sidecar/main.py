@@ -91,20 +91,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=int,
-        default=int(env("WORKERS", "1") or 1),
-        help="worker processes sharing the listening socket (default 1)",
+        default=env("WORKERS", "1"),
+        help="worker processes sharing the listening socket (env BACKDIAL_WORKERS; default 1)",
     )
     p.add_argument("--worker-name", default="", help=argparse.SUPPRESS)
     p.add_argument(
         "--drain-timeout",
         type=float,
-        default=float(env("DRAIN_TIMEOUT", "30") or 30),
-        help="seconds SIGTERM (or /v1/drain) waits for in-flight and queued requests (default 30)",
+        default=env("DRAIN_TIMEOUT", "30"),
+        help="seconds SIGTERM (or /v1/drain) waits for in-flight and queued requests "
+        "(env BACKDIAL_DRAIN_TIMEOUT; default 30)",
     )
     p.add_argument(
         "--drain-quiet-period",
         type=float,
-        default=float(env("DRAIN_QUIET_PERIOD", "5") or 5),
+        default=env("DRAIN_QUIET_PERIOD", "5"),
         help="on /v1/drain, seconds to keep serving while not ready, before it stops "
         "accepting (env BACKDIAL_DRAIN_QUIET_PERIOD; default 5)",
     )

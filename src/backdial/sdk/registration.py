@@ -3,8 +3,9 @@
 The byte format lives in ``backdial.wire``; this module only decides what a
 reply means for the dialer.  ``auth`` and the protocol-level refusals are
 fatal (retrying cannot fix a wrong token or a wrong protocol version);
-``limit`` and ``draining`` are transient and retried with backoff, as is any
-failure to reach the acceptor at all (it may be restarting).
+``limit``, ``draining`` and ``timeout`` (the preamble is sent at once, so a
+timeout means the acceptor stalled) are transient and retried with backoff,
+as is any failure to reach the acceptor at all (it may be restarting).
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from urllib.parse import urlsplit
 
 from backdial.wire import ErrCode
 
-# Refusals retrying cannot fix; every other code (and one this version does not
-# know) is retried with backoff.
-FATAL_CODES = frozenset(
-    {ErrCode.VERSION, ErrCode.MALFORMED, ErrCode.TOO_LONG, ErrCode.TIMEOUT, ErrCode.AUTH}
-)
+# Refusals retrying cannot fix; every other code (``timeout`` included: the preamble
+# is sent at once, so it means a stalled acceptor) is retried with backoff.
+FATAL_CODES = frozenset({ErrCode.VERSION, ErrCode.MALFORMED, ErrCode.TOO_LONG, ErrCode.AUTH})
 
 
 class RegistrationError(Exception):
@@ -41,7 +40,8 @@ class RegistrationRejected(RegistrationError):
 
 
 class RegistrationRefused(RegistrationError):
-    """A transient ``ERR`` (``limit``, ``draining``, or a code this version does not know)."""
+    """A transient ``ERR`` (``limit``, ``draining``, ``timeout``, or a code this version
+    does not know)."""
 
     def __init__(self, code: ErrCode | None, message: str) -> None:
         super().__init__(f"{code.value}: {message}" if code is not None else message)
