@@ -8,18 +8,38 @@ in CI; what decides its verdicts and renders its figures is tested here.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import capacity
-import harness
-import loadgen
-import report
+def _import_bench(*names: str) -> list[ModuleType]:
+    """Import bench/ modules without leaving them on sys.path or in sys.modules.
+
+    bench/ is a folder of scripts, and its ``harness`` module shares its name with
+    e2e/cluster's; leaving either in ``sys.modules`` would hand the wrong one to the
+    other's importers in the same pytest session.
+    """
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
+    before = set(sys.modules)
+    saved = {name: sys.modules.pop(name) for name in ("harness", *names) if name in sys.modules}
+    sys.path.insert(0, bench)
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(bench)
+        for name in set(sys.modules) - before:
+            module_file = getattr(sys.modules[name], "__file__", None) or ""
+            if module_file.startswith(bench):
+                del sys.modules[name]
+        sys.modules.update(saved)
+
+
+capacity, harness, loadgen, report = _import_bench("capacity", "harness", "loadgen", "report")
 
 WRK_OUT = """Running 5s test @ http://127.0.0.1:1/
   2 threads and 16 connections
