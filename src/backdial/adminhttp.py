@@ -2,7 +2,9 @@
 
 Admin traffic is rare and never on the request path, so this favours
 simplicity: ``asyncio.start_server``, one request per connection, bodies read
-by Content-Length up to a small limit.
+by Content-Length up to a small limit.  On a UNIX socket the peer's uid is
+checked when the connection is accepted (``uids``), and requests say they came
+that way (``via_unix``), which ``backdial.adminauth`` treats as authenticated.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from backdial.adminauth import Denial
+from backdial.trust import Uids, admitted, bind_unix
 
 log = logging.getLogger("backdial.admin")
 
@@ -28,6 +34,7 @@ class AdminRequest:
     query: dict[str, list[str]]
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
+    via_unix: bool = False  # arrived on a UNIX socket whose peer uid was admitted
 
     def json(self) -> Any:
         return json.loads(self.body or b"null")
@@ -38,6 +45,12 @@ class AdminResponse:
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def denied(cls, denial: Denial) -> AdminResponse:
+        extra = (("WWW-Authenticate", "Bearer"),) if denial.status == 401 else ()
+        return cls(denial.status, f"{denial.reason}\n".encode(), "text/plain", extra)
 
     @classmethod
     def of_json(cls, status: int, data: Any) -> AdminResponse:
@@ -54,6 +67,8 @@ _REASONS = {
     201: "Created",
     204: "No Content",
     400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
@@ -64,7 +79,7 @@ _REASONS = {
 
 
 async def _serve_one(
-    handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, via_unix: bool
 ) -> None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -81,7 +96,9 @@ async def _serve_one(
         else:
             body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
             url = urlsplit(target)
-            req = AdminRequest(method.upper(), url.path, parse_qs(url.query), body, headers)
+            req = AdminRequest(
+                method.upper(), url.path, parse_qs(url.query), body, headers, via_unix
+            )
             try:
                 resp = await handler(req)
             except Exception:  # an admin bug must not take the process down
@@ -93,9 +110,10 @@ async def _serve_one(
         writer.close()
         return
     reason = _REASONS.get(resp.status, "Status")
+    extra = "".join(f"{name}: {value}\r\n" for name, value in resp.headers)
     writer.write(
         f"HTTP/1.1 {resp.status} {reason}\r\nContent-Type: {resp.content_type}\r\n"
-        f"Content-Length: {len(resp.body)}\r\nConnection: close\r\n\r\n".encode()
+        f"Content-Length: {len(resp.body)}\r\n{extra}Connection: close\r\n\r\n".encode()
         + resp.body
     )
     with contextlib.suppress(ConnectionError):
@@ -103,12 +121,29 @@ async def _serve_one(
     writer.close()
 
 
-async def start_admin(host: str, port: int | str, handler: Handler) -> asyncio.Server:
-    """Serve *handler* on TCP HOST:PORT, or on a UNIX socket when *host* is ``unix``."""
+async def start_admin(
+    host: str, port: int | str, handler: Handler, uids: Uids | None = None
+) -> asyncio.Server:
+    """Serve *handler* on TCP HOST:PORT, or on a UNIX socket when *host* is ``unix``.
+
+    With *uids*, the UNIX socket is created with the mode they call for and a peer
+    whose uid is not allowed is disconnected unanswered.
+    """
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve_one(handler, reader, writer)
+        await _serve_one(handler, reader, writer, False)
+
+    async def on_unix_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if uids is not None and (sock is None or not admitted(sock, uids)[0]):
+            log.warning("admin socket %s: refused a peer whose uid is not allowed", port)
+            writer.close()
+            return
+        await _serve_one(handler, reader, writer, uids is not None)
 
     if host == "unix":
-        return await asyncio.start_unix_server(on_client, str(port))
+        if uids is None:
+            return await asyncio.start_unix_server(on_unix_client, str(port))
+        sock = bind_unix(Path(str(port)), uids.mode())
+        return await asyncio.start_unix_server(on_unix_client, sock=sock)
     return await asyncio.start_server(on_client, host, port, reuse_address=True)

@@ -1,25 +1,56 @@
-"""``backdial route add|del|list``: edit routes of a running acceptor over its admin API."""
+"""``backdial route add|del|list``: edit routes of a running acceptor over its admin API.
+
+By default it talks to the acceptor's UNIX admin socket in the run directory,
+where the kernel vouches for the caller (docs/security.md); over TCP, edits
+need the acceptor's bearer token (``--token-file``).
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import sys
-import urllib.error
-import urllib.request
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from backdial.runtime import ArgParser, ConfigError, env, fail
+from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport
 
 
-def _call(admin: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+def _call(admin: str, method: str, path: str, body: Any = None, token: str = "") -> tuple[int, Any]:
+    conn: http.client.HTTPConnection
+    if admin.startswith("unix:"):
+        conn = _UnixConnection(admin[5:], 10)
+    else:
+        host, port = parse_hostport(admin, "--admin")
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{admin}{path}", data=data, method=method)
-    req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+        conn.request(method, path, data, headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(raw or b"null")
+    except ValueError:
+        return resp.status, {"error": raw.decode("utf-8", "replace").strip()}
 
 
 def main(argv: list[str]) -> int:
@@ -27,9 +58,20 @@ def main(argv: list[str]) -> int:
         prog="backdial route", description="Add, delete or list routes on a running acceptor."
     )
     p.add_argument(
+        "--run-dir",
+        default=env("RUN_DIR", "/var/run/backdial"),
+        help="the acceptor's run directory; its admin.sock is used unless --admin is given "
+        "(env BACKDIAL_RUN_DIR; default /var/run/backdial)",
+    )
+    p.add_argument(
         "--admin",
-        default=env("ADMIN", "127.0.0.1:9901"),
-        help="acceptor admin HOST:PORT (env BACKDIAL_ADMIN; default 127.0.0.1:9901)",
+        help="acceptor admin HOST:PORT or unix:PATH (default unix:<run-dir>/admin.sock); "
+        "over TCP, add and del need --token-file",
+    )
+    p.add_argument(
+        "--token-file",
+        default=env("ADMIN_TOKEN_FILE"),
+        help="file holding the acceptor's admin bearer token (env BACKDIAL_ADMIN_TOKEN_FILE)",
     )
     sub = p.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="add or replace a route")
@@ -42,20 +84,26 @@ def main(argv: list[str]) -> int:
     sub.add_parser("list", help="list routes")
     try:
         ns = p.parse_args(argv)
+        admin = ns.admin or f"unix:{Path(ns.run_dir) / 'admin.sock'}"
+        if not admin.startswith("unix:"):
+            parse_hostport(admin, "--admin")
+        token = Path(ns.token_file).read_text().strip() if ns.token_file else ""
     except ConfigError as exc:
         return fail(str(exc))
+    except OSError as exc:
+        return fail(f"cannot read --token-file: {exc.strerror}")
     try:
         if ns.action == "add":
             route = {"name": ns.name, "service": ns.service, "pathPrefix": ns.path_prefix}
             if ns.host:
                 route["host"] = ns.host
-            status, body = _call(ns.admin, "POST", "/v1/routes", route)
+            status, body = _call(admin, "POST", "/v1/routes", route, token)
         elif ns.action == "del":
-            status, body = _call(ns.admin, "DELETE", f"/v1/routes?name={ns.name}")
+            status, body = _call(admin, "DELETE", f"/v1/routes?name={quote(ns.name)}", None, token)
         else:
-            status, body = _call(ns.admin, "GET", "/v1/routes")
-    except (OSError, ValueError) as exc:
-        return fail(f"cannot reach acceptor admin at {ns.admin}: {exc}")
+            status, body = _call(admin, "GET", "/v1/routes", None, token)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return fail(f"cannot reach acceptor admin at {admin}: {exc}")
     if status != 200:
         return fail(f"acceptor refused ({status}): {body.get('error') if body else body}")
     for r in body["routes"]:

@@ -14,12 +14,14 @@ which asks the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import pwd
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -84,6 +86,25 @@ def admitted(sock: socket.socket, allowed: Uids) -> tuple[bool, int]:
     except OSError:
         return False, -1
     return allowed.admits(uid), uid
+
+
+def bind_unix(path: Path, mode: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A listening UNIX socket at *path* with file mode *mode* (a stale file is replaced).
+
+    Bound under a umask that leaves nothing open, then widened to *mode*: the socket
+    never exists with more permissions than asked for.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, kind)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(1024)
+    return sock
 
 
 def parse_networks(text: str, what: str) -> tuple[Network, ...]:

@@ -252,7 +252,8 @@ def test_route_cli(acceptor, run_dir: Path) -> None:  # type: ignore[no-untyped-
 
     def route(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "backdial.cli", "route", "--admin", admin, *args],
+            # The default channel: the UNIX admin socket in the run directory.
+            [sys.executable, "-m", "backdial.cli", "route", "--run-dir", str(run_dir), *args],
             capture_output=True,
             text=True,
             timeout=30,

@@ -387,6 +387,11 @@ def test_admin_endpoint_reads_and_sets_target() -> None:
             assert (await client.put("/v1/sessions", content=b"-1")).status_code == 400
             assert (await client.put("/v1/sessions", json={"target": 1})).json()["target"] == 1
             assert (await client.delete("/v1/sessions")).status_code == 405
+            # Browser-borne PUTs (DNS rebinding, cross-site) cannot change capacity.
+            for headers in ({"Host": "rebind.evil.example"}, {"Origin": "http://evil.example"}):
+                refused = await client.put("/v1/sessions", content=b"0", headers=headers)
+                assert refused.status_code == 403
+            assert (await client.get("/v1/sessions")).json()["target"] == 1
         await peer.wait_for(lambda: len(peer.idle) == 1)
         await admin.shutdown(1)
         assert await svc.drain(5)

@@ -5,6 +5,10 @@ the sum of what every sidecar worker reported in its last WANT, so requests
 waiting inside workers are counted, not only the acceptor's own queue.
 Queue-wait histograms and rejections are counted by the workers (where the
 waiting happens) and reported in STATS records.
+
+Reads are open; route edits only over the UNIX admin socket or with the bearer
+token (``backdial.adminauth``), since inside a pod every container can reach
+the TCP admin port.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from typing import Any
 
 from backdial.acceptor.server import Acceptor
+from backdial.adminauth import AdminAccess, check_mutation
 from backdial.adminhttp import AdminRequest, AdminResponse
 from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
 from backdial.policy import PolicyError, Route, policy_from_data
@@ -233,6 +238,12 @@ def metrics(acc: Acceptor) -> bytes:
         [({}, float(c.services_forgotten))],
     )
     exp.family(
+        "backdial_acceptor_admin_denied_total",
+        "counter",
+        "Admin requests refused: 401 without valid credentials, 403 browser-borne or no token.",
+        [({"code": str(k)}, float(v)) for k, v in sorted(c.admin_denied.items())],
+    )
+    exp.family(
         "backdial_acceptor_config_generation",
         "gauge",
         "Generation of the policy in force.",
@@ -255,12 +266,22 @@ class AdminAPI:
     undone by the next edit of the file) but not an acceptor restart.
     """
 
-    def __init__(self, acc: Acceptor, overlay: dict[str, dict[str, Any] | None]) -> None:
+    def __init__(
+        self,
+        acc: Acceptor,
+        overlay: dict[str, dict[str, Any] | None],
+        access: AdminAccess | None = None,
+    ) -> None:
         self.acc = acc
         self.overlay = overlay
+        self.access = access or AdminAccess()
 
     async def __call__(self, req: AdminRequest) -> AdminResponse:
         acc = self.acc
+        denial = check_mutation(req.method, req.headers, req.via_unix, self.access, bool(req.body))
+        if denial is not None:
+            acc.counters.admin_denied[denial.status] += 1
+            return AdminResponse.denied(denial)
         if req.path == "/metrics":
             return AdminResponse(200, metrics(acc), "text/plain; version=0.0.4")
         if req.path == "/healthz":

@@ -19,6 +19,7 @@ from typing import Any
 
 from backdial.acceptor.admin import AdminAPI, apply_overlay
 from backdial.acceptor.server import Acceptor, SocketTrust
+from backdial.adminauth import AdminAccess
 from backdial.adminhttp import start_admin
 from backdial.policy import Policy, PolicyError, load_policy, policy_from_data
 from backdial.runtime import (
@@ -42,6 +43,7 @@ class AcceptorSettings:
     admin: tuple[str, int]
     register_tcp: tuple[str, int] | None
     trust: SocketTrust
+    access: AdminAccess
     reload_interval: float
     log_level: str
 
@@ -54,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-dir",
         default=env("RUN_DIR", "/var/run/backdial"),
-        help="directory for register.sock and control.sock "
+        help="directory for register.sock, control.sock and admin.sock "
         "(env BACKDIAL_RUN_DIR; default /var/run/backdial)",
     )
     p.add_argument(
@@ -67,7 +69,20 @@ def parser() -> argparse.ArgumentParser:
         "--admin",
         default=env("ADMIN", "127.0.0.1:9901"),
         help="HOST:PORT for /metrics, /healthz, /readyz, /v1/state, /v1/routes "
-        "(env BACKDIAL_ADMIN; default 127.0.0.1:9901)",
+        "(env BACKDIAL_ADMIN; default 127.0.0.1:9901). Read-only without credentials; "
+        "route edits need the token, or the UNIX socket <run-dir>/admin.sock",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        default=env("ADMIN_TOKEN_FILE"),
+        help="file holding the bearer token that allows route edits over TCP, re-read on use "
+        "(env BACKDIAL_ADMIN_TOKEN_FILE; without it only admin.sock may edit)",
+    )
+    p.add_argument(
+        "--admin-hosts",
+        default=env("ADMIN_HOSTS", ""),
+        help="extra Host names accepted for edits over TCP, comma-separated (env "
+        "BACKDIAL_ADMIN_HOSTS; IP addresses and localhost always are)",
     )
     p.add_argument(
         "--register-tcp",
@@ -119,6 +134,10 @@ def settings_from(argv: list[str]) -> AcceptorSettings:
         admin=parse_hostport(ns.admin, "--admin"),
         register_tcp=parse_hostport(ns.register_tcp, "--register-tcp") if ns.register_tcp else None,
         trust=trust,
+        access=AdminAccess(
+            token_file=Path(ns.admin_token_file) if ns.admin_token_file else None,
+            hosts=frozenset(h.strip().lower() for h in ns.admin_hosts.split(",") if h.strip()),
+        ),
         reload_interval=ns.reload_interval,
         log_level=ns.log_level,
     )
@@ -167,7 +186,11 @@ async def serve(cfg: AcceptorSettings, policy: Policy, stop: asyncio.Event) -> i
     overlay: dict[str, Any] = {}
     try:
         await acc.start()
-        admin = await start_admin(cfg.admin[0], cfg.admin[1], AdminAPI(acc, overlay))
+        api = AdminAPI(acc, overlay, cfg.access)
+        admin = await start_admin(cfg.admin[0], cfg.admin[1], api)
+        admin_unix = await start_admin(
+            "unix", str(cfg.run_dir / "admin.sock"), api, cfg.trust.control
+        )
     except OSError as exc:
         return fail(f"cannot start acceptor: {exc}")
     reloader = Reloader(acc, cfg.config, overlay)
@@ -189,6 +212,7 @@ async def serve(cfg: AcceptorSettings, policy: Policy, stop: asyncio.Event) -> i
     finally:
         acc.draining = True
         admin.close()
+        admin_unix.close()
         acc.close()
     return 0
 

@@ -29,7 +29,7 @@ from backdial.acceptor.ledger import DropReason, GrantAction, Ledger, Session
 from backdial.control import ErrorCode, ReleaseState
 from backdial.policy import Policy
 from backdial.sdk.backoff import StateLog
-from backdial.trust import Uids, admitted
+from backdial.trust import Uids, admitted, bind_unix
 
 log = logging.getLogger("backdial.acceptor")
 
@@ -76,6 +76,7 @@ class Counters:
     peers_refused: collections.Counter[str] = field(default_factory=collections.Counter)
     violations: collections.Counter[str] = field(default_factory=collections.Counter)
     services_forgotten: int = 0
+    admin_denied: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
 class Acceptor:
@@ -117,15 +118,13 @@ class Acceptor:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        reg = _unix_listener(
-            self.run_dir / "register.sock", socket.SOCK_STREAM, self.trust.register.mode()
-        )
+        reg = bind_unix(self.run_dir / "register.sock", self.trust.register.mode())
         self._listen(reg, self._accept_registration)
         if self.register_tcp:
             tcp = socket.create_server(self.register_tcp, backlog=1024, reuse_port=False)
             self._listen(tcp, self._accept_registration)
-        ctl = _unix_listener(
-            self.run_dir / "control.sock", socket.SOCK_SEQPACKET, self.trust.control.mode()
+        ctl = bind_unix(
+            self.run_dir / "control.sock", self.trust.control.mode(), socket.SOCK_SEQPACKET
         )
         self._listen(ctl, self._accept_worker)
         self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -589,19 +588,3 @@ class Acceptor:
 def _shutdown(fd: int) -> None:
     with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
         sock.shutdown(socket.SHUT_RDWR)
-
-
-def _unix_listener(path: Path, kind: int, mode: int) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, kind)
-    # Bind under a umask that leaves nothing open, then widen to the configured mode:
-    # the socket never exists with more permissions than asked for.
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, mode)
-    sock.listen(1024)
-    return sock

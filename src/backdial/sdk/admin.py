@@ -3,11 +3,16 @@
 ``GET /v1/sessions`` returns ``{"target", "open", "in_flight"}``;
 ``PUT /v1/sessions`` with a body holding an integer (or ``{"target": N}``)
 sets the target.  It runs on the SDK's own HTTP core, bound to loopback.
+Loopback is shared by every container of a pod and reachable from a browser, so
+a PUT that looks browser-borne (a ``Host`` that is not an address, or any
+``Origin``) is refused (``backdial.adminauth``).
 """
 
 from __future__ import annotations
 
 import json
+
+from backdial.adminauth import browser_refusal
 
 from .asgitypes import ASGIApp, Receive, Scope, Send
 from .service import Service
@@ -55,6 +60,13 @@ def admin_app(service: Service) -> ASGIApp:
         elif method == "GET":
             await _reply(send, 200, json.dumps(service.snapshot()).encode() + b"\n", _JSON)
         elif method == "PUT":
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            refusal = browser_refusal(headers, frozenset())
+            if refusal is not None:
+                await _reply(send, refusal.status, f"{refusal.reason}\n".encode(), _TEXT)
+                return
             try:
                 target = _parse_target(await _body(receive))
             except ValueError as exc:
