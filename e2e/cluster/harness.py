@@ -186,6 +186,7 @@ class Cluster(ClusterClients):
         service_cidr: str = DEFAULT_SERVICE_CIDR,
         service_ip: str = DEFAULT_SERVICE_IP,
         pod_cidr: str = DEFAULT_POD_CIDR,
+        process_pod_cidr: str = PROCESS_POD_CIDR,
         hpa_sync_period: str = "3s",
         die_with_parent: bool = True,
         state_file: Path | None = None,
@@ -203,6 +204,7 @@ class Cluster(ClusterClients):
         self.service_cidr = service_cidr
         self.service_ip = service_ip
         self.pod_cidr = pod_cidr
+        self.process_pod_cidr = process_pod_cidr
         self.hpa_sync_period = hpa_sync_period
         self.die_with_parent = die_with_parent
         self.state_file = state_file
@@ -375,7 +377,9 @@ class Cluster(ClusterClients):
         if self.process_node:
             self._spawn(
                 KUBELET,
-                kubelet_args(wd, self.logs_dir, NODE_NAME, PROCESS_POD_CIDR, self.project_images),
+                kubelet_args(
+                    wd, self.logs_dir, NODE_NAME, self.process_pod_cidr, self.project_images
+                ),
             )
         for name in self.node_names:
             create_node(self.api, name)
