@@ -282,6 +282,10 @@ def test_start_order_and_deletion_prestop_sigterm_kill_sidecars_last(
     assert side_status["started"] is True and "running" in side_status["state"]
     uid = pod["metadata"]["uid"]
 
+    def app_up() -> bool | None:  # Ready (no probe) may come before Python set its handler
+        return True if "app-up" in k8s_cluster.pod_logs("graceful", "app", namespace=ns) else None
+
+    harness.poll(app_up, timeout=30, interval=0.1, what="the app's SIGTERM handler")
     started = time.monotonic()
     k8s_cluster.kubectl("-n", ns, "delete", "pod", "graceful", "--wait=true", "--timeout=60s")
     assert time.monotonic() - started >= 2.0  # the grace period was waited out
