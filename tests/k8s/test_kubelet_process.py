@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -82,10 +83,11 @@ def test_mounts_hostname_env_and_exit_code(tmp_path: Path) -> None:
 
 def test_sigterm_reaches_the_command_and_kill_leaves_nothing(tmp_path: Path) -> None:
     marker = tmp_path / "orphan.pid"
+    duration = f"1000.{uuid.uuid4().int % 10**9}"  # tells our sleeper from any other
     # The command starts a detached grandchild, then ignores SIGTERM.
     code = (
         "import os, signal, subprocess, sys, time\n"
-        "p = subprocess.Popen(['sleep', '1000'], start_new_session=True)\n"
+        f"p = subprocess.Popen(['sleep', '{duration}'], start_new_session=True)\n"
         f"open('{marker}', 'w').write(str(p.pid))\n"
         "signal.signal(signal.SIGTERM, lambda *a: print('TERM', flush=True))\n"
         "print('up', flush=True)\n"
@@ -96,7 +98,7 @@ def test_sigterm_reaches_the_command_and_kill_leaves_nothing(tmp_path: Path) -> 
         proc = await _start(tmp_path, "c", _spec(tmp_path, code))
         log = tmp_path / "c.log"
         await _until(lambda: "up" in log.read_text())
-        assert _sleepers()  # the detached grandchild runs
+        assert _sleepers(duration)  # the detached grandchild runs
         proc.signal(signal.SIGTERM)
         await _until(lambda: "TERM" in log.read_text())
         assert not proc.exited
@@ -105,16 +107,13 @@ def test_sigterm_reaches_the_command_and_kill_leaves_nothing(tmp_path: Path) -> 
 
     assert _run(scenario) == (137, 9)
     # The grandchild lived in the container's PID namespace: it died with it.
-    assert _sleepers() == []
+    assert _sleepers(duration) == []
 
 
-def _sleepers() -> list[Path]:
-    """Host processes running ``sleep 1000``."""
-    return [
-        p
-        for p in Path("/proc").iterdir()
-        if p.name.isdigit() and _cmdline(p) == "sleep\x001000\x00"
-    ]
+def _sleepers(duration: str) -> list[Path]:
+    """Host processes running ``sleep <duration>``."""
+    argv = f"sleep\x00{duration}\x00"
+    return [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p) == argv]
 
 
 def _cmdline(proc: Path) -> str:

@@ -96,6 +96,17 @@ def _make_directory_volume(volume: Obj, path: Path) -> None:
         Path(volume["hostPath"]["path"]).mkdir(parents=True, exist_ok=True)
 
 
+def _newer(candidate: Obj, current: Obj) -> bool:
+    """Whether ``candidate`` is a later version of the object than ``current`` (etcd's
+    resource versions increase; anything unparsable counts as newer)."""
+    try:
+        return int(candidate["metadata"]["resourceVersion"]) > int(
+            current["metadata"]["resourceVersion"]
+        )
+    except (KeyError, ValueError):
+        return True
+
+
 def _comparable(status: Obj) -> Obj:
     """``status`` without condition timestamps (they never justify a write)."""
     conditions = [
@@ -199,7 +210,8 @@ class PodWorker:
 
     def update(self, pod: Obj) -> None:
         """A newer version of the pod object arrived."""
-        self.pod = pod
+        if _newer(pod, self.pod):
+            self.pod = pod
         if pod["metadata"].get("deletionTimestamp"):
             self._deleting.set()
         self.config_refs_changed()  # labels/annotations may feed downward-API volumes
@@ -444,7 +456,8 @@ class PodWorker:
             _content_type="application/merge-patch+json",
         )
         self._last_status = _comparable(status)
-        if body.get("metadata", {}).get("uid") == self.uid:
+        # The watch may already have delivered a newer version (e.g. the deletion).
+        if body.get("metadata", {}).get("uid") == self.uid and _newer(body, self.pod):
             self.pod = body
 
     async def _status_loop(self) -> None:
