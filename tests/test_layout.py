@@ -94,6 +94,8 @@ def test_bad_flags_exit_1_with_one_line() -> None:
         ["acceptor", "--bogus"],
         ["sidecar", "--workers", "0"],
         ["sidecar", "--max-request-body", "1x"],
+        ["sidecar", "--proxy-protocol"],  # whose PROXY headers to believe?
+        ["sidecar", "--trusted-proxies", "10.0.0.0/33"],
         ["up", "--sessions", "0"],
         ["route", "frobnicate"],
         ["crd", "--bogus"],

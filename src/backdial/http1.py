@@ -37,6 +37,7 @@ class Field(IntEnum):
     XFF = 7
     XFP = 8
     UPGRADE = 9
+    FORWARDED = 10  # Forwarded, X-Real-IP: client claims believed only from trusted proxies
 
 
 FIELDS: Final[dict[bytes, Field]] = {
@@ -54,6 +55,8 @@ FIELDS: Final[dict[bytes, Field]] = {
     b"expect": Field.EXPECT,
     b"x-forwarded-for": Field.XFF,
     b"x-forwarded-proto": Field.XFP,
+    b"forwarded": Field.FORWARDED,
+    b"x-real-ip": Field.FORWARDED,
 }
 
 # Fields that describe one connection, not the message (RFC 9110 §7.6.1), plus the

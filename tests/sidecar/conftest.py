@@ -177,6 +177,12 @@ class Backend:
             n = int(args.get("n", "1000"))
             send("200 OK", b"x" * n)
             return True
+        if path == "/bighead":  # one oversized response head, in one send
+            n = int(args.get("n", "200000"))
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nX-Big: %s\r\nContent-Length: 2\r\n\r\nok" % (b"a" * n)
+            )
+            return True
         if path == "/chunked":
             parts = [b"hello ", b"chunked ", b"world"]
             sock.sendall(

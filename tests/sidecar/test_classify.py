@@ -76,3 +76,20 @@ def test_parse_ip_unmaps_ipv4_in_ipv6() -> None:
     assert str(parse_ip("::ffff:10.8.0.1")) == "10.8.0.1"
     assert str(parse_ip("fe80::1%eth0")) == "fe80::1"
     assert parse_ip("") is None
+
+
+def test_real_client_behind_trusted_proxies() -> None:
+    from backdial.sidecar.classify import parse_ip
+    from backdial.sidecar.realip import TrustedProxies
+
+    trusted = TrustedProxies(["10.0.0.0/8", "192.0.2.1"])
+    hop = parse_ip("10.9.9.9")
+    assert trusted.trusts(hop) and not trusted.trusts(parse_ip("203.0.113.5"))
+    assert not TrustedProxies().trusts(hop)
+    # Right to left, skipping trusted proxies; several fields read as one list.
+    chain = [b"198.51.100.7, 203.0.113.5", b"192.0.2.1"]
+    assert trusted.real_client(chain, hop) == parse_ip("203.0.113.5")
+    # Everything trusted: the leftmost; garbage stops the walk at the last good address.
+    assert trusted.real_client([b"10.1.1.1, 10.2.2.2"], hop) == parse_ip("10.1.1.1")
+    assert trusted.real_client([b"evil, 10.2.2.2"], hop) == parse_ip("10.2.2.2")
+    assert trusted.real_client([b"::ffff:203.0.113.5"], hop) == parse_ip("203.0.113.5")

@@ -26,7 +26,13 @@ def test_get_keepalive_httpx_reuses_one_session(proxy: ProxyRunner) -> None:
     assert proxy.pool.states() == ["idle"] * 5
 
 
-def test_forwarding_headers_reach_the_service(proxy: ProxyRunner, raw_client: Raw) -> None:
+FORWARDING = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
+def test_forwarding_headers_reach_the_service(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    proxy = make_proxy(trusted_proxies=("127.0.0.0/8",))  # the client is a trusted proxy
     c = raw_client(proxy.port)
     c.send(
         b"GET /h HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 203.0.113.9\r\n"
@@ -42,6 +48,46 @@ def test_forwarding_headers_reach_the_service(proxy: ProxyRunner, raw_client: Ra
     assert headers["via"] == "1.1 backdial"
     for hop in ("connection", "x-drop", "keep-alive", "te"):
         assert hop not in headers
+
+
+def test_untrusted_forwarding_claims_are_replaced(proxy: ProxyRunner, raw_client: Raw) -> None:
+    """Issue 12: client-sent X-Forwarded-For was trusted from anyone (appended to)."""
+    c = raw_client(proxy.port)
+    c.send(
+        b"GET /h HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 203.0.113.9\r\n"
+        b"Forwarded: for=203.0.113.9\r\nX-Real-IP: 203.0.113.9\r\n\r\n"
+    )
+    headers = c.read_response().json()["headers"]
+    claims = [(k.lower(), v) for k, v in headers if k.lower() in FORWARDING]
+    assert sorted(claims) == [
+        ("forwarded", "for=127.0.0.1;proto=http"),
+        ("x-forwarded-for", "127.0.0.1"),
+    ]
+    assert proxy.stats.untrusted_forwarding == 1
+
+
+def test_client_address_behind_trusted_proxies(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    lan = {
+        "slices": [
+            {"name": "lan", "match": {"cidrs": ["10.0.0.0/8"]}, "share": 50},
+            {"name": "default", "share": 50},
+        ]
+    }
+    request = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.1.2.3, 192.0.2.10\r\n\r\n"
+    # Trusted: the rightmost address that is not a trusted proxy is the client (10.1.2.3).
+    proxy = make_proxy(policy=lan, trusted_proxies=("127.0.0.0/8", "192.0.2.0/24"))
+    c = raw_client(proxy.port)
+    c.send(request)
+    assert c.read_response().status == 200
+    assert proxy.pool.acquires == [("", "lan")]
+    # Untrusted: a client cannot pick its slice by claiming an address.
+    proxy = make_proxy(policy=lan)
+    c = raw_client(proxy.port)
+    c.send(request)
+    assert c.read_response().status == 200
+    assert proxy.pool.acquires == [("", "default")]
 
 
 def test_curl_post_and_chunked_upload(proxy: ProxyRunner) -> None:

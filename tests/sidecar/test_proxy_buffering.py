@@ -157,3 +157,17 @@ def test_pipelined_big_body_waits_its_turn(
     assert proxy.call(lambda: len(proxy.pool.acquires)) == 1  # the second waits its turn
     assert c.read_response().status == 200
     assert c.read_response().json()["body"] == big.decode()
+
+
+def test_cut_streamed_upload_leaves_the_buffered_gauge_at_zero(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    """A client that hangs up half-way through a streamed body (issue 12: gauge went negative)."""
+    proxy = make_proxy(max_request_body=64 * 1024)
+    c = raw_client(proxy.port)
+    c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+    c.send(b"x" * 300_000)
+    assert proxy.wait_for(lambda: proxy.stats.requests_streamed == 1)
+    c.close()
+    assert proxy.wait_for(lambda: proxy.stats.connections_active == 0)
+    assert proxy.call(lambda: proxy.stats.buffered_request_bytes) == 0

@@ -127,6 +127,16 @@ def test_bad_response_head_is_502_without_retry(proxy: ProxyRunner, raw_client: 
     assert proxy.pool.states() == ["broken"]
 
 
+def test_oversized_response_head_is_502(proxy: ProxyRunner, raw_client: Raw) -> None:
+    """A service's 200 KB header never reaches the client (limit 64 KiB)."""
+    c = raw_client(proxy.port)
+    c.send(b"GET /bighead?n=200000 HTTP/1.1\r\nHost: a\r\n\r\n")
+    resp = c.read_response()
+    assert resp.status == 502 and resp.header("x-big") is None
+    assert len(proxy.backend.requests) == 1  # it answered: no retry
+    assert proxy.pool.states() == ["broken"]
+
+
 def test_client_gone_mid_request_session_released_clean(
     proxy: ProxyRunner, raw_client: Raw
 ) -> None:

@@ -18,6 +18,7 @@ def test_proxy_protocol_v1_sets_client_address(
 ) -> None:
     proxy = make_proxy(
         proxy_protocol=True,
+        trusted_proxies=("127.0.0.1/32",),
         policy={
             "slices": [
                 {"name": "lan", "match": {"cidrs": ["10.0.0.0/8"]}, "share": 50},
@@ -42,7 +43,7 @@ def test_proxy_protocol_v1_sets_client_address(
 def test_proxy_protocol_v2_and_local(
     make_proxy: Callable[..., ProxyRunner], raw_client: Raw
 ) -> None:
-    proxy = make_proxy(proxy_protocol=True)
+    proxy = make_proxy(proxy_protocol=True, trusted_proxies=("127.0.0.1",))
     c = raw_client(proxy.port)
     header = proxyproto.encode_v2(("2001:db8::7", 1234), ("2001:db8::1", 80))
     c.send(header[:10])
@@ -56,6 +57,20 @@ def test_proxy_protocol_v2_and_local(
     c.send(local + b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     headers = dict((k.lower(), v) for k, v in c.read_response().json()["headers"])
     assert headers["x-forwarded-for"] == "127.0.0.1"  # LOCAL: the socket peer
+
+
+def test_proxy_protocol_from_an_untrusted_peer_is_ignored(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    proxy = make_proxy(proxy_protocol=True, trusted_proxies=("192.0.2.0/24",))
+    c = raw_client(proxy.port)
+    c.send(
+        proxyproto.encode_v1(("10.1.2.3", 5555), ("10.0.0.1", 80))
+        + b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    headers = dict((k.lower(), v) for k, v in c.read_response().json()["headers"])
+    assert headers["x-forwarded-for"] == "127.0.0.1"  # the peer that connected, not the claim
+    assert proxy.stats.untrusted_forwarding == 1
 
 
 def test_proxy_protocol_missing_header_closes(

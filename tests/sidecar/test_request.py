@@ -132,7 +132,7 @@ def test_rewrite_removes_hop_by_hop_and_adds_forwarding() -> None:
     assert c.host == b"example.com"
     r.body_len = 3
     fwd = forwarding_block("192.0.2.7", b"http", b"backdial")
-    head = r.build_head(fwd, xff_line([], "192.0.2.7"), "192.0.2.7")
+    head = r.build_head(fwd, xff_line([], "192.0.2.7"), "192.0.2.7", trusted=True)
     lines = head.split(b"\r\n")
     assert lines[0] == b"POST /p?q=1 HTTP/1.1"
     names = [ln.split(b":")[0].lower() for ln in lines[1:] if ln]
@@ -156,6 +156,12 @@ def test_rewrite_removes_hop_by_hop_and_adds_forwarding() -> None:
     assert b"Content-Length: 3" in lines
     assert r.hv == {b"x-tier": b"gold"}
     assert head.endswith(b"\r\n\r\n")
+    # From a peer that is not a trusted proxy the client's claims are replaced, not appended.
+    lines = r.build_head(fwd, xff_line([], "192.0.2.7"), "192.0.2.7").split(b"\r\n")
+    assert [ln for ln in lines if ln.lower().startswith((b"x-forwarded-for", b"forwarded"))] == [
+        b"Forwarded: for=192.0.2.7;proto=http",
+        b"X-Forwarded-For: 192.0.2.7",
+    ]
 
 
 def test_absolute_form_becomes_origin_form_with_its_host() -> None:

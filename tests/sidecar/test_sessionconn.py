@@ -214,6 +214,24 @@ def test_response_head_limit() -> None:
     assert sink.events == [("failed", True)]
 
 
+def test_response_head_limit_in_one_read() -> None:
+    """The whole oversized head in one read: the per-read bound never sees it (issue 12)."""
+    conn, _, _ = _conn()
+    conn.max_head = 100
+    sink = _Sink()
+    conn.start(b"GET / HTTP/1.1\r\n\r\n", sink, False, False)  # type: ignore[arg-type]
+    conn.data_received(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 200 + b"\r\nContent-Length: 2\r\n\r\nok")
+    assert sink.events == [("failed", True)]  # no head reached the client: 502
+    conn, _, _ = _conn()
+    conn.max_head = 100
+    sink = _Sink()
+    conn.start(b"GET / HTTP/1.1\r\n\r\n", sink, False, False)  # type: ignore[arg-type]
+    # Interim heads count too: endless 1xx cannot grow the head without bound.
+    conn.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: " + b"l" * 40 + b"\r\n\r\n" * 1)
+    conn.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: " + b"l" * 40 + b"\r\n\r\n")
+    assert sink.events[-1] == ("failed", True)
+
+
 def test_unrequested_101_fails() -> None:
     conn, _, _ = _conn()
     sink = _Sink()

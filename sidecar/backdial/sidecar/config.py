@@ -19,6 +19,9 @@ class ProxySettings:
     request_timeout: float = 30.0  # receiving one request (head + buffered body); else 408
     send_timeout: float = 60.0  # a client that reads nothing while a lease streams to it
     proxy_protocol: bool = False  # expect a PROXY v1/v2 header on every connection
+    # CIDRs whose PROXY header address and X-Forwarded-For/Forwarded/X-Real-IP are believed;
+    # from anyone else those are replaced by the connecting address (realip.py).
+    trusted_proxies: tuple[str, ...] = ()
     via: str = "backdial"  # pseudonym in "Via: 1.1 <via>"
     forwarded_proto: str = "http"  # X-Forwarded-Proto / Forwarded proto=
     max_retries: int = 2  # idempotent requests whose session failed before any response byte

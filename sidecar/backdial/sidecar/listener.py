@@ -17,6 +17,7 @@ from typing import Any, Protocol, cast
 from backdial.http1 import require_strict_parser
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.leasepool import LeasePool, Ticket
+from backdial.sidecar.realip import TrustedProxies
 from backdial.sidecar.sessionconn import SessionConn
 from backdial.sidecar.stats import ProxyStats
 
@@ -45,6 +46,7 @@ class ListenerState:
         self.draining = False
         self.via = settings.via.encode("ascii")
         self.proto = settings.forwarded_proto.encode("ascii")
+        self.trusted = TrustedProxies(settings.trusted_proxies)
         # Optional synchronous fast path: an idle held session without creating a task.
         # (The pool holds SessionConns: the worker builds it with sessionconn.wrap_lease.)
         self.try_acquire = cast(

@@ -36,6 +36,7 @@ from backdial.sidecar.proxy import make_protocol_factory
 from backdial.sidecar.sessionconn import wrap_lease
 from backdial.sidecar.stats import ProxyStats
 from backdial.sidecar.supervisor import Supervisor
+from backdial.trust import parse_networks
 
 log = logging.getLogger("backdial.sidecar")
 
@@ -113,7 +114,15 @@ def parser() -> argparse.ArgumentParser:
         "--proxy-protocol",
         action="store_true",
         default=env("PROXY_PROTOCOL", "") in ("1", "true"),
-        help="expect a PROXY protocol v1/v2 header on every client connection",
+        help="expect a PROXY protocol v1/v2 header on every client connection; its address "
+        "is used only from --trusted-proxies (env BACKDIAL_PROXY_PROTOCOL=1)",
+    )
+    p.add_argument(
+        "--trusted-proxies",
+        default=env("TRUSTED_PROXIES", ""),
+        help="comma-separated CIDRs of load balancers whose PROXY header, X-Forwarded-For, "
+        "Forwarded and X-Real-IP are believed; from any other peer they are replaced by "
+        "the connecting address (env BACKDIAL_TRUSTED_PROXIES; default: trust nobody)",
     )
     p.add_argument(
         "--max-request-body",
@@ -173,6 +182,12 @@ def settings_from(argv: list[str]) -> SidecarSettings:
         raise ConfigError("--drain-timeout and --drain-quiet-period must be >= 0")
     if ns.max_request_body > ns.max_request_body_stream:
         raise ConfigError("--max-request-body must not exceed --max-request-body-stream")
+    try:
+        trusted = parse_networks(ns.trusted_proxies, "--trusted-proxies")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if ns.proxy_protocol and not trusted:
+        raise ConfigError("--proxy-protocol needs --trusted-proxies (the load balancers' CIDRs)")
     proxy = ProxySettings(
         max_request_body=ns.max_request_body,
         max_request_body_stream=ns.max_request_body_stream,
@@ -181,6 +196,7 @@ def settings_from(argv: list[str]) -> SidecarSettings:
         upstream_timeout=ns.upstream_timeout,
         client_idle_timeout=ns.client_idle_timeout,
         proxy_protocol=ns.proxy_protocol,
+        trusted_proxies=tuple(str(net) for net in trusted),
     )
     return SidecarSettings(
         run_dir=Path(ns.run_dir),

@@ -129,6 +129,8 @@ class ClientProtocol(asyncio.Protocol):
         self._ip = ""
         self._ipobj: IPAddress | None = None
         self._ip_parsed = False
+        self._trusted = False  # the address in _ip is a trusted proxy (realip.py)
+        self._peer_trusted = False  # ... and so was the socket peer
         self._fwd = b""
         self._xff = b""
         self._proxy_buf: bytearray | None = None
@@ -142,6 +144,7 @@ class ClientProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.settings.response_buffer)
         peer = transport.get_extra_info("peername")
         self._set_client(peer[0] if isinstance(peer, tuple) else "")
+        self._peer_trusted = self._trusted
         self.state.add(self)
         if self.settings.proxy_protocol:
             self._proxy_buf = bytearray()
@@ -165,17 +168,21 @@ class ClientProtocol(asyncio.Protocol):
                 # and give the session back clean, rather than make the service re-dial.
                 self.stats.client_aborts += 1
                 conn.set_sink(DrainSink(self.pool, conn, self.loop, self.settings.upstream_timeout))
-        stats = self.stats
         if self._active is not None:
-            stats.requests_active -= 1
-            stats.buffered_request_bytes -= self._active.buffered
+            self.stats.requests_active -= 1
+            self._unbuffer(self._active)
             self._active = None
         for r in self._queue:
-            stats.buffered_request_bytes -= r.buffered
+            self._unbuffer(r)
         self._queue.clear()
-        if self._r is not None:
-            stats.buffered_request_bytes -= self._r.buffered
+        if self._r is not None:  # may be the active request too (a streamed body): once only
+            self._unbuffer(self._r)
             self._r = None
+
+    def _unbuffer(self, r: Request) -> None:
+        """Take *r*'s buffered body off the gauge, exactly once."""
+        self.stats.buffered_request_bytes -= r.buffered
+        r.buffered = 0
 
     def eof_received(self) -> bool:
         r = self._active
@@ -233,6 +240,8 @@ class ClientProtocol(asyncio.Protocol):
     def _set_client(self, ip: str) -> None:
         self._ip = ip
         self._ip_parsed = False
+        trusted = self.state.trusted
+        self._trusted = bool(trusted) and trusted.trusts(self._client_ip())
         self._fwd = forwarding_block(ip, self.state.proto, self.state.via)
         self._xff = xff_line([], ip)
 
@@ -313,7 +322,10 @@ class ClientProtocol(asyncio.Protocol):
             return b""
         self._proxy_buf = None
         if header.client is not None:
-            self._set_client(header.client[0])
+            if self._peer_trusted:
+                self._set_client(header.client[0])
+            else:  # anyone may write a PROXY header: keep the address that connected
+                self.stats.untrusted_forwarding += 1
         self._set_deadline(_T_IDLE, self.settings.client_idle_timeout)
         return bytes(buf[header.length :])
 
@@ -330,7 +342,7 @@ class ClientProtocol(asyncio.Protocol):
             self._close()
             return
         if r is not None:
-            self.stats.buffered_request_bytes -= r.buffered
+            self._unbuffer(r)
         self._queue.append(failed_request(status))
 
     def _parsed_upgrade(self, rest: bytes) -> None:
@@ -384,7 +396,10 @@ class ClientProtocol(asyncio.Protocol):
         if cls.trivial_slices:
             r.slice = cls.default_slice
         else:
-            r.slice = cls.slice(self._client_ip() if cls.uses_ip else None, r.hv, path)
+            ip = self._client_ip() if cls.uses_ip else None
+            if ip is not None and self._trusted and r.xff is not None:
+                ip = self.state.trusted.real_client(r.xff, ip)
+            r.slice = cls.slice(ip, r.hv, path)
         r.t0 = self.loop.time()
         if r.expect_continue and self._active is None and not self._queue:
             self._send_continue(r)
@@ -481,7 +496,9 @@ class ClientProtocol(asyncio.Protocol):
             self._finish(r, int(r.error[9:12]))
             self._close()
             return
-        r.wire = r.build_head(self._fwd, self._xff, self._ip)
+        r.wire = r.build_head(self._fwd, self._xff, self._ip, self._trusted)
+        if not self._trusted and r.claims:
+            self.stats.untrusted_forwarding += 1
         if not r.streaming:
             if r.body:
                 r.body.insert(0, r.wire)
@@ -584,8 +601,7 @@ class ClientProtocol(asyncio.Protocol):
         if r.t0:
             counters.latency.observe(self.loop.time() - r.t0)
         self.stats.requests_active -= 1
-        self.stats.buffered_request_bytes -= r.buffered
-        r.buffered = 0
+        self._unbuffer(r)
         r.wire = b""
         if self._active is r:
             self._active = None

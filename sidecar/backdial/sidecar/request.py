@@ -45,6 +45,7 @@ _TRANSFER_ENCODING: Final = Field.TRANSFER_ENCODING
 _CONNECTION: Final = Field.CONNECTION
 _EXPECT: Final = Field.EXPECT
 _XFF: Final = Field.XFF
+_FORWARDED: Final = Field.FORWARDED
 _UPGRADE: Final = Field.UPGRADE
 
 
@@ -108,6 +109,7 @@ class Request:
         "body_len",
         "buffered",
         "chunked",
+        "claimed",
         "complete",
         "conn_values",
         "continue_sent",
@@ -155,6 +157,7 @@ class Request:
         self.te: list[bytes] | None = None
         self.conn_values: list[bytes] | None = None
         self.xff: list[bytes] | None = None
+        self.claimed: list[bytes] | None = None  # Forwarded / X-Real-IP lines as received
         self.expect: bytes | None = None
         self.upgrade_value = b""
         self.upgrade = False
@@ -211,6 +214,9 @@ class Request:
             self.xff = [value] if self.xff is None else [*self.xff, value]
         elif code == _UPGRADE:
             self.upgrade_value = value
+        elif code == _FORWARDED:
+            line = b"".join((name, b": ", value, b"\r\n"))
+            self.claimed = [line] if self.claimed is None else [*self.claimed, line]
         # Field.HOP and X-Forwarded-Proto: dropped (the proxy sets its own X-Forwarded-Proto).
 
     def check_head(
@@ -263,12 +269,25 @@ class Request:
         self.idempotent = method in IDEMPOTENT
         return host
 
-    def build_head(self, forwarding: bytes, xff: bytes, client_ip: str) -> bytes:
-        """The upstream request head; *forwarding* and *xff* are the connection's lines."""
+    @property
+    def claims(self) -> bool:
+        """The client sent forwarding fields (X-Forwarded-For, Forwarded, X-Real-IP)."""
+        return self.xff is not None or self.claimed is not None
+
+    def build_head(
+        self, forwarding: bytes, xff: bytes, client_ip: str, trusted: bool = False
+    ) -> bytes:
+        """The upstream head; *forwarding* and *xff* are the connection's lines.
+
+        The client's own forwarding fields are kept (ours appended) only when the
+        peer is a trusted proxy; otherwise ours replace them (``realip.py``).
+        """
         parts = [self.method, b" ", self.url, b" HTTP/1.1\r\nHost: ", self.host, b"\r\n"]
         parts += self.lines
+        if trusted and self.claimed is not None:
+            parts += self.claimed  # before ours: Forwarded elements stay in hop order
         parts.append(forwarding)
-        parts.append(xff if self.xff is None else xff_line(self.xff, client_ip))
+        parts.append(xff_line(self.xff, client_ip) if trusted and self.xff is not None else xff)
         if self.upgrade:
             parts += (b"Connection: Upgrade\r\nUpgrade: ", self.upgrade_value, b"\r\n")
         if self.streaming:

@@ -56,6 +56,10 @@ class _Unexpected(Exception):
     """A response the request did not allow for."""
 
 
+class _HeadTooLarge(Exception):
+    """The response head exceeds ``max_head``: answered 502, the session is discarded."""
+
+
 class _HeadDone(Exception):
     """Stop parsing after the head of a response to HEAD (it has no body)."""
 
@@ -80,7 +84,8 @@ class SessionConn(asyncio.Protocol):
         self._started = False  # a response byte arrived
         self._retired = False
         self._in_head = False
-        self._head_bytes = 0
+        self._head_bytes = 0  # partial head bytes across reads (httptools buffers them)
+        self._field_bytes = 0  # complete status line and fields of this response's heads
         self._complete = False
         self._interim = False
         self._close = False
@@ -125,6 +130,7 @@ class SessionConn(asyncio.Protocol):
         self._length = -1
         self._in_head = True
         self._head_bytes = 0
+        self._field_bytes = 0
         self._lines = []
         self._conn_values = None
         self._reason = b""
@@ -326,8 +332,17 @@ class SessionConn(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._count_head(len(reason) + 15)
+
+    def _count_head(self, n: int) -> None:
+        # Complete fields are counted exactly, so a head that arrives in one read (which
+        # the per-read bound never sees) is bounded too; interim 1xx heads count as well.
+        self._field_bytes += n
+        if self._field_bytes > self.max_head:
+            raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
         code = FIELDS.get(name.lower(), _OTHER)
         if code == _CONTENT_LENGTH:  # llhttp validated it
             self._length = int(value)

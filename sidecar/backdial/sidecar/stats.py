@@ -39,6 +39,7 @@ class ProxyStats:
         self.tunnels = 0
         self.client_aborts = 0  # client went away with a request in flight
         self.proxy_header_errors = 0
+        self.untrusted_forwarding = 0  # forwarding claims from untrusted peers, replaced
 
     def slice(self, name: str) -> SliceCounters:
         counters = self.slices.get(name)
@@ -79,6 +80,11 @@ class ProxyStats:
             ("tunnels_total", "Upgraded connections tunnelled.", self.tunnels),
             ("client_aborts_total", "Clients gone mid-request.", self.client_aborts),
             ("proxy_header_errors_total", "Bad PROXY headers.", self.proxy_header_errors),
+            (
+                "untrusted_forwarding_total",
+                "Addresses claimed by untrusted peers (PROXY, X-Forwarded-For...), replaced.",
+                self.untrusted_forwarding,
+            ),
         )
         for name, text, value in counters:
             exp.family(p + name, "counter", text, [({}, float(value))])
