@@ -193,3 +193,19 @@ def test_bad_env_values_exit_1_with_one_line() -> None:
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 1, (name, out.stderr)
         assert len(lines) == 1 and "error" in lines[0], (name, out.stderr)
+
+
+# Folders of tests of the whole system or of a shipped artifact rather than a source root.
+_SYSTEM_TESTS = {"stack", "k8s", "image", "chart", "bench"}
+
+
+def test_test_folders_mirror_the_source_roots() -> None:
+    roots = {"shared": ROOT / "src" / "backdial"} | {
+        comp: ROOT / comp / "backdial" / comp for comp in COMPONENTS
+    }
+    for folder in sorted(p for p in (ROOT / "tests").iterdir() if p.is_dir()):
+        if folder.name in _SYSTEM_TESTS or folder.name.startswith((".", "__")):
+            continue
+        assert folder.name in roots, f"tests/{folder.name} mirrors no source root"
+        for sub in (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("__")):
+            assert (roots[folder.name] / sub.name).is_dir(), f"{sub} mirrors no package"

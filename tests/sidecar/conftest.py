@@ -1,40 +1,45 @@
-"""Harness for the sidecar proxy tests: a recording backend, a stand-in lease pool, a runner.
+"""Harness for the sidecar proxy tests: the production path with a recording service.
 
-``StandInPool`` stands in for ``backdial.sidecar.leasepool.LeasePool``: it has the
-same surface the proxy uses (``policy``, ``acquire``, ``release``, ``lost``,
-the ``QueueFull``/``QueueTimeout``/``Draining`` exceptions) but creates its
-sessions locally as real ``socketpair``s whose far end is served by
-``Backend``, a small blocking HTTP/1.1 server thread per session that records
-every byte it receives.  The proxy itself runs unchanged on uvloop in a
-background thread (``ProxyRunner``) and is exercised with real clients: raw
-sockets, httpx and curl.  End-to-end tests against the real acceptor and pool
-live in ``test_proxy_e2e.py``.
+``ProxyRunner`` runs the proxy, the production ``LeasePool`` and a real
+``Acceptor`` in one uvloop thread: leases travel over ``control.sock`` with
+SCM_RIGHTS, capacity and queues are the ledger's, nothing is stood in.  The
+pool is a ``RecordingPool``, which only notes each lease attempt, release and
+loss before doing exactly what ``LeasePool`` does.  ``Backend`` plays the
+service: it registers its sessions over ``register.sock`` with the BDREG/1
+preamble, keeps that many registered (a closed session is replaced, as the
+SDK does), and serves each on a small blocking HTTP/1.1 thread that records
+every byte it receives.  Clients are real: raw sockets, httpx and curl.
+``test_proxy_e2e.py`` runs the same against an acceptor process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
+import shutil
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
+from backdial.acceptor.server import Acceptor
+from backdial.control import ReleaseState
 from backdial.policy import Policy, policy_from_data
 from backdial.sidecar.config import ProxySettings
-from backdial.sidecar.lease import Lease
-from backdial.sidecar.leasepool import Draining, QueueFull, QueueTimeout
+from backdial.sidecar.lease import LeasedConn
+from backdial.sidecar.leasepool import LeasePool
 from backdial.sidecar.proxy import make_protocol_factory
-from backdial.sidecar.sessionconn import SessionConn, wrap_lease
+from backdial.sidecar.sessionconn import wrap_lease
 from backdial.sidecar.stats import ProxyStats
-from backdial.wire import RETIRE_LINE
+from backdial.wire import RETIRE_LINE, Preamble, parse_reply
 
 TIMEOUT = 5.0
 
@@ -59,9 +64,10 @@ class Received(_Headers):
 
 
 class Backend:
-    """HTTP/1.1 server threads on session sockets; behaviour chosen by the request path."""
+    """A service: HTTP/1.1 server threads on its sessions; behaviour chosen by the request path."""
 
     def __init__(self) -> None:
+        self.stopping = False
         self.lock = threading.Lock()
         self.raw: list[bytes] = []  # every byte received, per recv
         self.requests: list[Received] = []
@@ -76,14 +82,45 @@ class Backend:
         with self.lock:
             return b"".join(self.raw)
 
-    def attach(self, sock: socket.socket, session: int) -> None:
+    def keep(self, register: Path, sessions: int, service: str) -> None:
+        """Register *sessions* sessions of *service*; each one that ends is replaced."""
+        for _ in range(sessions):
+            self.register(register, service)
+
+    def register(self, register: Path, service: str, instance: str = "i1") -> int:
+        """One session over the BDREG/1 preamble; its id, or 0 when refused."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        try:
+            sock.connect(str(register))
+            sock.sendall(Preamble(service=service, instance=instance).encode())
+            line = b""
+            while not line.endswith(b"\n"):  # nothing follows OK until a request is leased
+                data = sock.recv(1)
+                if not data:
+                    break
+                line += data
+            reply = parse_reply(line)
+        except (OSError, ValueError):
+            sock.close()
+            return 0
+        if not reply.ok:
+            sock.close()
+            return 0
+        self.attach(sock, reply.session, lambda: self.register(register, service, instance))
+        return reply.session
+
+    def attach(
+        self, sock: socket.socket, session: int, replace: Callable[[], object] | None = None
+    ) -> None:
         sock.settimeout(TIMEOUT * 2)
         self.socks.append(sock)
-        t = threading.Thread(target=self._serve, args=(sock, session), daemon=True)
+        t = threading.Thread(target=self._serve, args=(sock, session, replace), daemon=True)
         self.threads.append(t)
         t.start()
 
     def close(self) -> None:
+        self.stopping = True
         self.gate.set()
         for s in self.socks:
             with contextlib.suppress(OSError):
@@ -98,7 +135,17 @@ class Backend:
                 self.raw.append(data)
         return data
 
-    def _serve(self, sock: socket.socket, session: int) -> None:
+    def _serve(
+        self, sock: socket.socket, session: int, replace: Callable[[], object] | None
+    ) -> None:
+        try:
+            self._serve_session(sock, session)
+        finally:
+            sock.close()
+            if replace is not None and not self.stopping:
+                replace()  # a service keeps its declared number of sessions
+
+    def _serve_session(self, sock: socket.socket, session: int) -> None:
         buf = b""
         with contextlib.suppress(OSError):
             while True:
@@ -276,141 +323,111 @@ class Backend:
         return True
 
 
-# -- the stand-in lease pool ----------------------------------------------------------------------
-@dataclass
-class StandInPool:
-    """Stands in for LeasePool: real session sockets, local capacity and a bounded FIFO."""
+# -- the lease pool, as in production --------------------------------------------------------------
+class RecordingPool(LeasePool):
+    """The production ``LeasePool``, noting what the proxy asks of it (then doing just that)."""
 
-    backend: Backend
-    sessions: int = 4
-    max_waiting: int = 100
-    queue_timeout: float = 1.0
-    retry_after: int = 1
-    policy: Policy = field(default_factory=Policy)
-    closed: bool = False
-    idle: collections.deque[SessionConn] = field(default_factory=collections.deque)
-    busy: set[int] = field(default_factory=set)
-    waiters: collections.deque[asyncio.Future[SessionConn]] = field(
-        default_factory=collections.deque
-    )
-    events: list[tuple[str, int, str]] = field(default_factory=list)
-    acquires: list[tuple[str, str]] = field(default_factory=list)
-    made: int = 0
-    live: int = 0
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(run_dir, lambda lease: wrap_lease(lease, self), "test-worker")
+        self.events: list[tuple[str, int, str]] = []  # ("release" | "lost", session, state)
+        self.acquires: list[tuple[str, str]] = []  # (service, slice) of every lease attempt
 
-    async def acquire(self, service: str, slice_name: str) -> SessionConn:
+    def try_acquire(self, service: str, slice_name: str) -> LeasedConn | None:
         self.acquires.append((service, slice_name))
-        if self.closed:
-            raise Draining(self.retry_after)
-        while self.idle:
-            conn = self.idle.popleft()
-            if not conn.closed:
-                self.busy.add(conn.lease.session)
-                return conn
-        if self.live < self.sessions:
-            conn = await self._new(service, slice_name)
-            self.busy.add(conn.lease.session)
-            return conn
-        if len(self.waiters) >= self.max_waiting:
-            raise QueueFull(self.retry_after)
-        fut: asyncio.Future[SessionConn] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
-        try:
-            async with asyncio.timeout(self.queue_timeout):
-                conn = await fut
-        except TimeoutError:
-            with contextlib.suppress(ValueError):
-                self.waiters.remove(fut)
-            raise QueueTimeout(self.retry_after) from None
-        self.busy.add(conn.lease.session)
-        return conn
+        return super().try_acquire(service, slice_name)
 
-    async def _new(self, service: str, slice_name: str) -> SessionConn:
-        self.made += 1
-        self.live += 1
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        self.backend.attach(theirs, self.made)
-        lease = Lease(self.made, service or "default", slice_name, 1, ours)
-        return await wrap_lease(lease, self)  # type: ignore[arg-type]
+    def release(self, conn: LeasedConn, state: ReleaseState) -> None:
+        self.events.append(("release", conn.lease.session, state.value))
+        super().release(conn, state)
 
-    def release(self, conn: SessionConn, state: str) -> None:
-        self.events.append(("release", conn.lease.session, state))
-        self.busy.discard(conn.lease.session)
-        if state == "idle" and not conn.closed:
-            while self.waiters:
-                fut = self.waiters.popleft()
-                if not fut.done():
-                    self.busy.add(conn.lease.session)
-                    fut.set_result(conn)
-                    return
-            self.idle.append(conn)
-            return
-        conn.close()
-        self.live -= 1
-        self._refill()
-
-    def lost(self, conn: SessionConn, state: str) -> None:
-        self.events.append(("lost", conn.lease.session, state))
-        with contextlib.suppress(ValueError):
-            self.idle.remove(conn)
-        conn.close()
-        self.live -= 1
-        self._refill()
-
-    def _refill(self) -> None:
-        # A waiter may use the capacity a closed session freed.
-        if self.waiters and self.live < self.sessions:
-
-            async def hand_over() -> None:
-                conn = await self._new("", "")
-                self.release(conn, "idle")
-
-            self._task = asyncio.ensure_future(hand_over())
+    def lost(self, conn: LeasedConn, state: ReleaseState) -> None:
+        self.events.append(("lost", conn.lease.session, state.value))
+        super().lost(conn, state)
 
     def states(self, kind: str = "release") -> list[str]:
         return [state for k, _, state in self.events if k == kind]
 
 
+def policy_for(
+    policy: dict[str, Any] | None,
+    max_waiting: int | None = None,
+    queue_timeout: float | None = None,
+    retry_after: int | None = None,
+) -> Policy:
+    """The acceptor's policy for a test: *policy*, with the queue limits of every slice set."""
+    data = dict(policy or {})
+    data.setdefault("slices", [{"name": "default", "share": 100}])
+    data.setdefault("limits", {})
+    data["limits"] = {**data["limits"], "leaseIdleRelease": "60s"}  # no sweeps mid-test
+    if retry_after is not None:
+        data["limits"]["retryAfter"] = retry_after
+    for spec in data["slices"]:
+        queue = dict(spec.get("queue") or {})
+        if max_waiting is not None:
+            queue["maxWaiting"] = max_waiting
+        if queue_timeout is not None:
+            queue["timeout"] = queue_timeout
+        spec["queue"] = queue
+    return policy_from_data(data, "test policy")
+
+
 # -- running the proxy ----------------------------------------------------------------------------
 class ProxyRunner:
-    """The proxy on uvloop in a background thread, listening on 127.0.0.1."""
+    """The proxy, its real ``LeasePool`` and (unless one runs already) a real in-process
+    acceptor, all on one uvloop in a background thread; the proxy listens on 127.0.0.1
+    and the ``Backend`` registers its sessions at the acceptor like a service does."""
 
     def __init__(
         self,
         settings: ProxySettings,
-        policy: Policy | None,
-        pool_factory: Callable[[Backend], Awaitable[Any]] | None = None,
+        policy: Policy,
+        sessions: int = 4,
+        services: tuple[str, ...] = ("svc",),
+        run_dir: Path | None = None,
         backend: Backend | None = None,
-        **pool: Any,
     ) -> None:
         self.settings = settings
+        self.policy = policy
         self.backend = backend or Backend()
-        self._pool_factory = pool_factory
         self.stats = ProxyStats()
+        self.own_acceptor = run_dir is None
+        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="bd-"))
+        self.acceptor: Acceptor | None = None
         self.loop = uvloop.new_event_loop()
         self._ready = threading.Event()
-        self._pool_kwargs = pool
-        self._policy = policy
+        self._failed: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
-        if not self._ready.wait(TIMEOUT):
-            raise RuntimeError("proxy did not start")
+        if not self._ready.wait(TIMEOUT) or self._failed is not None:
+            raise RuntimeError(f"proxy did not start: {self._failed!r}")
+        if self.own_acceptor:
+            for service in services:
+                self.backend.keep(self.run_dir / "register.sock", sessions, service)
+            total = sessions * len(services)
+            if not self.wait_for(lambda: self._registered() == total):
+                raise RuntimeError("the backend's sessions did not register")
+
+    def _registered(self) -> int:
+        assert self.acceptor is not None
+        return len(self.acceptor.ledger.sessions)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._setup())
+        try:
+            self.loop.run_until_complete(self._setup())
+        except BaseException as exc:
+            self._failed = exc
         self._ready.set()
         self.loop.run_forever()
 
     async def _setup(self) -> None:
-        if self._pool_factory is not None:
-            self.pool = await self._pool_factory(self.backend)
-        else:
-            self.pool = StandInPool(self.backend, **self._pool_kwargs)
-        if self._policy is not None:
-            self.pool.policy = self._policy
-        factory, self.state = make_protocol_factory(self.pool, self.settings, self.stats)  # type: ignore[arg-type]
+        if self.own_acceptor:
+            self.acceptor = Acceptor(self.run_dir, self.policy)
+            await self.acceptor.start()
+        self.pool = RecordingPool(self.run_dir)
+        self.pool.start()
+        await asyncio.wait_for(self.pool.configured.wait(), TIMEOUT)
+        factory, self.state = make_protocol_factory(self.pool, self.settings, self.stats)
         self.server = await self.loop.create_server(factory, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
 
@@ -426,14 +443,14 @@ class ProxyRunner:
         return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(TIMEOUT * 3)
 
     def stop(self) -> None:
+        self.backend.stopping = True
+
         async def down() -> None:
             self.server.close()
             await self.state.shutdown(0.5)
-            if isinstance(self.pool, StandInPool):
-                for conn in list(self.pool.idle):
-                    conn.close()
-            else:
-                await self.pool.close(1.0)
+            await self.pool.close(1.0)
+            if self.acceptor is not None:
+                self.acceptor.close()
             me = asyncio.current_task()
             leftovers = [t for t in asyncio.all_tasks() if t is not me]
             for task in leftovers:
@@ -446,6 +463,8 @@ class ProxyRunner:
         self.thread.join(TIMEOUT)
         self.backend.close()
         self.loop.close()
+        if self.own_acceptor:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     @property
     def url(self) -> str:
@@ -467,11 +486,14 @@ def make_proxy() -> Iterator[Callable[..., ProxyRunner]]:
     def make(
         policy: dict[str, Any] | None = None, pool: dict[str, Any] | None = None, **settings: Any
     ) -> ProxyRunner:
+        """*pool*: ``sessions`` per service, ``services``, and the queue limits
+        ``max_waiting``, ``queue_timeout``, ``retry_after`` applied to every slice."""
+        options = dict(pool or {})
+        sessions = options.pop("sessions", 4)
+        services = tuple(options.pop("services", ("svc",)))
         settings.setdefault("tick", 0.05)
         runner = ProxyRunner(
-            ProxySettings(**settings),
-            policy_from_data(policy) if policy is not None else None,
-            **(pool or {}),
+            ProxySettings(**settings), policy_for(policy, **options), sessions, services
         )
         runners.append(runner)
         return runner

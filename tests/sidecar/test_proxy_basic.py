@@ -1,4 +1,4 @@
-"""Everyday proxying through the stand-in pool with real clients (raw sockets, httpx, curl)."""
+"""Everyday proxying over leased sessions with real clients (raw sockets, httpx, curl)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ def test_get_keepalive_httpx_reuses_one_session(proxy: ProxyRunner) -> None:
             r = client.get(f"/hello?i={i}")
             assert r.status_code == 200
             assert r.json()["target"] == f"/hello?i={i}"
-    assert proxy.pool.made == 1  # sticky: the same idle session every time
+    # Sticky: the same idle session every time, leased once.
+    assert len({q.session for q in proxy.backend.requests}) == 1
     assert proxy.pool.states() == ["idle"] * 5
+    assert proxy.call(lambda: len(proxy.pool.held)) == 1
 
 
 FORWARDING = ("x-forwarded-for", "forwarded", "x-real-ip")
@@ -170,7 +172,8 @@ def test_head_204_304_have_no_body(proxy: ProxyRunner, raw_client: Raw) -> None:
     r = c.read_response()
     assert r.status == 200 and r.json()["target"] == "/after"
     assert c.buf == b""
-    assert proxy.pool.made == 1 and set(proxy.pool.states()) == {"idle"}
+    assert len({q.session for q in proxy.backend.requests}) == 1
+    assert set(proxy.pool.states()) == {"idle"}
 
 
 def test_http10_client(proxy: ProxyRunner, raw_client: Raw) -> None:
@@ -212,7 +215,7 @@ def test_pipelining_answers_in_order(proxy: ProxyRunner, raw_client: Raw) -> Non
     r3 = c.read_response(head_only=True)
     assert r3.header("content-length") == "10"
     assert c.read_response().json()["target"] == "/p4"
-    assert proxy.pool.made == 1  # one at a time on one session
+    assert len({q.session for q in proxy.backend.requests}) == 1  # one at a time, one session
 
 
 def test_expect_100_continue(proxy: ProxyRunner, raw_client: Raw) -> None:
@@ -309,7 +312,8 @@ def test_routing_and_slices_reach_the_pool(
                 {"name": "api", "service": "api", "host": "api.example", "pathPrefix": "/v1"}
             ],
             "defaultService": "web",
-        }
+        },
+        pool={"services": ["api", "web"], "sessions": 2},
     )
     c = raw_client(proxy.port)
     for req in (
@@ -320,6 +324,9 @@ def test_routing_and_slices_reach_the_pool(
         c.send(req)
         assert c.read_response().status == 200
     assert proxy.pool.acquires == [("api", "mobile"), ("web", "local"), ("web", "default")]
+    served = [(q.target, q.session) for q in proxy.backend.requests]
+    assert proxy.call(lambda: proxy.acceptor.ledger.sessions[served[0][1]].service) == "api"
+    assert proxy.call(lambda: proxy.acceptor.ledger.sessions[served[1][1]].service) == "web"
 
 
 def test_half_close_after_pipelined_requests(proxy: ProxyRunner, raw_client: Raw) -> None:

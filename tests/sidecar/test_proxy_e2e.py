@@ -1,16 +1,16 @@
-"""The proxy on the real lease pool and a real acceptor process (no stand-ins).
+"""The proxy on the real lease pool and an acceptor *process* (the other tests run it
+in-process).
 
 Sessions are registered over ``register.sock`` with the BDREG/1 preamble and
-then served by the recording ``Backend``; the worker's ``LeasePool`` leases
-them over ``control.sock`` (SCM_RIGHTS) and wraps them with
-``upstream.wrap_lease``.  These tests check the seams between proxy, pool
-and acceptor: sticky leases, release states, idle RETIRE reported with
-``pool.lost``, and the pool's rejections mapped to 503.
+then served by the recording ``Backend`` (without replacements, so the
+acceptor's count shows what the proxy gave back); the worker's ``LeasePool``
+leases them over ``control.sock`` (SCM_RIGHTS).  These tests check the seams
+across the process boundary: sticky leases, release states, idle RETIRE
+reported with ``pool.lost``, and the pool's rejections mapped to 503.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,9 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from backdial.policy import Policy
 from backdial.sidecar.config import ProxySettings
-from backdial.sidecar.leasepool import LeasePool
-from backdial.sidecar.sessionconn import wrap_lease
 from backdial.wire import Preamble, parse_reply
 from tests.helpers import Proc, free_port, get_json, http_get, register, wait_for
 from tests.sidecar.conftest import Backend, ProxyRunner, RawClient
@@ -77,19 +76,8 @@ def real(procs: Callable[..., Proc], run_dir: Path) -> Iterator[Callable[..., An
         backend = Backend()
         acceptor.register(backend, sessions)
 
-        async def make_pool(_: Backend) -> LeasePool:
-            pool: LeasePool | None = None
-
-            def factory(lease: Any) -> Any:
-                return wrap_lease(lease, pool)
-
-            pool = LeasePool(run_dir, factory, "test-worker")
-            pool.start()
-            await asyncio.wait_for(pool.configured.wait(), 5)
-            return pool
-
         settings.setdefault("tick", 0.05)
-        runner = ProxyRunner(ProxySettings(**settings), None, make_pool, backend)
+        runner = ProxyRunner(ProxySettings(**settings), Policy(), run_dir=run_dir, backend=backend)
         runners.append(runner)
         return runner, acceptor
 

@@ -25,8 +25,11 @@ def _hold_the_only_session(proxy: ProxyRunner, raw_client: Raw) -> RawClient:
 def test_queue_full_is_503_with_retry_after(
     make_proxy: Callable[..., ProxyRunner], raw_client: Raw
 ) -> None:
-    proxy = make_proxy(pool={"sessions": 1, "max_waiting": 0, "retry_after": 3})
+    proxy = make_proxy(pool={"sessions": 1, "max_waiting": 1, "retry_after": 3})
     holder = _hold_the_only_session(proxy, raw_client)
+    waiting = raw_client(proxy.port)
+    waiting.send(b"GET /w HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert proxy.wait_for(lambda: proxy.pool.waiting == 1)  # the queue's one place
     c = raw_client(proxy.port)
     c.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
     r = c.read_response()
@@ -34,6 +37,7 @@ def test_queue_full_is_503_with_retry_after(
     assert r.header("connection") is None  # the client connection stays usable
     proxy.backend.gate.set()
     assert holder.read_response().status == 200
+    assert waiting.read_response().status == 200
     c.send(b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n")
     assert c.read_response().status == 200
     assert proxy.stats.unavailable["queue_full"] == 1
@@ -56,7 +60,7 @@ def test_queue_timeout_is_503(make_proxy: Callable[..., ProxyRunner], raw_client
 
 
 def test_draining_pool_is_503(proxy: ProxyRunner, raw_client: Raw) -> None:
-    proxy.pool.closed = True
+    proxy.call(lambda: proxy.pool.close(0))
     c = raw_client(proxy.port)
     c.send(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     r = c.read_response()

@@ -33,6 +33,23 @@ class Stack:
         services = get_json(self.acceptor_url("/v1/state"))["services"]
         return sum(s["registered"] for s in services.values())
 
+    def leased(self) -> int:
+        """Sessions leased to sidecar workers now (the acceptor's count)."""
+        services = get_json(self.acceptor_url("/v1/state"))["services"]
+        return sum(s["leased"] for s in services.values())
+
+    def generation(self) -> int:
+        return int(get_json(self.acceptor_url("/v1/state"))["generation"])
+
+    def waiting_in_sidecar(self) -> int:
+        """Requests queued inside the sidecar worker(s) now (their own count)."""
+        state = get_json(self.sidecar_url("/v1/state"))
+        workers = state.get("workers", [state])
+        return sum(sum(w["waiting"].values()) for w in workers)
+
+    def sidecar_metric(self, name: str, **labels: str) -> float:
+        return metric(http_get(self.sidecar_url("/metrics"))[1].decode(), name, **labels)
+
     def restart_acceptor(self) -> None:
         self.acceptor = self._start(
             "acceptor",

@@ -82,7 +82,13 @@ class Load:
 
     @property
     def total(self) -> int:
-        return sum(self.codes.values())
+        with self._lock:
+            return sum(self.codes.values())
+
+    def wait_more(self, n: int, timeout: float = 30.0) -> None:
+        """Wait until *n* more requests were answered (any outcome) than now."""
+        goal = self.total + n
+        wait_for(lambda: self.total >= goal, timeout=timeout, what=f"{n} more requests")
 
     def failures(self) -> dict[int | str, int]:
         return {k: v for k, v in self.codes.items() if k != 200}
@@ -126,15 +132,15 @@ def test_fifo_order_and_503_with_retry_after(stack: Stack) -> None:
         return status
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        futures = []
-        for i in range(6):
+        futures = [pool.submit(call, 0)]
+        wait_for(lambda: stack.leased() == 1, what="the first request on the session")
+        for i in range(1, 6):
+            # Arrival order is the index: each one is queued before the next is sent.
             futures.append(pool.submit(call, i))
-            time.sleep(0.03)  # arrival order is the index
-        # 1 running + 5 waiting: the queue is full now, a 7th is refused at once.
-        started = time.monotonic()
+            wait_for(lambda i=i: stack.waiting_in_sidecar() == i, what=f"{i} waiting")
+        # 1 running + 5 waiting: the queue is full now, a 7th is refused (queue_full).
         status, _, headers = request(stack.port, "/")
         assert status == 503 and headers["retry-after"] == "7"
-        assert time.monotonic() - started < 1.0
         assert [f.result() for f in futures] == [200] * 6
     assert done == sorted(done)
     metrics = http_get(stack.acceptor_url("/metrics"))[1].decode()
@@ -154,12 +160,9 @@ def test_queue_timeout_gives_503(stack: Stack) -> None:
     )
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         slow = pool.submit(request, stack.port, "/delay?ms=1500")
-        time.sleep(0.2)
-        started = time.monotonic()
+        wait_for(lambda: stack.leased() == 1, what="the slow request on the session")
         status, _, headers = request(stack.port, "/")
-        waited = time.monotonic() - started
         assert status == 503 and "retry-after" in headers
-        assert 0.25 < waited < 1.2
         assert slow.result()[0] == 200
     stack.wait_metric(
         1,
@@ -167,6 +170,12 @@ def test_queue_timeout_gives_503(stack: Stack) -> None:
         slice="default",
         reason="timeout",
     )
+    # The queue's own clock: the refused request waited its whole 300 ms, so at least one
+    # of the two waits (the first request waited for its grant) lies above 250 ms.
+    stack.wait_metric(2, "backdial_queue_wait_seconds_count", slice="default")
+    waits = stack.metric("backdial_queue_wait_seconds_count", slice="default")
+    short = stack.metric("backdial_queue_wait_seconds_bucket", slice="default", le="0.25")
+    assert waits - short >= 1
 
 
 def test_waiting_count_includes_requests_inside_workers(stack: Stack) -> None:
@@ -176,7 +185,7 @@ def test_waiting_count_includes_requests_inside_workers(stack: Stack) -> None:
     )
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(request, stack.port, "/delay?ms=1500")]
-        time.sleep(0.2)
+        wait_for(lambda: stack.leased() == 1, what="the first request on the session")
         futures += [pool.submit(request, stack.port, "/delay?ms=10") for _ in range(3)]
         stack.wait_metric(
             3,
@@ -299,11 +308,12 @@ def test_config_reload_under_load_fails_nothing(stack: Stack) -> None:
     ]
     with Load(stack.port, "/delay?ms=5", clients=8) as load:
         for i in range(9):
-            time.sleep(0.3)
+            load.wait_more(20)  # requests in flight across every reload
+            before = stack.generation()
             stack.config_path.write_text(configs[i % 3])
-        gen = get_json(stack.acceptor_url("/v1/state"))["generation"]
-        time.sleep(0.5)
-    assert gen >= 5
+            wait_for(lambda before=before: stack.generation() > before, what="reload applied")
+        load.wait_more(20)
+    assert stack.generation() >= 10
     assert load.failures() == {} and load.total > 100
 
 
@@ -323,10 +333,10 @@ def test_capacity_lowered_and_raised_under_load_fails_nothing(stack: Stack) -> N
 
     with Load(stack.port, "/delay?ms=20", clients=6) as load:
         for n in (2, 8, 1, 5, 3, 6):
-            time.sleep(0.4)
+            load.wait_more(20)
             set_sessions(n)
             wait_for(lambda n=n: stack.registered() == n, timeout=10, what=f"{n} sessions")
-        time.sleep(0.3)
+        load.wait_more(20)
     assert load.failures() == {} and load.total > 100
 
 
@@ -336,7 +346,7 @@ def test_acceptor_restart_then_automatic_reregistration(stack: Stack, sig: int) 
     assert request(stack.port, "/")[0] == 200
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(request, stack.port, "/delay?ms=1000")
-        time.sleep(0.3)
+        wait_for(lambda: stack.leased() == 1, what="the request on a leased session")
         stack.acceptor.stop(sig=sig)
         # A request already on a leased session finishes: leases outlive the acceptor.
         assert running.result()[0] == 200
@@ -378,12 +388,12 @@ def test_killed_sidecar_leases_are_reclaimed_and_capacity_recovers(stack: Stack)
 def test_sidecar_replaced_under_load_fails_nothing(stack: Stack) -> None:
     stack.start(sessions=8)
     with Load(stack.port, "/delay?ms=5", clients=8) as load:
-        time.sleep(0.5)
+        load.wait_more(50)
         old = stack.sidecar
         stack.restart_sidecar(keep_old=True)
-        time.sleep(0.5)
+        load.wait_more(50)  # both sidecars accept from the one listening socket
         old.stop()  # SIGTERM: stop accepting, drain, give leases back
-        time.sleep(1.0)
+        load.wait_more(50)  # the new one alone
     assert load.failures() == {} and load.total > 100
 
 
@@ -392,7 +402,7 @@ def test_two_workers_share_the_listener_and_metrics_are_summed(stack: Stack) -> 
     state = get_json(stack.acceptor_url("/v1/state"))
     assert len(state["workers"]) == 2
     with Load(stack.port, "/delay?ms=2", clients=8) as load:
-        time.sleep(1.5)
+        load.wait_more(200)
     assert load.failures() == {}
     text = http_get(stack.sidecar_url("/metrics"))[1].decode()
     served = metric(text, "backdial_sidecar_requests_total", slice="default", code="200")
@@ -414,11 +424,19 @@ def test_slow_reader_does_not_hold_the_only_session(stack: Stack) -> None:
     try:
         # 512 KiB: far more than the client's socket buffer, less than the sidecar's.
         slow.sendall(b"GET /stream?chunks=64&size=8192 HTTP/1.1\r\nHost: t\r\n\r\n")
-        time.sleep(0.5)  # the client reads nothing
-        started = time.monotonic()
+        # The client reads nothing, yet the sidecar finished the request (all of it is in
+        # its buffer) and the session is idle again.
+        wait_for(
+            lambda: (
+                stack.sidecar_metric("backdial_sidecar_requests_total", slice="default", code="200")
+                == 1
+            ),
+            what="the response drained into the sidecar",
+        )
+        wait_for(lambda: get_json(stack.sidecar_url("/v1/state"))["busy"] == 0, what="idle")
+        # The only session serves the next request (else it would wait and get 503).
         status, _, _ = request(stack.port, "/", timeout=5)
         assert status == 200
-        assert time.monotonic() - started < 2.0
         # ... and the slow client still gets every byte when it finally reads.
         slow.settimeout(10)
         data = b""

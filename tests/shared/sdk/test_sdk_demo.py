@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from tests.sdk.sdkpeer import run
+from tests.shared.sdk.sdkpeer import run
 
 from backdial import demo
 from backdial.sdk import ListenServer

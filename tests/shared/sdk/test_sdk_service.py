@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.sdk.sdkpeer import FakeAcceptor, PeerResponse, build_request, run
+from tests.shared.sdk.sdkpeer import FakeAcceptor, PeerResponse, build_request, run
 
 from backdial import demo
 from backdial.sdk import (

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.sdk.sdkpeer import run
+from tests.shared.sdk.sdkpeer import run
 
 from backdial import demo
 from backdial.sdk import ListenServer

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
-from tests.sdk.sdkpeer import FakeAcceptor, run
+from tests.shared.sdk.sdkpeer import FakeAcceptor, run
 
 from backdial.sdk import Bridge, Service
 

@@ -21,7 +21,7 @@ import time
 
 import httpx
 import pytest
-from tests.sdk.sdkpeer import ROOT, FakeAcceptor, Procs, build_request, procs, run
+from tests.shared.sdk.sdkpeer import ROOT, FakeAcceptor, Procs, build_request, procs, run
 
 __all__ = ["procs"]  # the fixture, re-exported for pytest
 
@@ -98,7 +98,7 @@ def test_env_settings_and_flags_win(procs: Procs) -> None:
         (["serve", "backdial.demo:app", "--register", "unix:///x", "--sessions", "-2"], "0.."),
         (["serve", "backdial.demo", "--listen", "127.0.0.1:1"], "MODULE:APP"),
         (["serve", "no.such.module:app", "--listen", "127.0.0.1:1"], "cannot import"),
-        (["serve", "tests.sdk.sdkapps:not_callable", "--listen", "127.0.0.1:1"], "callable"),
+        (["serve", "tests.shared.sdk.sdkapps:not_callable", "--listen", "127.0.0.1:1"], "callable"),
         (["serve", "backdial.demo:app", "--listen", "nohostport"], "HOST:PORT"),
         (
             ["serve", "backdial.demo:app", "--listen", "127.0.0.1:1", "--register", "unix:///x"],
@@ -143,7 +143,9 @@ def test_auth_refusal_exits_1_with_clear_error(procs: Procs) -> None:
 
 def test_lifespan_startup_failure_exits_1(procs: Procs) -> None:
     async def main() -> None:
-        child = procs.start("serve", "tests.sdk.sdkapps:failing_startup", "--listen", "127.0.0.1:0")
+        child = procs.start(
+            "serve", "tests.shared.sdk.sdkapps:failing_startup", "--listen", "127.0.0.1:0"
+        )
         assert await child.wait_exit() == 1
         assert "lifespan startup failed: database unreachable" in child.stderr
 

@@ -1,0 +1,92 @@
+"""The control protocol's records without sockets: round trips and every refusal of decode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backdial import control
+from backdial.control import Kind, ProtocolError, Rejection, ReleaseState
+
+
+def _record(kind: int, body: object, version: int = control.VERSION) -> bytes:
+    return bytes((version, kind)) + json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        control.Hello(41, "w"),
+        control.ConfigMsg(3, {"version": 1}, 2, 4, 1),
+        control.Want("", "default", 7),
+        control.Grant([control.Granted(1, "svc", "default", 9, "", prefetch=True)]),
+        control.Release([control.Released(1, ReleaseState.RETIRED)]),
+        control.Recall("svc", 2),
+        control.Listen("0.0.0.0:8080"),
+        control.Listener("0.0.0.0:8080"),
+        control.Error(control.ErrorCode.LISTEN, "address in use"),
+        control.Stats({f"rejected|default|{Rejection.TIMEOUT}": 2.0}),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_round_trip(msg: control.Message) -> None:
+    record = control.encode(msg)
+    assert record[:2] == bytes((control.VERSION, control.kind_of(msg)))
+    assert control.decode(record) == msg
+
+
+def test_release_state_is_typed() -> None:
+    msg = control.decode(_record(Kind.RELEASE, {"sessions": [{"session": 1, "state": "idle"}]}))
+    assert isinstance(msg, control.Release)
+    assert msg.sessions[0].state is ReleaseState.IDLE
+
+
+def test_unknown_fields_are_ignored() -> None:
+    msg = control.decode(_record(Kind.WANT, {"service": "", "slice": "a", "n": 1, "later": 5}))
+    assert msg == control.Want("", "a", 1)
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (b"", "shorter than 3 bytes"),
+        (b"\x01\x03", "shorter than 3 bytes"),
+        (_record(Kind.WANT, {}, version=2), "unsupported control version 2"),
+        (bytes((control.VERSION, 99)) + b"{}", "unknown message type 99"),
+        (bytes((control.VERSION, Kind.HELLO)) + b"{not json", "HELLO: body is not JSON"),
+        (bytes((control.VERSION, Kind.HELLO)) + b"\xff\xfe", "HELLO: body is not JSON"),
+        (_record(Kind.HELLO, [1, 2]), "HELLO: body must be a JSON object"),
+        (_record(Kind.HELLO, {"name": "x"}), "HELLO: bad fields"),  # pid missing
+        (_record(Kind.HELLO, {"pid": "1"}), "HELLO: bad fields: pid must be int"),
+        (_record(Kind.HELLO, {"pid": True}), "HELLO: bad fields: pid must be int"),
+        (_record(Kind.WANT, {"service": "", "slice": "a", "n": -1}), "WANT: bad fields"),
+        (_record(Kind.GRANT, {}), "GRANT: bad fields"),
+        (_record(Kind.GRANT, {"leases": [1]}), "GRANT: bad fields: expected an object"),
+        (
+            _record(
+                Kind.GRANT,
+                {
+                    "leases": [
+                        {"session": 1, "service": "s", "slice": "d", "registrant": 1, "prefetch": 1}
+                    ]
+                },
+            ),
+            "GRANT: bad fields: prefetch must be bool",
+        ),
+        (
+            _record(Kind.RELEASE, {"sessions": [{"session": 1, "state": "lost"}]}),
+            "RELEASE: bad fields: 'lost' is not a valid ReleaseState",
+        ),
+        (_record(Kind.RELEASE, {"sessions": [{"session": 1}]}), "RELEASE: bad fields"),
+    ],
+)
+def test_decode_refuses_with_a_reason(record: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        control.decode(record)
+    assert reason in str(info.value)
+
+
+def test_encode_refuses_an_oversized_record() -> None:
+    with pytest.raises(ValueError, match="too large"):
+        control.encode(control.ConfigMsg(1, {"x": "y" * control.MAX_RECORD}, 1, 1, 0))
