@@ -564,6 +564,7 @@ def start_backdial(
     sidecar_args: Sequence[str] = (),
     name: str = "backdial",
     config: Path | None = None,
+    ready_timeout: float = 30.0,
 ) -> Stack:
     """Acceptor + sidecar + demo service: the three commands ``backdial up`` runs."""
     run_dir = ws.path(f"{name}-run")
@@ -638,7 +639,7 @@ def start_backdial(
     wait_http(f"http://{HOST}:{acc_admin}/healthz", 20, [acceptor])
     service.start()
     sidecar.start()
-    wait_http(f"http://{HOST}:{side_admin}/readyz", 30, [acceptor, service, sidecar])
+    wait_http(f"http://{HOST}:{side_admin}/readyz", ready_timeout, [acceptor, service, sidecar])
     wait_http(stack.url, 15, [acceptor, service, sidecar])
     return stack
 

@@ -52,7 +52,8 @@ def test_response_drained_before_client_reads(proxy: ProxyRunner) -> None:
 def test_response_over_buffer_streams_with_backpressure(
     make_proxy: Callable[..., ProxyRunner],
 ) -> None:
-    proxy = make_proxy(response_buffer=64 * 1024)
+    """With spilling off, a response beyond the buffer streams under its lease."""
+    proxy = make_proxy(response_buffer=64 * 1024, response_spill_max=0)
     n = 8 << 20
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
@@ -174,3 +175,103 @@ def test_cut_streamed_upload_leaves_the_buffered_gauge_at_zero(
     c.close()
     assert proxy.wait_for(lambda: proxy.stats.connections_active == 0)
     assert proxy.call(lambda: proxy.stats.buffered_request_bytes) == 0
+
+
+def _read_response(sock: socket.socket, buf: bytearray) -> bytes:
+    """The body of the next Content-Length response from *sock* (*buf* keeps what follows)."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk
+        buf += chunk
+    end = buf.index(b"\r\n\r\n") + 4
+    head = bytes(buf[:end])
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+    while len(buf) < end + length:
+        chunk = sock.recv(1 << 20)
+        assert chunk
+        buf += chunk
+    body = bytes(buf[end : end + length])
+    del buf[: end + length]
+    return body
+
+
+def _slow_reader(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(5)
+    return sock
+
+
+def test_response_over_buffer_spills_and_frees_the_session(
+    make_proxy: Callable[..., ProxyRunner],
+) -> None:
+    """Beyond the buffer the response is parked in a file: the lease goes back while the
+    client reads nothing, and the client still gets every byte, in order, then the next
+    pipelined response."""
+    proxy = make_proxy(response_buffer=64 * 1024)
+    n = 8 << 20
+    sock = _slow_reader(proxy.port)
+    try:
+        sock.sendall(
+            b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\nGET /big?n=5 HTTP/1.1\r\nHost: a\r\n\r\n" % n
+        )
+        # The client has read nothing, yet the session is idle again.
+        assert proxy.wait_for(lambda: proxy.stats.responses_spilled == 1)
+        assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"])
+        assert proxy.call(lambda: len(proxy.pool.busy)) == 0
+        assert proxy.stats.responses_streamed == 0
+        assert proxy.call(lambda: proxy.state.spill_budget.used) > 0
+        buf = bytearray()
+        assert _read_response(sock, buf) == b"x" * n
+        assert _read_response(sock, buf) == b"xxxxx"  # the pipelined one, after the parked bytes
+        assert proxy.wait_for(lambda: proxy.state.spill_budget.used == 0)
+    finally:
+        sock.close()
+
+
+def test_spill_limit_falls_back_to_backpressure(make_proxy: Callable[..., ProxyRunner]) -> None:
+    """A spill file that reached response_spill_max pauses the session until the client reads."""
+    proxy = make_proxy(response_buffer=64 * 1024, response_spill_max=256 * 1024)
+    n = 8 << 20
+    sock = _slow_reader(proxy.port)
+    try:
+        sock.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
+        assert proxy.wait_for(lambda: proxy.stats.responses_spilled == 1)
+        time.sleep(0.2)
+        assert proxy.call(lambda: len(proxy.pool.busy)) == 1  # held: the spill is full
+        assert proxy.call(lambda: proxy.state.spill_budget.used) <= 256 * 1024 + (1 << 20)
+        assert _read_response(sock, bytearray()) == b"x" * n
+        assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"])
+    finally:
+        sock.close()
+
+
+def test_spill_budget_spent_keeps_order(make_proxy: Callable[..., ProxyRunner]) -> None:
+    """When the worker's spill budget is spent, bytes wait in memory behind the parked ones
+    and the session is paused: nothing is lost or reordered."""
+    proxy = make_proxy(response_buffer=64 * 1024, response_spill_total=128 * 1024)
+    n = 8 << 20
+    sock = _slow_reader(proxy.port)
+    try:
+        sock.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
+        assert proxy.wait_for(lambda: proxy.stats.responses_spilled == 1)
+        assert proxy.call(lambda: proxy.state.spill_budget.used) <= 128 * 1024
+        assert _read_response(sock, bytearray()) == b"x" * n
+        assert proxy.wait_for(lambda: proxy.state.spill_budget.used == 0)
+    finally:
+        sock.close()
+
+
+def test_client_gone_with_a_parked_response_frees_the_spill(
+    make_proxy: Callable[..., ProxyRunner],
+) -> None:
+    proxy = make_proxy(response_buffer=64 * 1024)
+    sock = _slow_reader(proxy.port)
+    sock.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % (4 << 20))
+    assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"])
+    assert proxy.call(lambda: proxy.state.spill_budget.used) > 0
+    sock.close()
+    assert proxy.wait_for(lambda: proxy.state.spill_budget.used == 0)
+    assert proxy.wait_for(lambda: proxy.stats.connections_active == 0)

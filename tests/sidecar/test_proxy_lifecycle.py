@@ -125,12 +125,26 @@ def test_slowloris_does_not_extend_the_request_timeout(
 def test_client_that_never_reads_a_streamed_response_is_cut(
     make_proxy: Callable[..., ProxyRunner], raw_client: Raw
 ) -> None:
-    proxy = make_proxy(response_buffer=32 * 1024, send_timeout=0.3)
+    proxy = make_proxy(response_buffer=32 * 1024, send_timeout=0.3, response_spill_max=0)
     c = raw_client(proxy.port)
     c.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096)
     c.send(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % (16 << 20))
     # The lease is held while streaming, but only for send_timeout without progress.
     assert proxy.wait_for(lambda: proxy.pool.states() == ["broken"], timeout=5)
+
+
+def test_client_that_never_reads_a_spilled_response_is_cut(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    proxy = make_proxy(response_buffer=32 * 1024, send_timeout=0.3)
+    c = raw_client(proxy.port)
+    c.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096)
+    c.send(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % (16 << 20))
+    # The session is released clean at once; the client is cut after send_timeout without
+    # reading, and its parked bytes are dropped.
+    assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"], timeout=5)
+    assert proxy.wait_for(lambda: proxy.stats.connections_active == 0, timeout=5)
+    assert proxy.call(lambda: proxy.state.spill_budget.used) == 0
 
 
 # -- graceful shutdown ----------------------------------------------------------------------------

@@ -12,7 +12,12 @@ class ProxySettings:
     max_request_body: int = 1 << 20  # buffered before a lease is taken
     max_request_body_stream: int = 64 << 20  # hard cap; between the two the body streams
     max_header_bytes: int = 64 << 10  # request head; beyond it 431
-    response_buffer: int = 1 << 20  # response bytes held for a slow client before back-pressure
+    response_buffer: int = 1 << 20  # response bytes held in memory for a slow client
+    # Beyond response_buffer, response bytes go to a temporary file (spill.py) so the
+    # session is released at session speed; 0 disables it (back-pressure holds the session).
+    response_spill_max: int = 1 << 30  # per connection, bytes parked and not yet sent
+    response_spill_total: int = 4 << 30  # every connection of one worker together
+    spill_dir: str = ""  # directory of the spill files ("": $TMPDIR, else /tmp)
     upstream_timeout: float = 60.0  # response must start (and keep flowing) within this; else 504
     client_idle_timeout: float = 75.0  # idle keep-alive client connection
     drain_idle_grace: float = 1.0  # on graceful stop, idle connections may send one more request

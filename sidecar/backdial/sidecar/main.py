@@ -149,6 +149,20 @@ def parser() -> argparse.ArgumentParser:
         help="response bytes drained from a session before the client reads them (default 1m)",
     )
     p.add_argument(
+        "--response-spill-max",
+        type=_size,
+        default="1g",
+        help="beyond --response-buffer, up to this many response bytes per connection wait "
+        "in a temporary file so the session is released; 0: hold the session instead "
+        "(default 1g)",
+    )
+    p.add_argument(
+        "--spill-dir",
+        default=env("SPILL_DIR", "") or "",
+        help="directory for those temporary files (env BACKDIAL_SPILL_DIR; default $TMPDIR "
+        "or /tmp)",
+    )
+    p.add_argument(
         "--upstream-timeout",
         type=float,
         default=60.0,
@@ -193,6 +207,8 @@ def settings_from(argv: list[str]) -> SidecarSettings:
         max_request_body_stream=ns.max_request_body_stream,
         max_header_bytes=ns.max_header_bytes,
         response_buffer=ns.response_buffer,
+        response_spill_max=ns.response_spill_max,
+        spill_dir=ns.spill_dir,
         upstream_timeout=ns.upstream_timeout,
         client_idle_timeout=ns.client_idle_timeout,
         proxy_protocol=ns.proxy_protocol,

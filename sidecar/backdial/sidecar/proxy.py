@@ -53,6 +53,7 @@ from backdial.sidecar.request import (
     xff_line,
 )
 from backdial.sidecar.sessionconn import DrainSink, SessionConn
+from backdial.sidecar.spill import SpillFile
 from backdial.sidecar.stats import ProxyStats
 
 # Enum members bound once (see connstate.py): these are compared per read and per request.
@@ -77,6 +78,7 @@ _CLOSE: Final = ConnMode.CLOSE
 _KEEP_10: Final = ConnMode.KEEP_10
 _IDLE: Final = ReleaseState.IDLE
 _BROKEN: Final = ReleaseState.BROKEN
+_SPILL_CHUNK: Final = 256 * 1024  # bytes moved from a spill file to the transport per write
 
 
 def make_protocol_factory(
@@ -136,6 +138,14 @@ class ClientProtocol(asyncio.Protocol):
         self._proxy_buf: bytearray | None = None
         self._cls: Classifier | None = None
         self._out: list[bytes] = []  # response bytes of the current session read
+        # Response bytes the client transport could not take (beyond response_buffer), in
+        # order: a spill file, then what did not fit in it (the session is paused for that).
+        self._spill: SpillFile | None = None
+        self._held: list[bytes] = []
+        self._spill_paused = False  # the session is paused because the spill is full
+        self._close_after = False  # close once the spill is sent
+        self._sent = 0  # client write progress (drains), for the send deadline
+        self._sent_seen = 0
 
     # -- connection lifecycle ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,6 +166,10 @@ class ClientProtocol(asyncio.Protocol):
         self._closed = True
         self.deadline = 0.0
         self.state.remove(self)
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        self._held = []
         self._leave_queue()
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -196,15 +210,28 @@ class ClientProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         conn = self._conn
-        if conn is not None:
-            conn.pause_reading()
-            if not self._streamed and not self._tunnel:
-                self._streamed = True
-                self.stats.responses_streamed += 1
+        if conn is not None and self._spill is None:
+            if not self._tunnel and self.settings.response_spill_max > 0:
+                # Park the rest of the response on disk and keep draining the session at
+                # its own speed: the lease is released when the response is complete.
+                self._spill = SpillFile(
+                    self.settings.spill_dir or None,
+                    self.settings.response_spill_max,
+                    self.state.spill_budget,
+                )
+                self.stats.responses_spilled += 1
+            else:
+                conn.pause_reading()
+                if not self._streamed and not self._tunnel:
+                    self._streamed = True
+                    self.stats.responses_streamed += 1
         self._set_deadline(_T_SEND, self.settings.send_timeout)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._sent += 1
+        if self._spill is not None and not self._send_spilled():
+            return  # paused again with bytes still parked
         conn = self._conn
         if conn is not None:
             conn.resume_reading()
@@ -212,8 +239,42 @@ class ClientProtocol(asyncio.Protocol):
                 self._set_deadline(_T_TUNNEL, self.settings.client_idle_timeout)
             else:
                 self._set_deadline(_T_UPSTREAM, self.settings.upstream_timeout)
+        elif self._close_after:
+            self._close()
         elif self._active is None:
             self._next()
+
+    def _send_spilled(self) -> bool:
+        """Feed parked bytes to the client until it pushes back; True once all are sent."""
+        spill, transport = self._spill, self.transport
+        assert spill is not None and transport is not None
+        while not self._write_paused and not self._closed:
+            data = spill.read(_SPILL_CHUNK)
+            if not data:
+                break
+            transport.write(data)  # may call pause_writing at once
+        if self._spill_paused and self._conn is not None and spill.room:
+            self._spill_paused = False  # room again: let the session run
+            self._conn.resume_reading()
+        if spill.pending or self._write_paused or self._closed:
+            return False
+        spill.close()
+        self._spill = None
+        self._spill_paused = False
+        held, self._held = self._held, []
+        for data in held:
+            transport.write(data)
+        return not self._write_paused
+
+    def _park(self, data: bytes) -> None:
+        """Queue response bytes behind those already parked; bound what the session adds."""
+        spill = self._spill
+        assert spill is not None
+        if self._held or not spill.write(data):
+            self._held.append(data)  # the worker's spill budget is spent: memory, one read
+        if not self._spill_paused and (self._held or not spill.room) and self._conn is not None:
+            self._spill_paused = True  # full: back-pressure the session as without spilling
+            self._conn.pause_reading()
 
     def drain(self) -> None:
         """Graceful stop: an idle connection gets ``drain_idle_grace`` to send one more request.
@@ -231,6 +292,9 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def _close(self) -> None:
+        if self._spill is not None:
+            self._close_after = True  # the parked response goes out first
+            return
         if not self._closed:
             self._closed = True
             self.deadline = 0.0
@@ -448,8 +512,8 @@ class ClientProtocol(asyncio.Protocol):
     # -- serving, one request at a time -----------------------------------------------------------
     def _next(self) -> None:
         """Start the next parsed request if nothing is being served."""
-        if self._active is not None or self._closed:
-            return
+        if self._active is not None or self._closed or self._spill is not None:
+            return  # (resume_writing calls back once a parked response is sent)
         if self._queue:
             if self._write_paused:
                 return  # resume_writing calls back: no lease for a client that is not reading
@@ -608,7 +672,10 @@ class ClientProtocol(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self._closed:
-            self.transport.write(data)
+            if self._spill is not None:
+                self._park(data)
+            else:
+                self.transport.write(data)
 
     def _abandon_upstream(self) -> None:
         conn, self._conn = self._conn, None
@@ -753,6 +820,16 @@ class ClientProtocol(asyncio.Protocol):
     # -- timeouts (called by the server's sweep) --------------------------------------------------
     def on_deadline(self, now: float) -> None:
         kind = self._kind
+        if (
+            kind == _T_SEND
+            and self._sent != self._sent_seen
+            and (self._conn is None or self._progress != self._seen)
+        ):
+            # The client is reading (and the session, if any, still delivering): only a
+            # client that takes nothing for send_timeout is cut.
+            self._sent_seen, self._seen = self._sent, self._progress
+            self.deadline = now + self.settings.send_timeout
+            return
         flowing = kind in (_T_UPSTREAM, _T_TUNNEL) or (kind == _T_REQUEST and self._streaming())
         if flowing and self._progress != self._seen:  # still flowing: only silence times out
             self._seen = self._progress

@@ -6,6 +6,8 @@ The hot path pays an integer add per event; nothing is formatted until
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from backdial.control import Rejection
 from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
 
@@ -36,6 +38,8 @@ class ProxyStats:
         self.unavailable: dict[Rejection, int] = dict.fromkeys(Rejection, 0)
         self.requests_streamed = 0  # request bodies above max_request_body
         self.responses_streamed = 0  # responses that outgrew response_buffer under a lease
+        self.responses_spilled = 0  # responses parked in a spill file for a slow client
+        self.spilled_bytes: Callable[[], int] = lambda: 0  # bytes in spill files now
         self.tunnels = 0
         self.client_aborts = 0  # client went away with a request in flight
         self.proxy_header_errors = 0
@@ -69,6 +73,7 @@ class ProxyStats:
             ("client_connections", "Open client connections.", self.connections_active),
             ("requests_in_flight", "Requests being served.", self.requests_active),
             ("request_buffered_bytes", "Request body bytes buffered.", self.buffered_request_bytes),
+            ("response_spilled_bytes", "Response bytes in spill files.", self.spilled_bytes()),
         )
         for name, text, value in gauges:
             exp.family(p + name, "gauge", text, [({}, float(value))])
@@ -77,6 +82,7 @@ class ProxyStats:
             ("upstream_retries_total", "Idempotent requests retried.", self.retries),
             ("requests_streamed_total", "Bodies streamed under a lease.", self.requests_streamed),
             ("responses_streamed_total", "Responses over the buffer.", self.responses_streamed),
+            ("responses_spilled_total", "Responses spilled to a file.", self.responses_spilled),
             ("tunnels_total", "Upgraded connections tunnelled.", self.tunnels),
             ("client_aborts_total", "Clients gone mid-request.", self.client_aborts),
             ("proxy_header_errors_total", "Bad PROXY headers.", self.proxy_header_errors),
