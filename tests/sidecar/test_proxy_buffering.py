@@ -222,11 +222,11 @@ def test_response_over_buffer_spills_and_frees_the_session(
         assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"])
         assert proxy.call(lambda: len(proxy.pool.busy)) == 0
         assert proxy.stats.responses_streamed == 0
-        assert proxy.call(lambda: proxy.state.spill_budget.used) > 0
+        assert proxy.call(lambda: proxy.state.disk_budget.used) > 0
         buf = bytearray()
         assert _read_response(sock, buf) == b"x" * n
         assert _read_response(sock, buf) == b"xxxxx"  # the pipelined one, after the parked bytes
-        assert proxy.wait_for(lambda: proxy.state.spill_budget.used == 0)
+        assert proxy.wait_for(lambda: proxy.state.disk_budget.used == 0)
     finally:
         sock.close()
 
@@ -241,7 +241,7 @@ def test_spill_limit_falls_back_to_backpressure(make_proxy: Callable[..., ProxyR
         assert proxy.wait_for(lambda: proxy.stats.responses_spilled == 1)
         time.sleep(0.2)
         assert proxy.call(lambda: len(proxy.pool.busy)) == 1  # held: the spill is full
-        assert proxy.call(lambda: proxy.state.spill_budget.used) <= 256 * 1024 + (1 << 20)
+        assert proxy.call(lambda: proxy.state.disk_budget.used) <= 256 * 1024 + (1 << 20)
         assert _read_response(sock, bytearray()) == b"x" * n
         assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"])
     finally:
@@ -257,9 +257,9 @@ def test_spill_budget_spent_keeps_order(make_proxy: Callable[..., ProxyRunner]) 
     try:
         sock.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
         assert proxy.wait_for(lambda: proxy.stats.responses_spilled == 1)
-        assert proxy.call(lambda: proxy.state.spill_budget.used) <= 128 * 1024
+        assert proxy.call(lambda: proxy.state.disk_budget.used) <= 128 * 1024
         assert _read_response(sock, bytearray()) == b"x" * n
-        assert proxy.wait_for(lambda: proxy.state.spill_budget.used == 0)
+        assert proxy.wait_for(lambda: proxy.state.disk_budget.used == 0)
     finally:
         sock.close()
 
@@ -271,7 +271,7 @@ def test_client_gone_with_a_parked_response_frees_the_spill(
     sock = _slow_reader(proxy.port)
     sock.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % (4 << 20))
     assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"])
-    assert proxy.call(lambda: proxy.state.spill_budget.used) > 0
+    assert proxy.call(lambda: proxy.state.disk_budget.used) > 0
     sock.close()
-    assert proxy.wait_for(lambda: proxy.state.spill_budget.used == 0)
+    assert proxy.wait_for(lambda: proxy.state.disk_budget.used == 0)
     assert proxy.wait_for(lambda: proxy.stats.connections_active == 0)

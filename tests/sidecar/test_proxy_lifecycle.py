@@ -144,7 +144,7 @@ def test_client_that_never_reads_a_spilled_response_is_cut(
     # reading, and its parked bytes are dropped.
     assert proxy.wait_for(lambda: proxy.pool.states() == ["idle"], timeout=5)
     assert proxy.wait_for(lambda: proxy.stats.connections_active == 0, timeout=5)
-    assert proxy.call(lambda: proxy.state.spill_budget.used) == 0
+    assert proxy.call(lambda: proxy.state.disk_budget.used) == 0
 
 
 # -- graceful shutdown ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ class ProxySettings:
     max_request_body_stream: int = 64 << 20  # hard cap; between the two the body streams
     max_header_bytes: int = 64 << 10  # request head; beyond it 431
     response_buffer: int = 1 << 20  # response bytes held in memory for a slow client
-    # Beyond response_buffer, response bytes go to a temporary file (spill.py) so the
+    # Beyond response_buffer, response bytes go to a temporary file (spool.SpoolFile) so the
     # session is released at session speed; 0 disables it (back-pressure holds the session).
     response_spill_max: int = 1 << 30  # per connection, bytes parked and not yet sent
     response_spill_total: int = 4 << 30  # every connection of one worker together

@@ -19,7 +19,7 @@ from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.leasepool import LeasePool, Ticket
 from backdial.sidecar.realip import TrustedProxies
 from backdial.sidecar.sessionconn import SessionConn
-from backdial.sidecar.spill import SpillBudget
+from backdial.sidecar.spool import Budget
 from backdial.sidecar.stats import ProxyStats
 
 
@@ -45,8 +45,9 @@ class ListenerState:
         self.stats = stats
         self.connections: set[SweptConnection] = set()
         self.draining = False
-        self.spill_budget = budget = SpillBudget(settings.response_spill_total)
-        stats.spilled_bytes = lambda: budget.used
+        # The worker's disk budget: response bytes parked for slow clients (proxy.py).
+        self.disk_budget = disk = Budget(settings.response_spill_total)
+        stats.spilled_bytes = lambda: disk.used
         self.via = settings.via.encode("ascii")
         self.proto = settings.forwarded_proto.encode("ascii")
         self.trusted = TrustedProxies(settings.trusted_proxies)

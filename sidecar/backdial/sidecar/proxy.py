@@ -53,7 +53,7 @@ from backdial.sidecar.request import (
     xff_line,
 )
 from backdial.sidecar.sessionconn import DrainSink, SessionConn
-from backdial.sidecar.spill import SpillFile
+from backdial.sidecar.spool import SpoolFile
 from backdial.sidecar.stats import ProxyStats
 
 # Enum members bound once (see connstate.py): these are compared per read and per request.
@@ -140,7 +140,7 @@ class ClientProtocol(asyncio.Protocol):
         self._out: list[bytes] = []  # response bytes of the current session read
         # Response bytes the client transport could not take (beyond response_buffer), in
         # order: a spill file, then what did not fit in it (the session is paused for that).
-        self._spill: SpillFile | None = None
+        self._spill: SpoolFile | None = None
         self._held: list[bytes] = []
         self._spill_paused = False  # the session is paused because the spill is full
         self._close_after = False  # close once the spill is sent
@@ -214,10 +214,10 @@ class ClientProtocol(asyncio.Protocol):
             if not self._tunnel and self.settings.response_spill_max > 0:
                 # Park the rest of the response on disk and keep draining the session at
                 # its own speed: the lease is released when the response is complete.
-                self._spill = SpillFile(
-                    self.settings.spill_dir or None,
+                self._spill = SpoolFile(
+                    self.state.disk_budget,
                     self.settings.response_spill_max,
-                    self.state.spill_budget,
+                    self.settings.spill_dir,
                 )
                 self.stats.responses_spilled += 1
             else:
@@ -248,13 +248,20 @@ class ClientProtocol(asyncio.Protocol):
         """Feed parked bytes to the client until it pushes back; True once all are sent."""
         spill, transport = self._spill, self.transport
         assert spill is not None and transport is not None
-        while not self._write_paused and not self._closed:
-            data = spill.read(_SPILL_CHUNK)
-            if not data:
+        while True:
+            while not self._write_paused and not self._closed:
+                data = spill.read(_SPILL_CHUNK)
+                if not data:
+                    break
+                transport.write(data)  # may call pause_writing at once
+            moved = False
+            while self._held and spill.write(self._held[0]):
+                del self._held[0]  # room again: what waited in memory goes behind the file
+                moved = True
+            if not moved or self._write_paused or self._closed:
                 break
-            transport.write(data)  # may call pause_writing at once
-        if self._spill_paused and self._conn is not None and spill.room:
-            self._spill_paused = False  # room again: let the session run
+        if self._spill_paused and self._conn is not None and spill.room and not self._held:
+            self._spill_paused = False  # let the session run again
             self._conn.resume_reading()
         if spill.pending or self._write_paused or self._closed:
             return False
@@ -271,7 +278,7 @@ class ClientProtocol(asyncio.Protocol):
         spill = self._spill
         assert spill is not None
         if self._held or not spill.write(data):
-            self._held.append(data)  # the worker's spill budget is spent: memory, one read
+            self._held.append(data)  # over a limit: memory, one session read at most
         if not self._spill_paused and (self._held or not spill.room) and self._conn is not None:
             self._spill_paused = True  # full: back-pressure the session as without spilling
             self._conn.pause_reading()
