@@ -4,12 +4,14 @@ No dependencies.  ``GET /`` is the benchmark path and does as little as
 possible: two precomputed messages, no parsing.  Routes:
 
 * ``GET /`` -> 200 ``hello from backdial``
-* ``GET /delay?ms=N`` -> sleeps N ms (max 60000), then 200
+* ``GET /delay?ms=N[&group=G]`` -> sleeps N ms (max 60000), then 200; requests
+  naming a group are also counted per group in ``/stats``
 * ``POST /echo`` -> the request body, with the request's content-type
 * ``GET /stream?chunks=N&size=B`` -> chunked response, N chunks of B bytes
 * ``GET /status/CODE`` -> a response with that status
-* ``GET /stats`` -> ``{"requests", "in_flight", "max_concurrency"}``;
-  ``POST /stats/reset`` zeroes the counters
+* ``GET /stats`` -> ``{"requests", "in_flight", "max_concurrency", "groups"}``
+  (``groups``: ``{G: {"in_flight", "max_concurrency"}}``); ``POST /stats/reset``
+  zeroes the counters
 * ``GET /whoami[?ms=N]`` -> ``{"instance", "pid", "client", "headers"}`` (what a
   proxy forwarded, and from which connection), optionally after sleeping N ms
 
@@ -43,18 +45,22 @@ _MAX_ECHO = 16 * 1024 * 1024
 
 
 class Stats:
-    __slots__ = ("in_flight", "max_concurrency", "requests")
+    __slots__ = ("groups", "in_flight", "max_concurrency", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
         self.in_flight = 0
         self.max_concurrency = 0
+        self.groups: dict[str, list[int]] = {}  # group -> [in flight, max concurrency]
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "in_flight": self.in_flight,
             "max_concurrency": self.max_concurrency,
+            "groups": {
+                g: {"in_flight": v[0], "max_concurrency": v[1]} for g, v in self.groups.items()
+            },
         }
 
 
@@ -105,7 +111,16 @@ async def _route(scope: Any, receive: Any, send: Any) -> None:
     query: bytes = scope["query_string"]
     if path == "/delay":
         ms = _int_param(query, "ms", 100, 0, 60_000)
-        await asyncio.sleep(ms / 1000)
+        group = parse_qs(query.decode("latin-1")).get("group", [""])[0][:64]
+        counts = stats.groups.setdefault(group, [0, 0]) if group else None
+        if counts is not None:
+            counts[0] += 1
+            counts[1] = max(counts)
+        try:
+            await asyncio.sleep(ms / 1000)
+        finally:
+            if counts is not None:
+                counts[0] -= 1
         await _respond(send, 200, b"slept %d ms\n" % ms)
     elif path == "/echo" and method == "POST":
         await _echo(scope, receive, send)
@@ -124,6 +139,8 @@ async def _route(scope: Any, receive: Any, send: Any) -> None:
     elif path == "/stats/reset" and method == "POST":
         stats.requests = 0
         stats.max_concurrency = stats.in_flight
+        for counts in stats.groups.values():
+            counts[1] = counts[0]
         await _respond(send, 200, json.dumps(stats.as_dict()).encode() + b"\n", (_JSON,))
     elif path == "/whoami":
         ms = _int_param(query, "ms", 0, 0, 60_000)

@@ -3,7 +3,9 @@
 A service instance opens a stream connection to the acceptor and sends one
 preamble line; the acceptor answers with one line; after ``OK`` the connection
 is a *session* carrying HTTP/1.1 requests proxy -> service.  On an idle
-session the service may write one ``RETIRE`` line to give the session back.
+session the service may write one ``RETIRE`` line to give the session back;
+the acceptor writes the same line on an idle session it takes back (its cap
+shrank) and closes it.
 ``docs/protocol.md`` is the byte-level specification; this module is the
 reference implementation and the only place in Python that formats or parses
 these lines.

@@ -78,6 +78,8 @@ def state(acc: Acceptor) -> dict[str, Any]:
         ],
         "queue_depth": len(ledger.queue),
         "routes": [r.model_dump(by_alias=True) for r in acc.policy.routes],
+        "limits": acc.policy.limits.model_dump(mode="json", by_alias=True),
+        "operator": acc.operator,  # the operator link (null without --operator)
     }
 
 
@@ -249,6 +251,19 @@ def metrics(acc: Acceptor) -> bytes:
         "Generation of the policy in force.",
         [({}, float(acc.generation))],
     )
+    if acc.operator is not None:
+        exp.family(
+            "backdial_acceptor_operator_connected",
+            "gauge",
+            "1 while the config stream to the operator is up.",
+            [({}, float(bool(acc.operator["connected"])))],
+        )
+        exp.family(
+            "backdial_acceptor_operator_generation",
+            "gauge",
+            "SessionSlice generation of the operator config in force (0: none).",
+            [({}, float(acc.operator["generation"]))],
+        )
     return exp.render()
 
 

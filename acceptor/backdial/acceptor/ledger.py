@@ -30,6 +30,7 @@ class DropReason(StrEnum):
     BROKEN = "broken"  # a worker released it broken (or could not use it)
     RECLAIMED = "reclaimed"  # leased to a worker that went away
     SHUTDOWN = "shutdown"  # the acceptor stopped
+    CAPPED = "capped"  # retired by the acceptor: the pod's session cap shrank
 
 
 @dataclass(slots=True)

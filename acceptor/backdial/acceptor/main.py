@@ -18,10 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from backdial.acceptor.admin import AdminAPI, apply_overlay
+from backdial.acceptor.operatorlink import (
+    LinkSettings,
+    OperatorLink,
+    load_applied,
+    merge,
+    parse_operator_url,
+    parse_pod,
+)
 from backdial.acceptor.server import Acceptor, SocketTrust
 from backdial.adminauth import AdminAccess
 from backdial.adminhttp import start_admin
-from backdial.policy import Policy, PolicyError, load_policy, policy_from_data
+from backdial.policy import Policy, PolicyError, load_policy
 from backdial.runtime import (
     ArgParser,
     ConfigError,
@@ -46,6 +54,7 @@ class AcceptorSettings:
     access: AdminAccess
     reload_interval: float
     log_level: str
+    operator: LinkSettings | None = None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -110,6 +119,30 @@ def parser() -> argparse.ArgumentParser:
         "(SIGHUP always reloads; env BACKDIAL_RELOAD_INTERVAL)",
     )
     p.add_argument(
+        "--operator",
+        default=env("OPERATOR"),
+        help="https://HOST[:PORT] of the operator's config endpoint: dial it and apply the "
+        "SessionSlice config it sends (env BACKDIAL_OPERATOR; docs/operator.md)",
+    )
+    p.add_argument(
+        "--operator-ca",
+        default=env("OPERATOR_CA"),
+        help="CA bundle that signed the operator's certificate (env BACKDIAL_OPERATOR_CA; "
+        "default: the system's)",
+    )
+    p.add_argument(
+        "--token-file",
+        default=env("TOKEN_FILE", "/var/run/secrets/backdial/token"),
+        help="projected ServiceAccount token (audience backdial), re-read on every connect "
+        "(env BACKDIAL_TOKEN_FILE; default /var/run/secrets/backdial/token)",
+    )
+    p.add_argument(
+        "--pod",
+        default=env("POD"),
+        help="NAMESPACE/NAME of this pod, as the token must prove "
+        "(env BACKDIAL_POD; default: the pod the token is bound to)",
+    )
+    p.add_argument(
         "--log-level",
         default=env("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -128,6 +161,16 @@ def settings_from(argv: list[str]) -> AcceptorSettings:
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    link = None
+    if ns.operator:
+        host, port = parse_operator_url(ns.operator)
+        link = LinkSettings(
+            host,
+            port,
+            Path(ns.operator_ca) if ns.operator_ca else None,
+            Path(ns.token_file),
+            parse_pod(ns.pod) if ns.pod else None,
+        )
     return AcceptorSettings(
         run_dir=Path(ns.run_dir),
         config=Path(ns.config) if ns.config else None,
@@ -140,15 +183,26 @@ def settings_from(argv: list[str]) -> AcceptorSettings:
         ),
         reload_interval=ns.reload_interval,
         log_level=ns.log_level,
+        operator=link,
     )
 
 
 class Reloader:
     """Re-reads the config file when its stat changes; keeps the old policy on error."""
 
-    def __init__(self, acc: Acceptor, path: Path | None, overlay: dict[str, Any]) -> None:
+    def __init__(
+        self, acc: Acceptor, path: Path | None, overlay: dict[str, Any], data: dict[str, Any]
+    ) -> None:
         self.acc, self.path, self.overlay = acc, path, overlay
+        self.data = data  # the file's last good content (wire form)
+        self.link: OperatorLink | None = None  # its config goes over the file's
         self._stamp = self._stat()
+
+    def local(self) -> dict[str, Any]:
+        """The file's config with the route edits over it (wire form)."""
+        data = dict(self.data)
+        apply_overlay(data, self.overlay)
+        return data
 
     def _stat(self) -> tuple[float, int, int] | None:
         if self.path is None:
@@ -168,12 +222,15 @@ class Reloader:
             return
         try:
             data = load_policy(self.path).to_wire()
-            apply_overlay(data, self.overlay)
-            policy = policy_from_data(data, str(self.path))
+            local = dict(data)
+            apply_overlay(local, self.overlay)
+            part = self.link.applied.policy if self.link else None
+            policy = merge(local, part, str(self.path))
         except PolicyError as exc:
             self.acc.counters.reloads["error"] += 1
             log.error("config reload rejected, previous config stays in force: %s", exc)
             return
+        self.data = data
         if policy == self.acc.policy:
             return
         self.acc.set_policy(policy)
@@ -182,6 +239,14 @@ class Reloader:
 
 
 async def serve(cfg: AcceptorSettings, policy: Policy, stop: asyncio.Event) -> int:
+    reloader_data = policy.to_wire()
+    applied = load_applied(cfg.run_dir) if cfg.operator else None
+    if applied is not None and applied.policy is not None:
+        try:  # the last config the operator sent survives a restart
+            policy = merge(reloader_data, applied.policy, "operator-config.json")
+            log.info("starting with operator config generation %d", applied.generation)
+        except PolicyError as exc:
+            log.error("ignoring the saved operator config: %s", exc)
     acc = Acceptor(cfg.run_dir, policy, cfg.register_tcp, cfg.trust)
     overlay: dict[str, Any] = {}
     try:
@@ -193,7 +258,11 @@ async def serve(cfg: AcceptorSettings, policy: Policy, stop: asyncio.Event) -> i
         )
     except OSError as exc:
         return fail(f"cannot start acceptor: {exc}")
-    reloader = Reloader(acc, cfg.config, overlay)
+    reloader = Reloader(acc, cfg.config, overlay, reloader_data)
+    link_task: asyncio.Future[None] | None = None
+    if cfg.operator is not None and applied is not None:
+        reloader.link = OperatorLink(acc, cfg.operator, reloader.local, applied)
+        link_task = asyncio.ensure_future(reloader.link.run(stop))
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, reloader.check, True)
     log.info(
@@ -210,6 +279,8 @@ async def serve(cfg: AcceptorSettings, policy: Policy, stop: asyncio.Event) -> i
             except TimeoutError:
                 reloader.check()
     finally:
+        if link_task is not None:
+            link_task.cancel()
         acc.draining = True
         admin.close()
         admin_unix.close()

@@ -23,8 +23,10 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from backdial import control, fdpass, wire
+from backdial.acceptor import capacity
 from backdial.acceptor.ledger import DropReason, GrantAction, Ledger, Session
 from backdial.control import ErrorCode, ReleaseState
 from backdial.policy import Policy
@@ -97,6 +99,7 @@ class Acceptor:
         self.counters = Counters()
         self.listeners: dict[str, socket.socket] = {}  # client listening sockets handed to sidecars
         self.generation = 1
+        self.operator: dict[str, Any] | None = None  # the operator link's state, if any
         self.started = time.time()
         self.draining = False
         self.closing = False
@@ -353,6 +356,7 @@ class Acceptor:
         elif isinstance(msg, control.Release):
             for item in msg.sessions:
                 self._on_release(wid, item)
+            self.enforce_cap()
             self.schedule_pump()
         elif isinstance(msg, control.Listen):
             if handed_back:
@@ -519,6 +523,7 @@ class Acceptor:
         self.ledger.set_policy(policy)
         self.generation += 1
         self.schedule_config()
+        self.enforce_cap()
         self.schedule_pump()
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -535,6 +540,22 @@ class Acceptor:
         forgotten = self.ledger.sweep_services(time.monotonic(), ttl)
         self.counters.services_forgotten += len(forgotten)
         self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def enforce_cap(self) -> None:
+        """Give back sessions beyond ``limits.maxSessions`` (``capacity.py``): idle ones are
+        retired now, leased ones recalled and retired once idle; no request is touched."""
+        excess = capacity.surplus(self.ledger)
+        if not excess:
+            return
+        for sess in capacity.idle_victims(self.ledger, excess):
+            self.ledger.drop_session(sess.id)
+            with contextlib.suppress(OSError):
+                os.write(sess.fd, wire.RETIRE_LINE)
+            self._close_session(sess, DropReason.CAPPED)
+        for wid, service, n in capacity.recall_plan(self.ledger, capacity.surplus(self.ledger)):
+            self.workers[wid].channel.send(control.Recall(service, n))
+            self.ledger.recalls[(wid, service)] += n
+            self.counters.recalls += n
 
     # -- granting -----------------------------------------------------------------------
     def schedule_pump(self) -> None:

@@ -270,6 +270,11 @@ def parser() -> argparse.ArgumentParser:
         "(charts/backdial/templates/crds)",
     )
     p.add_argument(
+        "--rbac-dir",
+        help="instead of printing, write the operator's RBAC rule lists into DIR "
+        "(charts/backdial/files)",
+    )
+    p.add_argument(
         "--field-table",
         action="store_true",
         help="print the Markdown field reference (docs/operator.md) instead",
@@ -287,11 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         ns = parser().parse_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
         return fail(str(exc))
-    if ns.chart_dir:
-        target = Path(ns.chart_dir)
+    if ns.chart_dir or ns.rbac_dir:
+        if ns.rbac_dir:
+            from backdial.operator import rbac  # imports the operator's runtime modules
+
+            target, files = Path(ns.rbac_dir), rbac.chart_files()
+        else:
+            target, files = Path(ns.chart_dir), chart_files()
         try:
             target.mkdir(parents=True, exist_ok=True)
-            for name, text in chart_files().items():
+            for name, text in files.items():
                 (target / name).write_text(text)
         except OSError as exc:
             return fail(f"cannot write {target}: {exc.strerror}")

@@ -13,6 +13,9 @@ Retiring obeys the invariant that no in-flight or just-leased request fails:
 * busy session: its response goes out with ``Connection: close`` and the
   socket closes after it.  If the response head had already left with
   keep-alive, the session is retired by the line once it is idle again.
+
+The acceptor may also retire an idle session (its cap shrank): it writes the
+same line and closes; the session closes without treating it as a request.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from .registration import (
     RegistrationRefused,
     RegistrationRejected,
 )
+
+# An idle session's first bytes are a request line, which never starts like this.
+_ACCEPTOR_RETIRE = wire.RETIRE_LINE[:8]
 
 
 class SessionOwner(Protocol):
@@ -73,6 +79,9 @@ class SessionProtocol(HttpProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.registered:
+            if self.idle and data.startswith(_ACCEPTOR_RETIRE):
+                self._retired_by_acceptor()
+                return
             HttpProtocol.data_received(self, data)
             return
         if self.outcome.done():
@@ -153,6 +162,14 @@ class SessionProtocol(HttpProtocol):
         self.close_after_response = True
         if self.registered and self.idle:
             self._send_retire()
+
+    def _retired_by_acceptor(self) -> None:
+        """The acceptor took this idle session back (its cap shrank): no request is on it,
+        so close; the service dials a replacement, which the acceptor admits (or refuses
+        with ``ERR limit``) by its cap."""
+        self.retiring = self.retire_sent = True
+        if self.transport is not None:
+            self.transport.close()
 
     def _send_retire(self) -> None:
         self.retire_sent = True

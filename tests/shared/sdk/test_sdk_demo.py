@@ -22,13 +22,18 @@ def test_demo_routes_and_max_concurrency() -> None:
         url = f"http://127.0.0.1:{server.bound_port}"
         async with httpx.AsyncClient(base_url=url, limits=limits) as client:
             assert (await client.post("/stats/reset")).json()["requests"] == 0
-            slow = [client.get("/delay", params={"ms": 300}) for _ in range(5)]
+            slow = [
+                client.get("/delay", params={"ms": 300, "group": "g" if i < 2 else ""})
+                for i in range(5)
+            ]
             replies = await asyncio.gather(*slow)
             assert [r.text for r in replies] == ["slept 300 ms\n"] * 5
             stats = (await client.get("/stats")).json()
-            assert stats == {"requests": 6, "in_flight": 1, "max_concurrency": 5}
+            groups = {"g": {"in_flight": 0, "max_concurrency": 2}}
+            assert stats == {"requests": 6, "in_flight": 1, "max_concurrency": 5, "groups": groups}
             reset = (await client.post("/stats/reset")).json()
-            assert reset == {"requests": 0, "in_flight": 1, "max_concurrency": 1}
+            groups = {"g": {"in_flight": 0, "max_concurrency": 0}}
+            assert reset == {"requests": 0, "in_flight": 1, "max_concurrency": 1, "groups": groups}
             for _ in range(3):
                 await client.get("/")
             assert (await client.get("/stats")).json()["max_concurrency"] == 1

@@ -1,0 +1,401 @@
+"""``backdial operator``: settings, the listeners, and kopf, in one event loop.
+
+The process runs:
+
+* kopf (``handlers.py``): indexes, events, one worker per SessionSlice, peering;
+* the config endpoint (``configserver.py``, TLS) where acceptors hold their streams;
+* the health endpoint (plain HTTP): ``/healthz``, ``/readyz`` (200 only on the replica that
+  acts, so Services route acceptors there), ``/metrics``;
+* TLS upkeep (``certs.py``) and the peering watch (``peering.py``).
+
+``App`` holds the shared state other listeners build on (the fleet, the hub, the TLS
+material, the API client, whether this replica acts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
+from backdial.metrics import Exposition
+from backdial.operator import certs
+from backdial.operator.auth import Authenticator
+from backdial.operator.configserver import ConfigServer
+from backdial.operator.fleet import Fleet
+from backdial.operator.handlers import Shared, make_registry
+from backdial.operator.hub import Hub
+from backdial.operator.kube import SA_DIR, Kube, KubeError
+from backdial.operator.models import INJECTED_LABEL
+from backdial.operator.peering import PEERING_NAME, PeeringWatch, default_priority
+from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport, run, setup_logging
+
+log = logging.getLogger("backdial.operator")
+EXIT_DEMOTED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSettings:
+    health_listen: tuple[str, int]
+    config_listen: tuple[str, int]
+    namespace: str
+    tls_dir: Path | None
+    tls_sans: tuple[str, ...]
+    peering: str
+    standalone: bool
+    priority: int
+    peering_lifetime: int
+    all_pods: bool
+    log_level: str
+
+
+def _default_namespace() -> str:
+    try:
+        return (SA_DIR / "namespace").read_text().strip()
+    except OSError:
+        return "backdial-system"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = ArgParser(
+        prog="backdial operator",
+        description="Reconcile SessionSlice objects into per-pod capacity and slicing, "
+        "delivered to the pods' acceptors over authenticated streams (docs/operator.md).",
+    )
+    p.add_argument(
+        "--health-listen",
+        default=env("HEALTH_LISTEN", "0.0.0.0:8080"),
+        help="HOST:PORT for /healthz, /readyz and /metrics, plain HTTP "
+        "(env BACKDIAL_HEALTH_LISTEN; default 0.0.0.0:8080)",
+    )
+    p.add_argument(
+        "--config-listen",
+        default=env("CONFIG_LISTEN", "0.0.0.0:8444"),
+        help="HOST:PORT for the acceptors' config streams, TLS "
+        "(env BACKDIAL_CONFIG_LISTEN; default 0.0.0.0:8444)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=env("NAMESPACE") or _default_namespace(),
+        help="the operator's namespace, home of the TLS Secret (env BACKDIAL_NAMESPACE; "
+        "default: the ServiceAccount's, else backdial-system)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        default=env("TLS_DIR"),
+        help="read tls.crt, tls.key and ca.crt from DIR (cert-manager) instead of "
+        f"managing the Secret {certs.SECRET_NAME} (env BACKDIAL_TLS_DIR)",
+    )
+    p.add_argument(
+        "--tls-san",
+        action="append",
+        default=[s for s in (env("TLS_SANS") or "").split(",") if s],
+        help="extra DNS name or IP for the serving certificate (repeatable; "
+        "env BACKDIAL_TLS_SANS, comma-separated)",
+    )
+    p.add_argument(
+        "--peering",
+        default=env("PEERING", PEERING_NAME),
+        help=f"ClusterKopfPeering object shared by the replicas (default {PEERING_NAME})",
+    )
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        default=env("STANDALONE") == "1",
+        help="no peering: this process always acts (one replica only; env BACKDIAL_STANDALONE=1)",
+    )
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority; default: older processes win (docs/operator.md)",
+    )
+    p.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=int(env("PEERING_LIFETIME", "60") or 60),
+        help="seconds a replica that stopped without saying so still counts as alive "
+        "(kopf keepalives; env BACKDIAL_PEERING_LIFETIME; default 60)",
+    )
+    p.add_argument(
+        "--all-pods",
+        action="store_true",
+        help=f"watch every pod, not only those labelled {INJECTED_LABEL}=true",
+    )
+    p.add_argument(
+        "--log-level",
+        default=env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    return p
+
+
+def settings_from(argv: list[str]) -> OperatorSettings:
+    ns = parser().parse_args(argv)
+    tls_dir = Path(ns.tls_dir) if ns.tls_dir else None
+    if ns.peering_lifetime < 2:
+        raise ConfigError("--peering-lifetime must be at least 2 seconds")
+    if tls_dir is not None and not tls_dir.is_dir():
+        raise ConfigError(f"--tls-dir {tls_dir}: not a directory")
+    return OperatorSettings(
+        health_listen=parse_hostport(ns.health_listen, "--health-listen"),
+        config_listen=parse_hostport(ns.config_listen, "--config-listen"),
+        namespace=ns.namespace,
+        tls_dir=tls_dir,
+        tls_sans=tuple(ns.tls_san),
+        peering=ns.peering,
+        standalone=ns.standalone,
+        priority=ns.priority if ns.priority is not None else default_priority(time.time()),
+        peering_lifetime=ns.peering_lifetime,
+        all_pods=ns.all_pods,
+        log_level=ns.log_level,
+    )
+
+
+@dataclass(slots=True)
+class App:
+    """The operator process's shared state."""
+
+    settings: OperatorSettings
+    kube: Kube
+    hub: Hub = field(default_factory=Hub)
+    fleet: Fleet = field(default_factory=Fleet)
+    tls: certs.ServerTLS = field(default_factory=certs.ServerTLS)
+    identity: str = field(default_factory=lambda: f"{socket.gethostname()}/{os.getpid()}")
+    peering: PeeringWatch | None = None
+    config: ConfigServer | None = None
+    shared: Shared | None = None
+    kopf_ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def active(self) -> bool:
+        """This replica acts (standalone, or kopf peering says no peer outranks it)."""
+        return self.peering is None or self.peering.active
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.kopf_ready.is_set():
+            return False, "starting"
+        if not self.active():
+            return False, "standby (another replica acts)"
+        if self.tls.material is None:
+            return False, "no TLS certificate yet"
+        return True, "ready"
+
+    async def admin(self, req: AdminRequest) -> AdminResponse:
+        if req.path == "/healthz":
+            return AdminResponse.text(200, "ok\n")
+        if req.path == "/readyz":
+            ok, why = self.ready()
+            return AdminResponse.text(200 if ok else 503, why + "\n")
+        if req.path == "/metrics":
+            return AdminResponse(200, self.metrics(), "text/plain; version=0.0.4")
+        if req.path == "/v1/state":
+            return AdminResponse.of_json(200, self.state())
+        return AdminResponse.text(404, "not found\n")
+
+    def state(self) -> dict[str, Any]:
+        plans = self.shared.plans if self.shared else {}
+        return {
+            "identity": self.identity,
+            "active": self.active(),
+            "sessionslices": {
+                key: {"pods": len(p.owned), "error": p.error, "conflicts": p.conflicts}
+                for key, p in sorted(plans.items())
+            },
+            "streams": len(self.hub.streams),
+            "api_requests": dict(self.kube.requests),
+        }
+
+    def metrics(self) -> bytes:
+        exp = Exposition()
+        exp.family(
+            "backdial_operator_active",
+            "gauge",
+            "1 on the replica that acts.",
+            [({}, float(self.active()))],
+        )
+        exp.family(
+            "backdial_operator_streams",
+            "gauge",
+            "Acceptors holding a config stream.",
+            [({}, float(len(self.hub.streams)))],
+        )
+        plans = self.shared.plans if self.shared else {}
+        exp.family(
+            "backdial_operator_sessionslices",
+            "gauge",
+            "SessionSlices reconciled.",
+            [({}, float(len(plans)))],
+        )
+        exp.family(
+            "backdial_operator_pods",
+            "gauge",
+            "Pods configured.",
+            [({}, float(sum(len(p.owned) for p in plans.values())))],
+        )
+        exp.family(
+            "backdial_operator_config_pushes_total",
+            "counter",
+            "Changed per-pod configs offered to connected streams.",
+            [({}, float(self.hub.pushes))],
+        )
+        writes = self.shared.status_writes if self.shared else 0
+        exp.family(
+            "backdial_operator_status_writes_total",
+            "counter",
+            "SessionSlice status patches.",
+            [({}, float(writes))],
+        )
+        exp.family(
+            "backdial_operator_api_requests_total",
+            "counter",
+            "Kubernetes API requests made outside kopf, by verb.",
+            [({"verb": v}, float(n)) for v, n in sorted(self.kube.requests.items())],
+        )
+        config = self.config
+        exp.family(
+            "backdial_operator_stream_refusals_total",
+            "counter",
+            "Config stream requests refused, by HTTP status.",
+            [
+                ({"code": str(c)}, float(n))
+                for c, n in sorted((config.refused if config else {}).items())
+            ],
+        )
+        reviews = config.auth.reviews if config else 0
+        exp.family(
+            "backdial_operator_token_reviews_total",
+            "counter",
+            "TokenReviews sent (cache misses).",
+            [({}, float(reviews))],
+        )
+        return exp.render()
+
+
+async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:
+    try:
+        kube = Kube.from_environment()
+    except (KubeError, OSError, kopf.LoginError) as exc:
+        return fail(f"cannot reach Kubernetes: {exc}")
+    app = App(cfg, kube)
+    app.fleet.on_change = app.hub.figures_changed
+    exit_code = 0
+
+    def demoted() -> None:
+        nonlocal exit_code
+        log.warning("another replica outranks this one: exiting to restart as a standby")
+        exit_code = EXIT_DEMOTED
+        stop.set()
+
+    background: list[asyncio.Future[Any]] = []
+    try:
+        health = await start_admin(*cfg.health_listen, app.admin)
+        names = certs.service_names(cfg.namespace, cfg.tls_sans)
+        if cfg.tls_dir is not None:
+            dir_source = certs.DirSource(cfg.tls_dir, app.tls)
+            dir_source.sync()
+            background.append(asyncio.ensure_future(dir_source.run()))
+        else:
+            source = certs.SecretSource(kube, cfg.namespace, names, app.tls)
+            await source.sync()
+            background.append(asyncio.ensure_future(source.run()))
+        if not cfg.standalone:
+            app.peering = PeeringWatch(
+                kube, app.identity, cfg.priority, name=cfg.peering, on_demoted=demoted
+            )
+            await app.peering.ensure_object()
+            background.append(asyncio.ensure_future(app.peering.run()))
+        auth = Authenticator(_token_review(kube))
+        app.config = ConfigServer(app.hub, app.fleet, auth, app.active)
+        await app.config.start(*cfg.config_listen, app.tls.context())
+    except (OSError, KubeError) as exc:
+        for task in background:
+            task.cancel()
+        await kube.close()
+        return fail(f"cannot start the operator: {exc}")
+    app.shared = Shared(app.hub, app.fleet, kube)
+    registry = make_registry(
+        None if cfg.all_pods else f"{INJECTED_LABEL}=true", cfg.peering_lifetime
+    )
+    kopf_stop = asyncio.Event()
+    operator = asyncio.ensure_future(
+        kopf.operator(
+            registry=registry,
+            clusterwide=True,
+            standalone=cfg.standalone,
+            priority=cfg.priority,
+            peering_name=None if cfg.standalone else cfg.peering,
+            identity=app.identity,  # type: ignore[arg-type]  # kopf's NewType of str
+            memo=kopf.Memo(shared=app.shared),
+            stop_flag=kopf_stop,
+            ready_flag=app.kopf_ready,
+        )
+    )
+    log.info(
+        "operator %s: config streams on %s:%d, health on %s:%d, priority %d%s",
+        app.identity,
+        *cfg.config_listen,
+        *cfg.health_listen,
+        cfg.priority,
+        " (standalone)" if cfg.standalone else f", peering {cfg.peering}",
+    )
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({operator, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        kopf_stop.set()
+        stopper.cancel()
+        app.shared.stop_all()
+        app.config.close()
+        health.close()
+        for task in background:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(operator, 10)
+        await kube.close()
+    if operator.done() and not operator.cancelled() and operator.exception() is not None:
+        log.error("kopf stopped: %s", operator.exception())
+        return 1
+    return exit_code
+
+
+def _token_review(kube: Kube) -> Any:
+    async def review(token: str) -> dict[str, Any]:
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": ["backdial"]},
+        }
+        resp = await kube.request(
+            "POST", "/apis/authentication.k8s.io/v1/tokenreviews", body, ok=(200, 201)
+        )
+        status = (resp.body or {}).get("status") or {}
+        return dict(status)
+
+    return review
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = settings_from(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        return fail(str(exc))
+    setup_logging(cfg.log_level)
+    if cfg.log_level != "debug":
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("kopf.activities").setLevel(logging.WARNING)
+    return run(lambda stop: serve(cfg, stop))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

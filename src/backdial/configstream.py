@@ -1,0 +1,299 @@
+"""Config stream protocol (acceptor -> operator), sans-IO.
+
+Each pod's acceptor dials the operator over TLS and sends one HTTP/1.1 request that
+upgrades the connection to ``backdial-config/1``; the bearer token is the pod's projected
+ServiceAccount token (audience ``backdial``), and the path names the pod the acceptor
+claims to be.  After ``101 Switching Protocols`` both sides write newline-delimited JSON
+messages: the operator sends CONFIG (versioned) and PING, the acceptor HELLO, ACK and
+REPORT.  ``docs/operator.md`` ("Delivery protocol") is the specification; this module
+formats and parses every byte of it, for both ends.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import quote
+
+PROTOCOL = "backdial-config/1"
+AUDIENCE = "backdial"
+MAX_HEAD = 16 * 1024  # request or response head, CRLFCRLF included
+MAX_LINE = 1 << 20  # one message (a CONFIG carries the slice table)
+KEEPALIVE = 10.0  # seconds: each side sends something at least this often
+DEAD_AFTER = 3 * KEEPALIVE  # nothing received for this long: the peer is gone
+REPORT_INTERVAL = 1.0  # figures go upstream at most this often while they change
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_POD_NAME = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
+_PATH = re.compile(rf"^/v1/namespaces/(?P<ns>{_DNS_LABEL})/pods/(?P<pod>{_POD_NAME})/config$")
+_REASONS = {
+    101: "Switching Protocols",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+class StreamError(Exception):
+    """Bytes that do not follow the protocol; the connection is closed."""
+
+
+class Kind(StrEnum):
+    HELLO = "hello"  # a->o  first message: what the acceptor has applied
+    CONFIG = "config"  # o->a  the pod's config (policy None: no SessionSlice owns the pod)
+    ACK = "ack"  # a->o  a CONFIG was applied (or refused, with the reason)
+    REPORT = "report"  # a->o  figures
+    PING = "ping"  # both  keepalive
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    generation: int = 0
+    version: str = ""
+    owner: str = ""
+    pid: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    generation: int
+    version: str
+    owner: str  # "namespace/name" of the SessionSlice
+    policy: dict[str, Any] | None  # partial acceptor policy: "slices" and "limits"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    generation: int
+    version: str
+    ok: bool = True
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    registered: int = 0
+    leased: int = 0
+    waiting: int = 0
+    cap: int = 0
+    slices: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> leased/waiting
+
+    def figures(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+Message = Hello | Config | Ack | Report | Ping
+_KIND: dict[type[Any], Kind] = {
+    Hello: Kind.HELLO,
+    Config: Kind.CONFIG,
+    Ack: Kind.ACK,
+    Report: Kind.REPORT,
+    Ping: Kind.PING,
+}
+_CLASS = {kind: cls for cls, kind in _KIND.items()}
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "str": str,
+    "bool": bool,
+    "dict[str, Any] | None": (dict, type(None)),
+    "dict[str, dict[str, int]]": dict,
+}
+
+
+def encode(msg: Message) -> bytes:
+    body = {"type": _KIND[type(msg)].value, **asdict(msg)}
+    line = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+    if len(line) > MAX_LINE:
+        raise ValueError("config stream message too large")
+    return line
+
+
+def decode(line: bytes) -> Message:
+    """One message from one line (with or without its LF); StreamError on anything else."""
+    if len(line) > MAX_LINE:
+        raise StreamError(f"message longer than {MAX_LINE} bytes")
+    try:
+        data = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StreamError(f"message is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise StreamError("message must be a JSON object")
+    try:
+        kind = Kind(data.pop("type", None))
+    except ValueError:
+        raise StreamError("unknown or missing message type") from None
+    cls = _CLASS[kind]
+    names = cls.__dataclass_fields__
+    values = {k: v for k, v in data.items() if k in names}  # newer peers may add fields
+    for name, spec in names.items():
+        if name not in values:
+            continue
+        expected = _FIELD_TYPES[str(spec.type)]
+        value = values[name]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise StreamError(f"{kind.value}: {name} must be {spec.type}")
+    try:
+        msg: Message = cls(**values)
+    except TypeError as exc:
+        raise StreamError(f"{kind.value}: {exc}") from None
+    if isinstance(msg, Report):
+        for name, figures in msg.slices.items():
+            if not isinstance(figures, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in figures.values()
+            ):
+                raise StreamError(f"report: slice {name!r} figures must be integers")
+    return msg
+
+
+# -- the upgrade handshake --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    target: str
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+
+    def header(self, name: str) -> str:
+        return self.headers.get(name.lower(), "")
+
+
+def stream_path(namespace: str, pod: str) -> str:
+    return f"/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(pod, safe='')}/config"
+
+
+def parse_path(target: str) -> tuple[str, str] | None:
+    """(namespace, pod) from a stream path, or None."""
+    m = _PATH.match(target)
+    return (m.group("ns"), m.group("pod")) if m else None
+
+
+def encode_request(host: str, namespace: str, pod: str, token: str) -> bytes:
+    if any(c in token for c in "\r\n") or not token:
+        raise ValueError("token must be one non-empty line")
+    lines = [
+        f"GET {stream_path(namespace, pod)} HTTP/1.1",
+        f"Host: {host}",
+        f"Authorization: Bearer {token}",
+        f"Upgrade: {PROTOCOL}",
+        "Connection: Upgrade",
+        "User-Agent: backdial-acceptor",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _split_head(head: bytes) -> tuple[str, dict[str, str]]:
+    if len(head) > MAX_HEAD:
+        raise StreamError("head too large")
+    if not head.endswith(b"\r\n\r\n"):
+        raise StreamError("head must end with CRLF CRLF")
+    try:
+        text = head[:-4].decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        raise StreamError("head is not text") from None
+    first, *rest = text.split("\r\n")
+    headers: dict[str, str] = {}
+    for line in rest:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or " " in name:
+            raise StreamError(f"bad header line {line[:60]!r}")
+        key = name.lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return first, headers
+
+
+def parse_request(head: bytes) -> Request:
+    first, headers = _split_head(head)
+    parts = first.split(" ")
+    if len(parts) != 3 or parts[2] != "HTTP/1.1":
+        raise StreamError(f"bad request line {first[:80]!r}")
+    return Request(parts[0], parts[1], headers)
+
+
+def bearer_token(req: Request) -> str | None:
+    scheme, _, token = req.header("authorization").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def wants_upgrade(req: Request) -> bool:
+    upgrade = req.header("upgrade").lower()
+    connection = {t.strip().lower() for t in req.header("connection").split(",")}
+    return upgrade == PROTOCOL and "upgrade" in connection
+
+
+def encode_response(status: int, message: str = "") -> bytes:
+    """101 to switch protocols, or an error with a one-line JSON body."""
+    reason = _REASONS.get(status, "Error")
+    if status == 101:
+        return (
+            f"HTTP/1.1 101 {reason}\r\nUpgrade: {PROTOCOL}\r\nConnection: Upgrade\r\n\r\n"
+        ).encode()
+    body = json.dumps({"error": message or reason}).encode() + b"\n"
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+    )
+    if status == 401:
+        head += 'WWW-Authenticate: Bearer realm="backdial"\r\n'
+    return head.encode() + b"\r\n" + body
+
+
+def parse_response(head: bytes) -> tuple[int, dict[str, str]]:
+    first, headers = _split_head(head)
+    parts = first.split(" ", 2)
+    if len(parts) < 2 or parts[0] != "HTTP/1.1" or not parts[1].isdigit():
+        raise StreamError(f"bad status line {first[:80]!r}")
+    status = int(parts[1])
+    if status == 101 and headers.get("upgrade", "").lower() != PROTOCOL:
+        raise StreamError("the server switched to another protocol")
+    return status, headers
+
+
+def error_message(body: bytes) -> str:
+    """The ``error`` of an error response body (or the body itself, shortened)."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return body[:200].decode("utf-8", "replace").strip()
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return str(data["error"])[:200]
+    return str(data)[:200]
+
+
+class ReportPacer:
+    """When the acceptor sends a REPORT: at most every ``interval`` while the figures
+    change, and at least every ``KEEPALIVE`` seconds as a heartbeat."""
+
+    def __init__(self, interval: float = REPORT_INTERVAL, keepalive: float = KEEPALIVE) -> None:
+        self.interval = interval
+        self.keepalive = keepalive
+        self.last: Report | None = None
+        self.sent_at = float("-inf")
+
+    def due(self, report: Report, now: float) -> bool:
+        age = now - self.sent_at
+        if age >= self.keepalive or (report != self.last and age >= self.interval):
+            self.last = report
+            self.sent_at = now
+            return True
+        return False
+
+    def reset(self) -> None:
+        self.last = None
+        self.sent_at = float("-inf")
