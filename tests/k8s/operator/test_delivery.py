@@ -184,7 +184,8 @@ def test_total_sessions_split_and_resplit_when_scaling(
 
     def settled() -> dict[str, Any] | None:
         status = slice_status(ops.cluster, ns, "web")
-        return status if status.get("registeredSessions") == 12 else None
+        want = {"registeredSessions": 12, "perPodSessions": 3, "configuredPods": 4}
+        return status if all(status.get(k) == v for k, v in want.items()) else None
 
-    status = harness.poll(settled, timeout=10, what="status with 12 sessions")
-    assert status["perPodSessions"] == 3 and status["configuredPods"] == 4
+    status = harness.poll(settled, timeout=10, what="status: 4 pods configured, 3 sessions each")
+    assert condition(status, "Ready")["status"] == "True"
