@@ -122,3 +122,14 @@ def test_docs_field_table_is_current() -> None:
     begin, end = "<!-- BEGIN GENERATED: crd-fields -->\n", "<!-- END GENERATED: crd-fields -->"
     table = doc[doc.index(begin) + len(begin) : doc.index(end)]
     assert table == crd.field_table(), "refresh it: backdial crd --field-table"
+
+
+def test_rbac_rule_files_match_rbac_py() -> None:
+    from backdial.operator import rbac
+
+    files = ROOT / "charts" / "backdial" / "files"
+    for name, text in rbac.chart_files().items():
+        assert (files / name).read_text() == text, "backdial crd --rbac-dir charts/backdial/files"
+    assert yaml.safe_load(rbac.chart_files()["operator-clusterrole-rules.yaml"]) == (
+        rbac.CLUSTER_RULES
+    )

@@ -167,7 +167,7 @@ class OperatorLink:
         self.connected = False
         self.error = ""
         self.connects = 0
-        self._backoff = Backoff(base=0.5, cap=15.0)
+        self._backoff = Backoff(base=0.5, cap=5.0)
         self._ssl = ssl.create_default_context(
             cafile=str(settings.ca) if settings.ca is not None else None
         )

@@ -49,6 +49,7 @@ class Shared:
     workers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     status_writes: int = 0
     events_posted: int = 0
+    recomputes: int = 0  # plans made (each after a burst of changes)
 
     def start_worker(
         self,
@@ -214,6 +215,7 @@ class SliceWorker:
                         info, _store(pods, self.namespace), _store(slices, self.namespace)
                     )
                     self.shared.plans[self.key] = current
+                    self.shared.recomputes += 1
                     hub.publish(current)
                     await self._announce(current)
                 figures_changed.clear()

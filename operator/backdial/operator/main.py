@@ -213,6 +213,8 @@ class App:
                 for key, p in sorted(plans.items())
             },
             "streams": len(self.hub.streams),
+            "recomputes": self.shared.recomputes if self.shared else 0,
+            "status_writes": self.shared.status_writes if self.shared else 0,
             "api_requests": dict(self.kube.requests),
         }
 

@@ -300,7 +300,7 @@ class OperatorEnv:
         )
         return stack
 
-    def start_acceptor(self, stack: PodStack, **env: str) -> None:
+    def start_acceptor(self, stack: PodStack, ca: Path | None = None, **env: str) -> None:
         ns = stack.pod["metadata"]["namespace"]
         stack.acceptor = Proc(
             [
@@ -312,7 +312,7 @@ class OperatorEnv:
                 "--operator",
                 self.operator_url,
                 "--operator-ca",
-                str(self.ca),
+                str(ca or self.ca),
                 "--token-file",
                 str(stack.token_file),
             ],
