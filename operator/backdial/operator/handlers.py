@@ -30,7 +30,7 @@ import kopf
 from backdial.operator import models
 from backdial.operator.fleet import Fleet, slice_status, stamp_conditions
 from backdial.operator.hub import Hub
-from backdial.operator.kube import Kube, KubeError
+from backdial.operator.kube import Kube, KubeError, in_cluster_info
 from backdial.operator.reconcile import Plan, PodInfo, SliceInfo, plan
 
 log = logging.getLogger("backdial.operator")
@@ -123,7 +123,7 @@ def make_registry(pod_selector: str | None, peering_lifetime: int = 60) -> kopf.
     @kopf.on.login(registry=registry)
     async def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # In-cluster ServiceAccount first, else $KUBECONFIG: the same as kube.Kube.
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        return in_cluster_info() or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry)
     async def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:

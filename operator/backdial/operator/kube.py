@@ -36,6 +36,25 @@ class KubeError(Exception):
         self.reason = reason
 
 
+def in_cluster_info() -> kopf.ConnectionInfo | None:
+    """The pod's ServiceAccount and the API server the kubelet names in
+    ``KUBERNETES_SERVICE_HOST``/``_PORT`` (as client-go's in-cluster config does; kopf's own
+    service-account login dials ``kubernetes.default.svc:443``, which needs kube-proxy)."""
+    token = SA_DIR / "token"
+    if not token.exists() or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    host = os.environ["KUBERNETES_SERVICE_HOST"]
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    host = f"[{host}]" if ":" in host else host
+    namespace = SA_DIR / "namespace"
+    return kopf.ConnectionInfo(
+        server=f"https://{host}:{port}",
+        ca_path=str(SA_DIR / "ca.crt"),
+        token=token.read_text().strip(),
+        default_namespace=namespace.read_text().strip() if namespace.exists() else None,
+    )
+
+
 @dataclass(slots=True)
 class Response:
     status: int
@@ -78,17 +97,9 @@ class Kube:
     @classmethod
     def from_environment(cls) -> Kube:
         """In-cluster ServiceAccount credentials, else the current ``$KUBECONFIG`` context."""
-        token = SA_DIR / "token"
-        if token.exists() and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            host = os.environ["KUBERNETES_SERVICE_HOST"]
-            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-            host = f"[{host}]" if ":" in host else host
-            info = kopf.ConnectionInfo(
-                server=f"https://{host}:{port}",
-                ca_path=str(SA_DIR / "ca.crt"),
-                token=token.read_text().strip(),
-            )
-            return cls(info, token_file=token)
+        info = in_cluster_info()
+        if info is not None:
+            return cls(info, token_file=SA_DIR / "token")
         found = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
         if found is None:
             raise KubeError(0, "no in-cluster ServiceAccount and no KUBECONFIG")

@@ -12,6 +12,7 @@ import harness
 import pytest
 import yaml
 
+from backdial.operator import rbac
 from backdial.operator.injectsettings import InjectSettings, settings_from_data
 from backdial.operator.webhookconfig import api_services, webhook_configuration
 from tests.k8s.chart.certmanager_crds import CRDS as CERT_MANAGER_CRDS
@@ -163,6 +164,16 @@ def test_chart_objects_mirror_the_operator(k8s_cluster: harness.Cluster) -> None
     for hook in find(excluded, "MutatingWebhookConfiguration")["webhooks"]:
         values = hook["namespaceSelector"]["matchExpressions"][0]["values"]
         assert values == ["kube-system", "kube-public", "kube-node-lease", ns, "legacy"]
+
+
+def test_rbac_is_the_operators(k8s_cluster: harness.Cluster) -> None:
+    """The ClusterRole and the Role hold exactly the operator's generated rules."""
+    objs = render(k8s_cluster, {}, "ops")
+    assert find(objs, "ClusterRole", "backdial-operator")["rules"] == rbac.CLUSTER_RULES
+    assert find(objs, "Role", "backdial-operator")["rules"] == rbac.NAMESPACE_RULES
+    subject = {"kind": "ServiceAccount", "name": rbac.SERVICE_ACCOUNT, "namespace": "ops"}
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        assert find(objs, kind, "backdial-operator")["subjects"] == [subject]
 
 
 def _inject_settings(objs: list[dict[str, Any]]) -> InjectSettings:
