@@ -100,10 +100,12 @@ def test_body_over_hard_cap_is_413(make_proxy: Callable[..., ProxyRunner], raw_c
     assert proxy.stats.requests_streamed == 0
 
 
-def test_body_between_limits_streams(
+def test_body_between_limits_streams_when_spooling_is_off(
     make_proxy: Callable[..., ProxyRunner], raw_client: Raw
 ) -> None:
-    proxy = make_proxy(max_request_body=1000, max_request_body_stream=1 << 20)
+    proxy = make_proxy(
+        max_request_body=1000, max_request_body_stream=1 << 20, request_spool_total=0
+    )
     body = bytes(range(256)) * 400  # 102400 bytes
     c = raw_client(proxy.port)
     c.send(b"POST /s HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body))
@@ -130,7 +132,7 @@ def test_body_between_limits_streams(
 def test_streamed_body_over_hard_cap_breaks_session(
     make_proxy: Callable[..., ProxyRunner], raw_client: Raw
 ) -> None:
-    proxy = make_proxy(max_request_body=1000, max_request_body_stream=5000)
+    proxy = make_proxy(max_request_body=1000, max_request_body_stream=5000, request_spool_total=0)
     c = raw_client(proxy.port)
     c.send(b"POST /s HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
     c.send((b"3e8\r\n" + b"z" * 1000 + b"\r\n") * 2)
@@ -146,7 +148,7 @@ def test_streamed_body_over_hard_cap_breaks_session(
 def test_pipelined_big_body_waits_its_turn(
     make_proxy: Callable[..., ProxyRunner], raw_client: Raw
 ) -> None:
-    proxy = make_proxy(max_request_body=1000)
+    proxy = make_proxy(max_request_body=1000, request_spool_total=0)
     c = raw_client(proxy.port)
     big = b"q" * 3000
     c.send(
@@ -167,7 +169,7 @@ def test_cut_streamed_upload_leaves_the_buffered_gauge_at_zero(
     make_proxy: Callable[..., ProxyRunner], raw_client: Raw
 ) -> None:
     """A client that hangs up half-way through a streamed body (issue 12: gauge went negative)."""
-    proxy = make_proxy(max_request_body=64 * 1024)
+    proxy = make_proxy(max_request_body=64 * 1024, request_spool_total=0)
     c = raw_client(proxy.port)
     c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
     c.send(b"x" * 300_000)

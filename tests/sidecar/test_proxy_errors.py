@@ -160,7 +160,7 @@ def test_client_gone_mid_request_session_released_clean(
 def test_client_gone_mid_stream_breaks_session(
     make_proxy: Callable[..., ProxyRunner], raw_client: Raw
 ) -> None:
-    proxy = make_proxy(max_request_body=100)
+    proxy = make_proxy(max_request_body=100, request_spool_total=0)
     c = raw_client(proxy.port)
     c.send(b"POST /s HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n" + b"x" * 200)
     assert proxy.wait_for(lambda: len(proxy.pool.busy) == 1)

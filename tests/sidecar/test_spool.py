@@ -70,3 +70,5 @@ def test_spool_refuses_when_no_budget_is_left(tmp_path: Path) -> None:
     assert (memory.used, disk.used) == (0, 0)
     no_disk = Spool(Budget(0), Budget(1000), memory_limit=100, file_limit=0)
     assert not no_disk.append(b"x")  # spooling disabled
+    nowhere = Spool(Budget(0), Budget(1000), 100, 100, directory=str(tmp_path / "missing"))
+    assert not nowhere.append(b"x")  # no writable directory: refused, not raised

@@ -51,6 +51,9 @@ class ListenerState:
         self.via = settings.via.encode("ascii")
         self.proto = settings.forwarded_proto.encode("ascii")
         self.trusted = TrustedProxies(settings.trusted_proxies)
+        # One memory and one disk budget for the request bodies of every connection.
+        stats.request_memory.limit = settings.request_memory_total
+        stats.request_disk.limit = settings.request_spool_total
         # Optional synchronous fast path: an idle held session without creating a task.
         # (The pool holds SessionConns: the worker builds it with sessionconn.wrap_lease.)
         self.try_acquire = cast(

@@ -128,13 +128,37 @@ def parser() -> argparse.ArgumentParser:
         "--max-request-body",
         type=_size,
         default="1m",
-        help="request bodies up to this size are buffered before a session is leased (default 1m)",
+        help="request bodies up to this size are kept in memory before a session is leased "
+        "(default 1m)",
     )
     p.add_argument(
         "--max-request-body-stream",
         type=_size,
         default="64m",
-        help="larger bodies up to this size are streamed; beyond it 413 (default 64m)",
+        help="larger bodies up to this size are spooled to a temp file before a session is "
+        "leased (streamed under a lease with --request-spool-total 0); beyond it 413 "
+        "(default 64m)",
+    )
+    p.add_argument(
+        "--request-memory-total",
+        type=_size,
+        default="64m",
+        help="request body bytes all connections of a worker keep in memory; beyond it bodies "
+        "go to spool files (default 64m)",
+    )
+    p.add_argument(
+        "--request-spool-total",
+        type=_size,
+        default="1g",
+        help="request body bytes all connections of a worker keep in spool files; beyond "
+        "memory and this, 503 (default 1g; 0 turns spooling off)",
+    )
+    p.add_argument(
+        "--body-min-rate",
+        type=_size,
+        default="1k",
+        help="bytes per second a request body must keep arriving at, measured every 10 s once "
+        "the request timeout has passed; below it 408 (default 1k; 0 off)",
     )
     p.add_argument(
         "--max-header-bytes",
@@ -159,8 +183,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--spill-dir",
         default=env("SPILL_DIR", "") or "",
-        help="directory for those temporary files (env BACKDIAL_SPILL_DIR; default $TMPDIR "
-        "or /tmp)",
+        help="directory for those temporary files and for spooled request bodies, unlinked "
+        "at creation (env BACKDIAL_SPILL_DIR; default $TMPDIR or /tmp)",
     )
     p.add_argument(
         "--upstream-timeout",
@@ -205,6 +229,9 @@ def settings_from(argv: list[str]) -> SidecarSettings:
     proxy = ProxySettings(
         max_request_body=ns.max_request_body,
         max_request_body_stream=ns.max_request_body_stream,
+        request_memory_total=ns.request_memory_total,
+        request_spool_total=ns.request_spool_total,
+        body_min_rate=ns.body_min_rate,
         max_header_bytes=ns.max_header_bytes,
         response_buffer=ns.response_buffer,
         response_spill_max=ns.response_spill_max,

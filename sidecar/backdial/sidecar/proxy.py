@@ -3,8 +3,10 @@
 One ``ClientProtocol`` per client connection.  Requests are parsed ahead
 (pipelining) but served strictly one at a time, in order.  For each request:
 
-1. the whole request is buffered (head + body up to ``max_request_body``)
-   *before* a session is leased, so a slow client never holds one;
+1. the whole request is received *before* a session is leased, so a slow
+   client never holds one: the body in memory up to ``max_request_body``, the
+   rest in a temp file (``spool.py``), all within per-worker budgets, and
+   arriving at least at ``body_min_rate``;
 2. route and slice are classified; ``pool.try_acquire`` returns an idle sticky
    lease at once, else ``pool.wait`` queues the request (a callback, not a task)
    in the slice's bounded FIFO, which ends in a lease or a 503 + Retry-After;
@@ -15,9 +17,10 @@ One ``ClientProtocol`` per client connection.  Requests are parsed ahead
    has read it.  Only beyond that buffer does the proxy pause the session and
    stream with back-pressure (counted in ``ProxyStats.responses_streamed``).
 
-Bodies above ``max_request_body`` (up to ``max_request_body_stream``) are
-streamed: the lease is then taken when the buffer limit is crossed and held
-while the rest of the body arrives (``ProxyStats.requests_streamed``).
+With spooling off (``request_spool_total = 0``), bodies above
+``max_request_body`` (up to ``max_request_body_stream``) are streamed: the
+lease is then taken when the buffer limit is crossed and held while the rest
+of the body arrives (``ProxyStats.requests_streamed``).
 
 No logging, pydantic or per-request dict work happens here; the only
 per-request allocations are the request record, its header lines and the
@@ -53,7 +56,7 @@ from backdial.sidecar.request import (
     xff_line,
 )
 from backdial.sidecar.sessionconn import DrainSink, SessionConn
-from backdial.sidecar.spool import SpoolFile
+from backdial.sidecar.spool import Spool, SpoolFile
 from backdial.sidecar.stats import ProxyStats
 
 # Enum members bound once (see connstate.py): these are compared per read and per request.
@@ -79,6 +82,7 @@ _KEEP_10: Final = ConnMode.KEEP_10
 _IDLE: Final = ReleaseState.IDLE
 _BROKEN: Final = ReleaseState.BROKEN
 _SPILL_CHUNK: Final = 256 * 1024  # bytes moved from a spill file to the transport per write
+FEED_CHUNK: Final = 256 * 1024  # spooled body bytes written to a session per step
 
 
 def make_protocol_factory(
@@ -127,6 +131,9 @@ class ClientProtocol(asyncio.Protocol):
         self._streamed = False
         self._progress = 0
         self._seen = 0
+        self._rate_mark = 0  # body bytes at the last minimum-rate check
+        self._rate_since = 0.0  # ... and its time
+        self._upstream_full = False  # the session's write buffer is over its high-water mark
         self._head_bytes = 0
         self._ip = ""
         self._ipobj: IPAddress | None = None
@@ -174,7 +181,7 @@ class ClientProtocol(asyncio.Protocol):
         conn, self._conn = self._conn, None
         if conn is not None:
             r = self._active
-            if self._tunnel or r is None or (r.streaming and not r.complete):
+            if self._tunnel or r is None or _unsent(r):
                 conn.abort()  # a tunnel or a half-sent request: the session is unusable
                 self.pool.release(conn, _BROKEN)
             else:
@@ -194,9 +201,12 @@ class ClientProtocol(asyncio.Protocol):
             self._r = None
 
     def _unbuffer(self, r: Request) -> None:
-        """Take *r*'s buffered body off the gauge, exactly once."""
-        self.stats.buffered_request_bytes -= r.buffered
+        """Give back what *r*'s body holds of the worker's budgets, exactly once."""
+        self.stats.request_memory.give(r.buffered)
         r.buffered = 0
+        if r.spool is not None:
+            r.spool.close()
+            r.spool = None
 
     def eof_received(self) -> bool:
         r = self._active
@@ -471,7 +481,8 @@ class ClientProtocol(asyncio.Protocol):
             if ip is not None and self._trusted and r.xff is not None:
                 ip = self.state.trusted.real_client(r.xff, ip)
             r.slice = cls.slice(ip, r.hv, path)
-        r.t0 = self.loop.time()
+        r.t0 = self._rate_since = self.loop.time()
+        self._rate_mark = 0
         if r.expect_continue and self._active is None and not self._queue:
             self._send_continue(r)
 
@@ -489,14 +500,38 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 r.body.append(body)  # still leasing; reading is paused, so this is bounded
             return
+        if r.body:  # spooling off, over the memory limit: held until our turn to stream
+            r.body.append(body)  # reading is paused (_P_BODY), so this is one read at most
+            r.buffered += len(body)
+            self.stats.request_memory.book(len(body))
+            return
+        spool = r.spool
+        if spool is None:
+            settings = self.settings
+            spool = r.spool = Spool(
+                self.stats.request_memory,
+                self.stats.request_disk,
+                settings.max_request_body,
+                settings.max_request_body_stream if settings.request_spool_total else 0,
+                settings.spill_dir,
+            )
+        if spool.append(body):
+            return
+        if self.settings.request_spool_total:
+            # Memory and disk budgets are spent: refuse fast rather than buffer regardless.
+            self.stats.request_buffer_refusals += 1
+            raise HttpError(503)
+        # Spooling off: stream the body under a lease, as the session can take it.
+        r.body = spool.take_memory()
         r.body.append(body)
-        r.buffered += len(body)
-        self.stats.buffered_request_bytes += len(body)
-        if r.body_len > self.settings.max_request_body:
-            if self._active is None and not self._queue:
-                self._start_streaming(r)
-            else:
-                self._pause(_P_BODY)  # wait for our turn before taking a lease
+        spool.close()
+        r.spool = None
+        r.buffered = sum(map(len, r.body))
+        self.stats.request_memory.book(r.buffered)  # held until sent: counted, not refused
+        if self._active is None and not self._queue:
+            self._start_streaming(r)
+        else:
+            self._pause(_P_BODY)  # wait for our turn before taking a lease
 
     def on_message_complete(self) -> None:
         r = self._r
@@ -537,7 +572,7 @@ class ClientProtocol(asyncio.Protocol):
             if not r.in_head:
                 if r.expect_continue and not r.continue_sent:
                     self._send_continue(r)
-                if r.body_len > self.settings.max_request_body and not r.streaming:
+                if r.body and not r.streaming:  # spooling off: a body over the memory limit
                     self._resume(_P_BODY)
                     self._start_streaming(r)
                     return
@@ -570,11 +605,18 @@ class ClientProtocol(asyncio.Protocol):
         r.wire = r.build_head(self._fwd, self._xff, self._ip, self._trusted)
         if not self._trusted and r.claims:
             self.stats.untrusted_forwarding += 1
-        if not r.streaming:
-            if r.body:
-                r.body.insert(0, r.wire)
-                r.wire = b"".join(r.body)
+        if r.body and not r.streaming:  # spooling off: a big body that completed in line
+            r.wire = b"".join([r.wire, *r.body])
             r.body = []
+        spool = r.spool
+        if spool is not None:
+            # What is in memory goes with the head in one write; a spilled rest is fed
+            # from its file once the session is ours (_feed), so it is never all in memory.
+            r.wire = b"".join([r.wire, *spool.take_memory()])
+            r.spooled = spool.spilled  # the file part is read once: never retried
+            if not spool.spilled:
+                spool.close()
+                r.spool = None
         self._acquire(r)
 
     def _acquire(self, r: Request) -> None:
@@ -642,6 +684,23 @@ class ClientProtocol(asyncio.Protocol):
             self._resume(_P_ACQUIRE)
         else:
             self._set_deadline(_T_UPSTREAM, self.settings.upstream_timeout)
+            if r.spool is not None:
+                self._upstream_full = False
+                self._feed()
+
+    def _feed(self) -> None:
+        """Write a spooled body's file part to the session while its buffer has room."""
+        r, conn = self._active, self._conn
+        while r is not None and conn is not None and r.spool is not None:
+            if self._upstream_full:
+                return  # upstream_writable(True) calls back
+            data = r.spool.read(FEED_CHUNK)
+            if not data:
+                r.spool.close()
+                r.spool = None
+                return
+            self._progress += 1  # the service is taking it: no upstream timeout meanwhile
+            conn.write(data)
 
     def _unavailable(self, r: Request, reason: Rejection, retry_after: int) -> None:
         if self._active is not r or self._closed:
@@ -761,7 +820,7 @@ class ClientProtocol(asyncio.Protocol):
         r = self._active
         conn, self._conn = self._conn, None
         assert r is not None and conn is not None
-        if r.streaming and not r.complete:
+        if _unsent(r):
             state = _BROKEN  # the service answered before the whole body: the session is dirty
         self.pool.release(conn, state)
         if self._mode == _M_CHUNK:
@@ -794,6 +853,7 @@ class ClientProtocol(asyncio.Protocol):
             not started
             and r.idempotent
             and not r.streaming
+            and not r.spooled
             and r.retries < self.settings.max_retries
             and not self._closed
         ):
@@ -804,9 +864,14 @@ class ClientProtocol(asyncio.Protocol):
         self._respond_error(r, 502)
 
     def upstream_writable(self, writable: bool) -> None:
-        # Only streamed bodies and tunnels can fill the session's buffer: stop the client.
+        # Streamed bodies and tunnels fill the session's buffer from the client: stop the
+        # client.  A spooled body fills it from its file: feed on when there is room.
+        self._upstream_full = not writable
         if writable:
             self._resume(_P_UPSTREAM)
+            r = self._active
+            if r is not None and r.spool is not None:
+                self._feed()
         else:
             self._pause(_P_UPSTREAM)
 
@@ -837,15 +902,15 @@ class ClientProtocol(asyncio.Protocol):
             self._sent_seen, self._seen = self._sent, self._progress
             self.deadline = now + self.settings.send_timeout
             return
-        flowing = kind in (_T_UPSTREAM, _T_TUNNEL) or (kind == _T_REQUEST and self._streaming())
+        flowing = kind in (_T_UPSTREAM, _T_TUNNEL)
         if flowing and self._progress != self._seen:  # still flowing: only silence times out
             self._seen = self._progress
             if kind == _T_UPSTREAM:
                 self.deadline = now + self.settings.upstream_timeout
-            elif kind == _T_TUNNEL:
-                self.deadline = now + self.settings.client_idle_timeout
             else:
-                self.deadline = now + self.settings.request_timeout
+                self.deadline = now + self.settings.client_idle_timeout
+            return
+        if kind == _T_REQUEST and self._body_keeps_up(now):
             return
         self.deadline = 0.0
         r = self._active
@@ -875,6 +940,24 @@ class ClientProtocol(asyncio.Protocol):
                 self._finish(r, self._status or 408)
             self.abort()
 
-    def _streaming(self) -> bool:
-        r = self._active
-        return r is not None and r.streaming and not r.complete
+    def _body_keeps_up(self, now: float) -> bool:
+        """A body still arriving at ``body_min_rate`` gets another ``body_rate_window``.
+
+        Like mod_reqtimeout's MinRate, but measured per window: a client cannot earn
+        credit with a fast start and then trickle a byte now and then.
+        """
+        r = self._r
+        rate = self.settings.body_min_rate
+        if r is None or r.in_head or rate <= 0:
+            return False
+        if r.body_len - self._rate_mark < rate * (now - self._rate_since):
+            self.stats.slow_bodies += 1
+            return False
+        self._rate_mark, self._rate_since = r.body_len, now
+        self.deadline = now + self.settings.body_rate_window
+        return True
+
+
+def _unsent(r: Request) -> bool:
+    """Part of *r*'s body is not on the session yet (streamed or fed from its spool)."""
+    return (r.streaming and not r.complete) or r.spool is not None

@@ -35,6 +35,7 @@ from backdial.http1 import (
     split_target,
     transfer_coding_ok,
 )
+from backdial.sidecar.spool import Spool
 
 # Enum members bound once: attribute access on an enum class costs ~0.1 us on 3.11,
 # and add_header runs once per received field.
@@ -131,6 +132,8 @@ class Request:
         "retries",
         "service",
         "slice",
+        "spool",
+        "spooled",
         "streaming",
         "t0",
         "te",
@@ -173,13 +176,15 @@ class Request:
         # Body and serving state (owned by the proxy).
         self.body: list[bytes] = []
         self.body_len = 0
-        self.buffered = 0
         self.complete = False
         self.streaming = False
         self.error: bytes | None = None
         self.retries = 0
         self.service = ""
         self.slice = ""
+        self.spool: Spool | None = None  # the body while it is received, and its unsent rest
+        self.spooled = False  # part of the body came from a spool file (no retry possible)
+        self.buffered = 0  # bytes of ``body`` booked in the memory budget (spooling off)
         self.t0 = 0.0
         self.wire = b""
         self.tunnel_pre = b""

@@ -52,6 +52,10 @@ class Budget:
     def give(self, n: int) -> None:
         self.used -= n
 
+    def book(self, n: int) -> None:
+        """Count *n* bytes held regardless of the limit (they are held already)."""
+        self.used += n
+
 
 class SpoolFile:
     """An append-only byte queue in an unlinked temporary file."""
@@ -84,10 +88,14 @@ class SpoolFile:
         if not self._budget.take(len(data)):
             return False
         view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, self._written)
-            self._written += n
-            view = view[n:]
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self._fd, view[done:], self._written + done)
+        except OSError:  # ENOSPC and friends: a full disk is a spent budget
+            self._budget.give(len(data))
+            return False  # a partial write is overwritten by the next one
+        self._written += len(data)
         return True
 
     def read(self, n: int) -> bytes:
@@ -156,7 +164,11 @@ class Spool:
             if self._file_limit <= 0 or self._disk.used + len(data) > self._disk.limit:
                 self._disk.refused += 1
                 return False  # do not create a file that could not take even this
-            self._file = SpoolFile(self._disk, self._file_limit, self._dir)
+            try:
+                self._file = SpoolFile(self._disk, self._file_limit, self._dir)
+            except OSError:  # no writable spool directory: as if the budget were spent
+                self._disk.refused += 1
+                return False
         return self._file.write(data)
 
     def take_memory(self) -> list[bytes]:

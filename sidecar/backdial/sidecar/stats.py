@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from backdial.control import Rejection
 from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
+from backdial.sidecar.spool import Budget
 
 
 class SliceCounters:
@@ -30,7 +31,11 @@ class ProxyStats:
         self.connections_total = 0
         self.connections_active = 0
         self.requests_active = 0
-        self.buffered_request_bytes = 0  # gauge: request bodies held before/while leasing
+        # Request bodies held before leasing (spool.py budgets; ListenerState sets the limits).
+        self.request_memory = Budget(0)
+        self.request_disk = Budget(0)
+        self.request_buffer_refusals = 0  # 503s: no budget left for a body
+        self.slow_bodies = 0  # 408s: a body below body_min_rate
         self.upstream_failed = 0  # session failed before any response byte
         self.upstream_broken_mid_response = 0
         self.upstream_timeouts = 0  # 504s and stalled responses
@@ -44,6 +49,11 @@ class ProxyStats:
         self.client_aborts = 0  # client went away with a request in flight
         self.proxy_header_errors = 0
         self.untrusted_forwarding = 0  # forwarding claims from untrusted peers, replaced
+
+    @property
+    def buffered_request_bytes(self) -> int:
+        """Request body bytes held in memory (the gauge ``request_buffered_bytes``)."""
+        return self.request_memory.used
 
     def slice(self, name: str) -> SliceCounters:
         counters = self.slices.get(name)
@@ -72,7 +82,8 @@ class ProxyStats:
         gauges = (
             ("client_connections", "Open client connections.", self.connections_active),
             ("requests_in_flight", "Requests being served.", self.requests_active),
-            ("request_buffered_bytes", "Request body bytes buffered.", self.buffered_request_bytes),
+            ("request_buffered_bytes", "Request body bytes in memory.", self.request_memory.used),
+            ("request_spooled_bytes", "Request body bytes in spool files.", self.request_disk.used),
             ("response_spilled_bytes", "Response bytes in spill files.", self.spilled_bytes()),
         )
         for name, text, value in gauges:
@@ -86,6 +97,12 @@ class ProxyStats:
             ("tunnels_total", "Upgraded connections tunnelled.", self.tunnels),
             ("client_aborts_total", "Clients gone mid-request.", self.client_aborts),
             ("proxy_header_errors_total", "Bad PROXY headers.", self.proxy_header_errors),
+            ("slow_bodies_total", "Bodies cut (408) below the minimum rate.", self.slow_bodies),
+            (
+                "request_buffer_refusals_total",
+                "Requests answered 503 because no memory or spool budget was left for the body.",
+                self.request_buffer_refusals,
+            ),
             (
                 "untrusted_forwarding_total",
                 "Addresses claimed by untrusted peers (PROXY, X-Forwarded-For...), replaced.",
