@@ -28,7 +28,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,16 +197,23 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def secret_body(namespace: str, material: Material) -> dict[str, object]:
+def secret_body(
+    namespace: str, material: Material, owner: Mapping[str, str] | None = None
+) -> dict[str, object]:
+    """The Secret; with *owner* (the operator's ServiceAccount) it goes when that goes, so
+    ``helm uninstall`` or ``kubectl delete -f manifests/`` leaves no CA key behind."""
+    meta: dict[str, object] = {
+        "name": SECRET_NAME,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/name": "backdial", "app.kubernetes.io/component": "tls"},
+    }
+    if owner:
+        meta["ownerReferences"] = [dict(owner)]
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "kubernetes.io/tls",
-        "metadata": {
-            "name": SECRET_NAME,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "backdial", "app.kubernetes.io/component": "tls"},
-        },
+        "metadata": meta,
         "data": {
             "ca.crt": _b64(material.ca),
             "tls.crt": _b64(material.cert),
@@ -267,6 +274,7 @@ class SecretSource:
 
     def __init__(self, kube: Kube, namespace: str, names: Sequence[str], tls: ServerTLS) -> None:
         self.kube, self.namespace, self.names, self.tls = kube, namespace, list(names), tls
+        self.owner = kube.service_account_owner()
         self.path = f"/api/v1/namespaces/{namespace}/secrets/{SECRET_NAME}"
 
     async def sync(self) -> Material:
@@ -283,7 +291,7 @@ class SecretSource:
                 assert current is not None
                 self.tls.update(current)
                 return current
-            body = secret_body(self.namespace, fresh)
+            body = secret_body(self.namespace, fresh, self.owner)
             if secret is None:
                 resp = await self.kube.request(
                     "POST", f"/api/v1/namespaces/{self.namespace}/secrets", body, ok=(201, 409)

@@ -55,6 +55,24 @@ def in_cluster_info() -> kopf.ConnectionInfo | None:
     )
 
 
+def service_account_owner(token: str | None) -> dict[str, str] | None:
+    """An ownerReference to the ServiceAccount a token was issued for, from the token's
+    ``kubernetes.io`` claims (our own token, read only to name the owner, so not verified);
+    None for tokens without them (e.g. a developer's kubeconfig)."""
+    try:
+        payload = (token or "").split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        account = claims["kubernetes.io"]["serviceaccount"]
+        return {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "name": str(account["name"]),
+            "uid": str(account["uid"]),
+        }
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
 @dataclass(slots=True)
 class Response:
     status: int
@@ -104,6 +122,10 @@ class Kube:
         if found is None:
             raise KubeError(0, "no in-cluster ServiceAccount and no KUBECONFIG")
         return cls(found)
+
+    def service_account_owner(self) -> dict[str, str] | None:
+        """See :func:`service_account_owner` (None unless in-cluster)."""
+        return service_account_owner(self._token)
 
     def _headers(self) -> dict[str, str]:
         if self._token_file and time.monotonic() - self._token_read > _TOKEN_REREAD:
