@@ -10,7 +10,8 @@ imports another's module:
   it reports to its ``LeaseOwner`` (the pool) when an idle session ends, and
   feeds the response of the request in flight to a ``ResponseSink``;
 * the client connection (``proxy.ClientProtocol``) is both the ``Waiter`` of a
-  request that had to wait and the ``ResponseSink`` of the request it serves.
+  request that had to wait and the ``ResponseSink`` of the request it serves; it
+  sees the pool as a ``LeaseSource`` (try at once, else a ``Ticket`` in the queue).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from backdial.control import Rejection, ReleaseState, WantKey
+from backdial.policy import Policy
 
 
 @dataclass(slots=True)
@@ -76,3 +78,28 @@ class ResponseSink(Protocol):
     def resp_failed(self, started: bool) -> None: ...
 
     def upstream_writable(self, writable: bool) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """One waiting request in a slice's FIFO; ``cancel`` it when the client goes away."""
+
+    waiter: Waiter
+    key: WantKey
+    started: float
+    deadline: float
+    active: bool = True
+
+
+class LeaseSource(LeaseOwner, Protocol):
+    """What a client connection needs of the worker's lease pool (``LeasePool``): an idle
+    sticky lease at once, else a place in the slice's queue, and the way back."""
+
+    @property
+    def policy(self) -> Policy: ...
+
+    def try_acquire(self, service: str, slice_name: str) -> LeasedConn | None: ...
+
+    def wait(self, service: str, slice_name: str, waiter: Waiter) -> Ticket: ...
+
+    def cancel(self, ticket: Ticket) -> None: ...

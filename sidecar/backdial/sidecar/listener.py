@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 from backdial.http1 import require_strict_parser
 from backdial.sidecar.config import ProxySettings
-from backdial.sidecar.leasepool import LeasePool, Ticket
+from backdial.sidecar.lease import LeaseSource
 from backdial.sidecar.realip import TrustedProxies
-from backdial.sidecar.sessionconn import SessionConn
 from backdial.sidecar.spool import Budget
 from backdial.sidecar.stats import ProxyStats
 
@@ -38,7 +36,7 @@ class SweptConnection(Protocol):
 class ListenerState:
     """What every connection of one listener shares; the worker's handle for a graceful stop."""
 
-    def __init__(self, pool: LeasePool, settings: ProxySettings, stats: ProxyStats) -> None:
+    def __init__(self, pool: LeaseSource, settings: ProxySettings, stats: ProxyStats) -> None:
         require_strict_parser()
         self.pool = pool
         self.settings = settings
@@ -54,13 +52,6 @@ class ListenerState:
         # One memory and one disk budget for the request bodies of every connection.
         stats.request_memory.limit = settings.request_memory_total
         stats.request_disk.limit = settings.request_spool_total
-        # Optional synchronous fast path: an idle held session without creating a task.
-        # (The pool holds SessionConns: the worker builds it with sessionconn.wrap_lease.)
-        self.try_acquire = cast(
-            Callable[[str, str], SessionConn | None] | None, getattr(pool, "try_acquire", None)
-        )
-        # Optional callback waiting (LeasePool.wait): no task per waiting request.
-        self.wait: Callable[[str, str, Any], Ticket] | None = getattr(pool, "wait", None)
         self._timer: asyncio.TimerHandle | None = None
         self._empty: asyncio.Event | None = None
 

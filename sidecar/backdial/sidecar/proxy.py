@@ -43,8 +43,8 @@ from backdial.http1 import BodyMode, ConnMode, body_mode, canned
 from backdial.sidecar.classify import Classifier, IPAddress, classifier_for, parse_ip
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.connstate import Deadline, PauseReason
-from backdial.sidecar.lease import LeasedConn
-from backdial.sidecar.leasepool import Draining, LeasePool, QueueFull, Refused, Ticket
+from backdial.sidecar.lease import LeasedConn, LeaseSource, Ticket
+from backdial.sidecar.leasepool import Draining, QueueFull
 from backdial.sidecar.listener import ListenerState
 from backdial.sidecar.proxyproto import V2_MAX, ProxyHeaderError
 from backdial.sidecar.proxyproto import parse as parse_proxy_header
@@ -86,7 +86,7 @@ FEED_CHUNK: Final = 256 * 1024  # spooled body bytes written to a session per st
 
 
 def make_protocol_factory(
-    pool: LeasePool, settings: ProxySettings, stats: ProxyStats
+    pool: LeaseSource, settings: ProxySettings, stats: ProxyStats
 ) -> tuple[Callable[[], ClientProtocol], ListenerState]:
     """``(factory, state)``: ``loop.create_server(factory, sock=listener)``; ``state.shutdown``."""
     state = ListenerState(pool, settings, stats)
@@ -116,8 +116,7 @@ class ClientProtocol(asyncio.Protocol):
         self._queue: collections.deque[Request] = collections.deque()
         self._active: Request | None = None  # being served (at most one)
         self._conn: SessionConn | None = None  # the lease of the active request
-        self._task: asyncio.Task[None] | None = None  # a pool.acquire that had to wait
-        self._ticket: Ticket | None = None  # ... or our place in the pool's queue
+        self._ticket: Ticket | None = None  # our place in the pool's queue while waiting
         self._pause_bits = 0  # PauseReason bits
         self._write_paused = False
         self._closed = False
@@ -620,19 +619,15 @@ class ClientProtocol(asyncio.Protocol):
         self._acquire(r)
 
     def _acquire(self, r: Request) -> None:
-        fast = self.state.try_acquire
-        if fast is not None:
-            conn = fast(r.service, r.slice)
-            if conn is not None:
-                self._send(r, conn)
-                return
-        self._kind, self.deadline = _T_NONE, 0.0  # the slice's queue timeout bounds the wait
-        wait = self.state.wait
-        if wait is None:  # a pool without the callback API: wait in a task
-            self._task = self.loop.create_task(self._acquire_wait(r))
+        pool = self.pool
+        conn = pool.try_acquire(r.service, r.slice)
+        if conn is not None:
+            # The worker's pool holds SessionConns (main.py builds it with wrap_lease).
+            self._send(r, cast(SessionConn, conn))
             return
+        self._kind, self.deadline = _T_NONE, 0.0  # the slice's queue timeout bounds the wait
         try:
-            self._ticket = wait(r.service, r.slice, self)
+            self._ticket = pool.wait(r.service, r.slice, self)
         except (QueueFull, Draining) as exc:
             self._unavailable(r, exc.reason, exc.retry_after)
 
@@ -650,19 +645,6 @@ class ClientProtocol(asyncio.Protocol):
         r = self._active
         if r is not None:
             self._unavailable(r, reason, retry_after)
-
-    async def _acquire_wait(self, r: Request) -> None:
-        try:
-            conn = await self.pool.acquire(r.service, r.slice)
-        except Refused as exc:
-            self._task = None
-            self._unavailable(r, exc.reason, exc.retry_after)
-            return
-        self._task = None
-        if self._active is not r or self._closed:
-            self.pool.release(conn, _IDLE)  # never written to: still clean
-            return
-        self._send(r, cast(SessionConn, conn))
 
     def _send(self, r: Request, conn: SessionConn) -> None:
         data = r.wire
@@ -751,9 +733,6 @@ class ClientProtocol(asyncio.Protocol):
         self._leave_queue()
 
     def _leave_queue(self) -> None:
-        if self._task is not None:
-            self._task.cancel()  # the pool hands back a session granted meanwhile
-            self._task = None
         if self._ticket is not None:
             self.pool.cancel(self._ticket)
             self._ticket = None
