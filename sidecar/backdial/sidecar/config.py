@@ -21,6 +21,9 @@ class ProxySettings:
     # body_rate_window once request_timeout has passed (like mod_reqtimeout MinRate); else 408.
     body_min_rate: int = 1024
     body_rate_window: float = 10.0
+    # Descriptors kept free for sessions, the control connection, spool files and admin:
+    # client connections beyond the process limit minus this get a fast 503 (liveness.py).
+    fd_reserve: int = 128
     max_header_bytes: int = 64 << 10  # request head; beyond it 431
     response_buffer: int = 1 << 20  # response bytes held in memory for a slow client
     # Beyond response_buffer, response bytes go to a temporary file (spool.SpoolFile) so the

@@ -30,6 +30,7 @@ from backdial import control, fdpass
 from backdial.control import ErrorCode, Rejection, ReleaseState, WantKey
 from backdial.metrics import LATENCY_BUCKETS, Histogram
 from backdial.policy import Policy, PolicyError, Slice, policy_from_data
+from backdial.sdk.backoff import StateLog
 from backdial.sidecar.idlering import IdleRing
 from backdial.sidecar.lease import Lease, LeasedConn, Ticket, Waiter
 
@@ -80,9 +81,9 @@ class SliceStats:
     rejected: collections.Counter[Rejection] = field(default_factory=collections.Counter)
 
 
-def _resolve(fut: asyncio.Future[None], exc: Exception | None) -> None:
+def _resolve(fut: asyncio.Future[Exception | None], exc: Exception | None) -> None:
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(exc)
 
 
 class _FutureWaiter:
@@ -130,6 +131,10 @@ class LeasePool:
         self.closing = False
         self._drained = asyncio.Event()  # set when closing and no session is busy
         self.connected = asyncio.Event()
+        self.disconnected_since: float | None = time.monotonic()  # None while connected
+        self.control_connects = 0  # control connections established
+        self.control_failures = 0  # attempts that failed (EMFILE included): retried forever
+        self._outage = StateLog(log, interval=30.0)
         self.configured = asyncio.Event()
         self._channel: fdpass.Channel | None = None
         self._epoch = 0
@@ -356,23 +361,45 @@ class LeasePool:
     # -- control connection -------------------------------------------------------------
     def start(self) -> None:
         self._runner = asyncio.ensure_future(self._run())
+        self._runner.add_done_callback(self._runner_done)
+
+    def _runner_done(self, task: asyncio.Task[None]) -> None:
+        """The connection task must outlive every error: log it and start over."""
+        if task.cancelled() or self.closing:
+            return
+        self.control_failures += 1
+        log.error("control connection task failed: %r; restarting it", task.exception())
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+            self._orphan_leases()
+        self.connected.clear()
+        if self.disconnected_since is None:
+            self.disconnected_since = time.monotonic()
+        self._loop.call_later(1.0, self.start)
 
     async def _run(self) -> None:
         delay = 0.05
         while not self.closing:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            sock.setblocking(False)
             try:
-                await self._loop.sock_connect(sock, str(self.control_path))
-            except OSError as exc:
-                sock.close()
+                sock = await self._connect()
+            except OSError as exc:  # EMFILE included: a worker never stops trying
+                self.control_failures += 1
                 if delay >= 0.8:
-                    log.warning("acceptor control socket %s: %s; retrying", self.control_path, exc)
+                    self._outage.report(
+                        f"down:{exc}",
+                        logging.WARNING,
+                        "acceptor control socket %s: %s; retrying",
+                        self.control_path,
+                        exc,
+                    )
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 2.0)
                 continue
-            delay = 0.05
-            closed: asyncio.Future[None] = self._loop.create_future()
+            self.control_connects += 1
+            self.disconnected_since = None
+            connected_at = time.monotonic()
+            closed: asyncio.Future[Exception | None] = self._loop.create_future()
             self._epoch += 1
             self._reported.clear()
             self._channel = fdpass.Channel(
@@ -388,14 +415,39 @@ class LeasePool:
             self._mark_want()
             idle_task = asyncio.ensure_future(self._idle_sweeper())
             try:
-                await closed
+                reason = await closed
             finally:
                 idle_task.cancel()
             self.connected.clear()
+            self.disconnected_since = now = time.monotonic()
             self._channel = None
             self._orphan_leases()
-            if not self.closing:
-                log.warning("lost the acceptor control connection; reconnecting")
+            if self.closing:
+                return
+            why = str(reason or "closed by the acceptor")
+            self._outage.report(  # each distinct cause once per interval (EMFILE stands out)
+                "down:" + why,
+                logging.WARNING,
+                "lost the acceptor control connection (%s); reconnecting",
+                why,
+            )
+            if now - connected_at < 1.0:
+                # Lost at once (e.g. EMFILE passing our listener on): back off, never spin.
+                self.control_failures += 1
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 2.0)
+            else:
+                delay = 0.05
+
+    async def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.setblocking(False)
+            await self._loop.sock_connect(sock, str(self.control_path))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _orphan_leases(self) -> None:
         """The acceptor reclaimed our leases: close idle ones now, busy ones after their request."""
@@ -486,6 +538,8 @@ class LeasePool:
         except PolicyError as exc:  # the acceptor validated it; a mismatch is a version skew
             log.error("ignoring config generation %d: %s", msg.generation, exc)
             return
+        if (self._outage.state or "").startswith("down"):  # a CONFIG proves the link works
+            self._outage.report("up", logging.INFO, "acceptor control connection is back")
         self.generation, self.worker_id = msg.generation, msg.worker
         self.workers, self.index = msg.workers, msg.index
         self._split_queues()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Protocol
+from typing import Any, Protocol
 
 from backdial.http1 import require_strict_parser
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.lease import LeaseSource
+from backdial.sidecar.liveness import FdGuard
 from backdial.sidecar.realip import TrustedProxies
-from backdial.sidecar.spool import Budget
+from backdial.sidecar.spool import Budget, SpoolFile
 from backdial.sidecar.stats import ProxyStats
 
 
@@ -52,6 +53,11 @@ class ListenerState:
         # One memory and one disk budget for the request bodies of every connection.
         stats.request_memory.limit = settings.request_memory_total
         stats.request_disk.limit = settings.request_spool_total
+        held: Any = getattr(pool, "held", ())  # sessions this worker holds (LeasePool)
+        self.fd_guard = FdGuard(
+            lambda: stats.connections_active + len(held) + SpoolFile.open_files,
+            settings.fd_reserve,
+        )
         self._timer: asyncio.TimerHandle | None = None
         self._empty: asyncio.Event | None = None
 

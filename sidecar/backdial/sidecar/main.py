@@ -32,6 +32,7 @@ from backdial.sidecar.appprobe import AppProber
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.drain import Drainer, drain_allowed
 from backdial.sidecar.leasepool import LeasePool
+from backdial.sidecar.liveness import Liveness
 from backdial.sidecar.proxy import make_protocol_factory
 from backdial.sidecar.sessionconn import wrap_lease
 from backdial.sidecar.stats import ProxyStats
@@ -52,6 +53,8 @@ class SidecarSettings:
     drain_quiet_period: float
     drain_token: str
     stats_interval: float
+    max_disconnected: float
+    max_loop_lag: float
     proxy: ProxySettings
     log_level: str
 
@@ -198,6 +201,27 @@ def parser() -> argparse.ArgumentParser:
         default=75.0,
         help="seconds a keep-alive client connection may sit idle (default 75)",
     )
+    p.add_argument(
+        "--max-disconnected",
+        type=float,
+        default=env("MAX_DISCONNECTED", "30"),
+        help="seconds without a control connection after which /healthz fails (the worker "
+        "keeps reconnecting meanwhile; env BACKDIAL_MAX_DISCONNECTED; default 30)",
+    )
+    p.add_argument(
+        "--max-loop-lag",
+        type=float,
+        default=env("MAX_LOOP_LAG", "5"),
+        help="an event-loop stall longer than this fails /healthz for 30 s "
+        "(env BACKDIAL_MAX_LOOP_LAG; default 5)",
+    )
+    p.add_argument(
+        "--fd-reserve",
+        type=int,
+        default=env("FD_RESERVE", "128"),
+        help="file descriptors kept free for sessions, control and spool files; client "
+        "connections beyond the limit minus this get 503 (env BACKDIAL_FD_RESERVE; default 128)",
+    )
     p.add_argument("--stats-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--log-level",
@@ -232,6 +256,7 @@ def settings_from(argv: list[str]) -> SidecarSettings:
         request_memory_total=ns.request_memory_total,
         request_spool_total=ns.request_spool_total,
         body_min_rate=ns.body_min_rate,
+        fd_reserve=ns.fd_reserve,
         max_header_bytes=ns.max_header_bytes,
         response_buffer=ns.response_buffer,
         response_spill_max=ns.response_spill_max,
@@ -251,6 +276,8 @@ def settings_from(argv: list[str]) -> SidecarSettings:
         drain_quiet_period=ns.drain_quiet_period,
         drain_token=env("DRAIN_TOKEN", "") or "",
         stats_interval=ns.stats_interval,
+        max_disconnected=ns.max_disconnected,
+        max_loop_lag=ns.max_loop_lag,
         proxy=proxy,
         log_level=ns.log_level,
     )
@@ -258,10 +285,17 @@ def settings_from(argv: list[str]) -> SidecarSettings:
 
 class WorkerAdmin:
     def __init__(
-        self, pool: LeasePool, stats: ProxyStats, name: str, token: str = "", tcp: bool = True
+        self,
+        pool: LeasePool,
+        stats: ProxyStats,
+        name: str,
+        token: str = "",
+        tcp: bool = True,
+        liveness: Liveness | None = None,
     ) -> None:
         self.pool, self.stats, self.name = pool, stats, name
         self.token, self.tcp = token, tcp
+        self.liveness = liveness or Liveness(pool, None, float("inf"), float("inf"))
         self.draining = False
         self.drainer: Drainer | None = None
         self.prober = AppProber(pool)
@@ -272,12 +306,14 @@ class WorkerAdmin:
             and not (self.drainer is not None and self.drainer.started)
             and self.pool.connected.is_set()
             and (self.pool.registered > 0 or bool(self.pool.held))
+            and self.liveness.unready() is None
         )
 
     async def __call__(self, req: AdminRequest) -> AdminResponse:
         if req.path == "/metrics":
             exp = Exposition()
             self.stats.render(exp)
+            self.liveness.render(exp)
             pool = self.pool
             exp.family(
                 "backdial_sidecar_leases_held",
@@ -299,7 +335,12 @@ class WorkerAdmin:
             )
             return AdminResponse(200, exp.render(), "text/plain; version=0.0.4")
         if req.path == "/healthz":
-            return AdminResponse.text(200, "ok\n")
+            wedged = self.liveness.health()
+            return (
+                AdminResponse.text(503, wedged + "\n")
+                if wedged
+                else AdminResponse.text(200, "ok\n")
+            )
         if req.path == "/readyz":
             ok = self.ready()
             return AdminResponse.text(200 if ok else 503, "ready\n" if ok else "not ready\n")
@@ -352,8 +393,10 @@ async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
         return pool
 
     pool.start()
+    liveness = Liveness(pool, None, cfg.max_disconnected, cfg.max_loop_lag)
+    monitor = asyncio.ensure_future(liveness.run())
     admin_api = WorkerAdmin(
-        pool, stats, cfg.worker_name, cfg.drain_token, tcp=cfg.admin[0] != "unix"
+        pool, stats, cfg.worker_name, cfg.drain_token, cfg.admin[0] != "unix", liveness
     )
     admin = await start_admin(cfg.admin[0], cfg.admin[1], admin_api)
     try:
@@ -367,6 +410,7 @@ async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
         return 0
     loop = asyncio.get_running_loop()
     factory, state = make_protocol_factory(pool, cfg.proxy, stats)
+    liveness.guard = state.fd_guard
     server = await loop.create_server(factory, sock=listener, backlog=4096)
     log.info(
         "sidecar %s serving http://%s (acceptor %s)",
@@ -390,6 +434,7 @@ async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
         await state.shutdown(cfg.drain_timeout)
     await pool.close(1.0)
     reporter.cancel()
+    monitor.cancel()
     admin.close()
     if cfg.admin[0] == "unix":
         os.unlink(str(cfg.admin[1]))

@@ -157,6 +157,13 @@ class ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
+        if not self.state.fd_guard.admit():
+            # Near the descriptor limit: a clear answer now, rather than running out and
+            # having libuv accept and drop connections silently (liveness.py).
+            self._closed = True
+            transport.write(canned(503, _CLOSE, False, 1))
+            transport.close()
+            return
         transport.set_write_buffer_limits(high=self.settings.response_buffer)
         peer = transport.get_extra_info("peername")
         self._set_client(peer[0] if isinstance(peer, tuple) else "")

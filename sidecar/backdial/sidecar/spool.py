@@ -61,10 +61,12 @@ class SpoolFile:
     """An append-only byte queue in an unlinked temporary file."""
 
     __slots__ = ("_budget", "_fd", "_read", "_written", "limit")
+    open_files = 0  # descriptors held by every SpoolFile of the process (the fd guard counts them)
 
     def __init__(self, budget: Budget, limit: int, directory: str = "") -> None:
         fd, path = tempfile.mkstemp(prefix="backdial-spool-", dir=directory or None)
         os.unlink(path)  # gone when closed, whatever happens to this process
+        SpoolFile.open_files += 1
         self._fd = fd
         self._read = 0
         self._written = 0
@@ -114,6 +116,7 @@ class SpoolFile:
         if self._fd >= 0:
             self._budget.give(self.pending)
             os.close(self._fd)
+            SpoolFile.open_files -= 1
             self._fd = -1
             self._read = self._written = 0
 
