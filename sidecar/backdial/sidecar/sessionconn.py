@@ -122,7 +122,8 @@ class SessionConn(asyncio.Protocol):
         if self.closed or transport is None or transport.is_closing():
             return False
         self._sink = sink
-        self._parser = httptools.HttpResponseParser(self)
+        if self._parser is None:  # kept across responses that ended cleanly (see _finish)
+            self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._upgrade = upgrade
         self._started = self._complete = self._interim = self._close = False
@@ -205,7 +206,7 @@ class SessionConn(asyncio.Protocol):
         if self._sink is None:
             return  # the sink gave up on the request from inside a callback
         if self._complete:
-            self._finish(False, data)
+            self._finish(False, data, reuse=True)
         elif self._in_head:
             # httptools buffers a partial head itself: bound it across reads.
             self._head_bytes += len(data)
@@ -286,7 +287,9 @@ class SessionConn(asyncio.Protocol):
         return buf[_RETIRE_LEN:]
 
     # -- completion ------------------------------------------------------------------------------
-    def _finish(self, extra: bool, data: bytes) -> None:
+    def _finish(self, extra: bool, data: bytes, reuse: bool = False) -> None:
+        """The response is complete; *reuse*: the parser ended at a message boundary (not
+        stopped by an exception), so the next response on this session may use it."""
         state = RETIRED if (self._retired or self._close) else IDLE
         if extra:
             # Only a RETIRE line (maybe its start) may follow a response.  It has a single
@@ -299,7 +302,8 @@ class SessionConn(asyncio.Protocol):
             else:
                 state = BROKEN
         sink, self._sink = self._sink, None
-        self._parser = None
+        if not reuse or state != IDLE:
+            self._parser = None
         self._retired = False
         if state != IDLE:
             self._reported = True  # the sink's release closes it; never report it lost
