@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import json
 import pstats
 import re
 import socket
@@ -124,14 +125,40 @@ async def _main(ns: argparse.Namespace) -> int:
     best = min(_run(clients, conns, ns.requests) for _ in range(ns.repeat))
     assert clients[0].stats.slices["default"].status[200] >= ns.requests
     runs = f"best of {ns.repeat} runs of {ns.requests}"
-    print(f"sidecar Python path: {best:.2f} µs per request ({runs})")
-    if ns.profile:
+    top: list[dict[str, Any]] = []
+    if ns.profile or ns.json:
         prof = cProfile.Profile()
         prof.enable()
         _run(clients, conns, ns.requests)
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(prof)
+        top = profile_rows(stats, max(1, ns.requests // len(clients)) * len(clients))
+    if ns.json:
+        print(json.dumps({"us_per_request": best, "clients": len(clients), "top": top}))
+        return 0
+    print(f"sidecar Python path: {best:.2f} µs per request ({runs})")
+    if ns.profile:
+        stats.sort_stats("tottime").print_stats(25)
     return 0
+
+
+def profile_rows(stats: pstats.Stats, requests: int, n: int = 20) -> list[dict[str, Any]]:
+    """The *n* functions with the most own time: share of all own time, calls per request."""
+    table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = sum(row[2] for row in table.values()) or 1.0
+    rows = sorted(table.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+    out = []
+    for (file, line, name), (_cc, calls, tottime, cumtime, _) in rows:
+        where = Path(file).name if file != "~" else ""
+        out.append(
+            {
+                "function": f"{where}:{line}({name})" if where else name,
+                "calls_per_request": calls / requests,
+                "self_pct": tottime / total * 100,
+                "cum_pct": cumtime / total * 100,
+            }
+        )
+    return out
 
 
 def _instructions(ns: argparse.Namespace) -> int:
@@ -162,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2000)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--instructions", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON line: time and profile rows")
     ns = p.parse_args(argv)
     if ns.instructions:
         return _instructions(ns)

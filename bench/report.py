@@ -155,6 +155,7 @@ def render(
     lines += _determinism(result, h)
     lines += _slicing(result, h)
     lines += _memory(result, h)
+    lines += _profile(result, h)
     if images:
         lines += [f"{h}# Plots", ""]
         for name in images:
@@ -381,6 +382,30 @@ def _memory(result: dict[str, Any], h: str) -> list[str]:
             "",
         ]
     return out
+
+
+def _profile(result: dict[str, Any], h: str) -> list[str]:
+    runs = result.get("profile")
+    if not runs:
+        return []
+    out = [
+        f"{h}# Where the sidecar's Python time goes",
+        "",
+        "`bench/inproc.py`: the real client connection, lease pool and session objects in "
+        "one process with stand-in transports (no event loop dispatch, no syscalls), "
+        "keep-alive `GET /`, 16 sessions; cProfile shares of own time.",
+        "",
+        "| clients | µs per request (in process) |",
+        "|---|---|",
+    ]
+    out += [f"| {r['clients']} | {_f(r['us_per_request'], 1)} |" for r in runs]
+    out += ["", "| function | calls / request | own % | cumulative % |", "|---|---|---|---|"]
+    for row in runs[0]["top"][:15]:
+        out.append(
+            f"| `{row['function']}` | {row['calls_per_request']:.2f} | "
+            f"{row['self_pct']:.1f} | {row['cum_pct']:.1f} |"
+        )
+    return [*out, ""]
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def measure(
     wrk_cpus: str | None = ns.wrk_cpus
     server_cpus: str | None = ns.server_cpus
     stack.check_alive()
-    quiet_wait = wait_quiet(ns.quiet_wait, ns.max_foreign) if ns.quiet_wait > 0 else 0.0
+    quiet_wait = wait_quiet(ns.quiet_wait, ns.max_foreign, window=0.5) if ns.quiet_wait > 0 else 0.0
     if ns.warmup > 0:
         wrk(stack.url, conns, ns.warmup, ns.threads, wrk_cpus, headers)
     if after_warmup is not None:

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="",
-        help="comma list of parts: sweep,close,bodies,spike,determinism,slicing,memory",
+        help="comma list of parts: sweep,close,bodies,spike,determinism,slicing,memory,profile",
     )
     p.add_argument("--quick", action="store_true", help="short smoke run: 2 s windows, 1 round")
     p.add_argument("--pin", choices=["split", "none"], default="split")
@@ -88,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true")
     ns = p.parse_args(argv)
     ns.conns = [int(c) for c in ns.conns.split(",") if c]
-    parts = {"sweep", "close", "bodies", "spike", "determinism", "slicing", "memory"}
+    parts = {"sweep", "close", "bodies", "spike", "determinism", "slicing", "memory", "profile"}
     ns.only = {x for x in ns.only.split(",") if x} or parts
     if ns.only - parts:
         p.error(f"unknown parts {sorted(ns.only - parts)}")
@@ -143,6 +144,20 @@ def connection_per_request(
         for t in targets
     }
     return {"conns": conns, "targets": targets, "runs": runs, "summary": summary}
+
+
+def inproc_profile(ns: argparse.Namespace, clients: int) -> dict[str, Any]:
+    """``bench/inproc.py``: the sidecar's Python cost per request and where it goes."""
+    argv = [sys.executable, str(REPO / "bench" / "inproc.py"), "--json", "--clients", str(clients)]
+    argv += ["--requests", "4000" if ns.quick else "20000", "--repeat", "3"]
+    if ns.server_cpus is not None:
+        argv = ["taskset", "-c", ns.server_cpus, *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"inproc.py failed: {proc.stderr[-2000:]}")
+    data: dict[str, Any] = json.loads(proc.stdout)
+    log(f"in-process Python path, {clients} clients: {data['us_per_request']:.1f} µs per request")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         ws.stop_all()
+    if "profile" in ns.only:
+        result["profile"] = [inproc_profile(ns, clients) for clients in (16, 64)]
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     import plots
 
