@@ -208,6 +208,8 @@ class App:
         return {
             "identity": self.identity,
             "active": self.active(),
+            "priority": self.settings.priority,
+            "peering_checked": self.peering is None or self.peering.known,
             "sessionslices": {
                 key: {"pods": len(p.owned), "error": p.error, "conflicts": p.conflicts}
                 for key, p in sorted(plans.items())

@@ -101,9 +101,12 @@ def operator_kubeconfig(cluster: harness.Cluster, path: Path) -> Path:
 class Operator:
     """One ``backdial operator`` process (restartable)."""
 
-    def __init__(self, env: OperatorEnv, name: str, *extra: str) -> None:
+    def __init__(
+        self, env: OperatorEnv, name: str, *extra: str, config_port: int | None = None
+    ) -> None:
         self.env, self.name, self.extra = env, name, list(extra)
         self.health = f"127.0.0.1:{free_port()}"
+        self.config_port = config_port or env.config_port
         self.proc: Proc | None = None
         self.starts = 0
 
@@ -114,7 +117,7 @@ class Operator:
             "--health-listen",
             self.health,
             "--config-listen",
-            f"127.0.0.1:{self.env.config_port}",
+            f"127.0.0.1:{self.config_port}",
             "--namespace",
             OPERATOR_NS,
             "--tls-san",

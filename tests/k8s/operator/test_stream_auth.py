@@ -23,11 +23,13 @@ from tests.k8s.operator.opstack import OperatorEnv, sessionslice, token_request
 pytestmark = pytest.mark.k8s
 
 
-def open_stream(env: OperatorEnv, ns: str, pod: str, token: str | None) -> tuple[int, str]:
+def open_stream(
+    env: OperatorEnv, ns: str, pod: str, token: str | None, port: int | None = None
+) -> tuple[int, str]:
     """Send the upgrade request; the HTTP status and error message of the answer."""
     ctx = ssl.create_default_context(cafile=str(env.ca))
     with (
-        socket.create_connection(("127.0.0.1", env.config_port), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", port or env.config_port), timeout=10) as raw,
         ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
     ):
         if token is None:
