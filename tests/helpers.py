@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +54,21 @@ def get_json(url: str) -> Any:
     status, body, _ = http_get(url)
     assert status == 200, (status, body)
     return json.loads(body)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One series of a Prometheus exposition, by name and exact labels (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def series(selector: str) -> tuple[str, dict[str, str]]:
+    """``name{a="x",b="y"}`` as (name, labels)."""
+    name, _, rest = selector.partition("{")
+    return name, dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"', rest))
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

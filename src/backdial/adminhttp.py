@@ -1,25 +1,35 @@
-"""A small HTTP/1.1 server for admin endpoints (metrics, health, state, routes).
+"""Admin endpoints (metrics, health, state, routes) on the SDK's HTTP/1.1 core.
 
-Admin traffic is rare and never on the request path, so this favours
-simplicity: ``asyncio.start_server``, one request per connection, bodies read
-by Content-Length up to a small limit.  On a UNIX socket the peer's uid is
-checked when the connection is accepted (``uids``), and requests say they came
-that way (``via_unix``), which ``backdial.adminauth`` treats as authenticated.
+Handlers are plain functions of an ``AdminRequest`` to an ``AdminResponse``, so
+they are tested without sockets; ``start_admin`` serves one on TCP or on a UNIX
+socket with the same llhttp-based server ``backdial serve`` uses (no second
+HTTP implementation, no extra dependency in the data-plane processes;
+``docs/architecture.md`` says why not aiohttp).  On a UNIX socket the peer's
+uid is checked when the connection is accepted (``uids``), and requests say
+they came that way (``via_unix``), which ``backdial.adminauth`` treats as
+authenticated.  ``admin_get`` is the matching client for the sidecar's
+supervisor, which asks its workers over their UNIX admin sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+
+from prometheus_client.registry import CollectorRegistry
 
 from backdial.adminauth import Denial
+from backdial.metrics import render
+from backdial.sdk.appconn import AppConnection, AppConnectionError
+from backdial.sdk.asgitypes import Receive, Scope, Send
+from backdial.sdk.connection import ConnectionContext
+from backdial.sdk.listen import ListenServer
 from backdial.trust import Uids, admitted, bind_unix
 
 log = logging.getLogger("backdial.admin")
@@ -33,7 +43,7 @@ class AdminRequest:
     path: str
     query: dict[str, list[str]]
     body: bytes
-    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased; repeats joined
     via_unix: bool = False  # arrived on a UNIX socket whose peer uid was admitted
 
     def json(self) -> Any:
@@ -60,90 +70,112 @@ class AdminResponse:
     def text(cls, status: int, text: str) -> AdminResponse:
         return cls(status, text.encode(), "text/plain; charset=utf-8")
 
+    @classmethod
+    def exposition(cls, reg: CollectorRegistry, req: AdminRequest) -> AdminResponse:
+        """``/metrics``: *reg* in the format the scraper's ``Accept`` asks for."""
+        body, content_type = render(reg, req.headers.get("accept", ""))
+        return cls(200, body, content_type)
+
 
 Handler = Callable[[AdminRequest], Awaitable[AdminResponse]]
-_REASONS = {
-    200: "OK",
-    201: "Created",
-    204: "No Content",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    413: "Payload Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 
 
-async def _serve_one(
-    handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, via_unix: bool
-) -> None:
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        lines = head.decode("latin-1").split("\r\n")
-        method, target, _ = lines[0].split(" ", 2)
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request body, or None when it is over ``MAX_BODY`` (or the peer went away)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def admin_app(handler: Handler) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """*handler* as an ASGI app: one ``AdminRequest`` in, one ``AdminResponse`` out."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan of its own
         headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name:
-                headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
-        if length > MAX_BODY:
+        for raw_name, raw_value in scope["headers"]:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        context: ConnectionContext | None = scope["extensions"].get("backdial.connection")
+        body = await _read_body(receive)
+        if body is None:
             resp = AdminResponse.text(413, "body too large\n")
         else:
-            body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
-            url = urlsplit(target)
             req = AdminRequest(
-                method.upper(), url.path, parse_qs(url.query), body, headers, via_unix
+                scope["method"],
+                scope["path"],
+                parse_qs(scope["query_string"].decode("latin-1")),
+                body,
+                headers,
+                context is not None and context.admitted,
             )
             try:
                 resp = await handler(req)
             except Exception:  # an admin bug must not take the process down
-                log.exception("admin handler failed for %s %s", method, url.path)
+                log.exception("admin handler failed for %s %s", req.method, req.path)
                 resp = AdminResponse.text(500, "internal error\n")
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
-        resp = AdminResponse.text(400, "bad request\n")
-    except ConnectionError:
-        writer.close()
-        return
-    reason = _REASONS.get(resp.status, "Status")
-    extra = "".join(f"{name}: {value}\r\n" for name, value in resp.headers)
-    writer.write(
-        f"HTTP/1.1 {resp.status} {reason}\r\nContent-Type: {resp.content_type}\r\n"
-        f"Content-Length: {len(resp.body)}\r\n{extra}Connection: close\r\n\r\n".encode()
-        + resp.body
-    )
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
-    writer.close()
+        # One request per connection, as admin clients expect: nothing idles open.
+        fields = [(b"content-type", resp.content_type.encode("latin-1")), (b"connection", b"close")]
+        fields += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers]
+        await send({"type": "http.response.start", "status": resp.status, "headers": fields})
+        await send({"type": "http.response.body", "body": resp.body})
+
+    return app
 
 
 async def start_admin(
     host: str, port: int | str, handler: Handler, uids: Uids | None = None
-) -> asyncio.Server:
+) -> ListenServer:
     """Serve *handler* on TCP HOST:PORT, or on a UNIX socket when *host* is ``unix``.
 
     With *uids*, the UNIX socket is created with the mode they call for and a peer
     whose uid is not allowed is disconnected unanswered.
     """
+    app = admin_app(handler)
+    if host != "unix":
+        server = ListenServer(app, host, int(port), lifespan=False, backlog=128)
+    else:
+        path = Path(str(port))
+        admit: Callable[[Any], bool] | None = None
+        if uids is not None:
 
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve_one(handler, reader, writer, False)
+            def admit(sock: Any) -> bool:
+                ok, uid = admitted(sock, uids)
+                if not ok:
+                    log.warning("admin socket %s: refused a peer with uid %d", path, uid)
+                return ok
 
-    async def on_unix_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if uids is not None and (sock is None or not admitted(sock, uids)[0]):
-            log.warning("admin socket %s: refused a peer whose uid is not allowed", port)
-            writer.close()
-            return
-        await _serve_one(handler, reader, writer, uids is not None)
+        sock = bind_unix(path, uids.mode() if uids is not None else 0o600)
+        server = ListenServer(app, lifespan=False, backlog=128, sock=sock, admit=admit)
+    await server.start()
+    return server
 
-    if host == "unix":
-        if uids is None:
-            return await asyncio.start_unix_server(on_unix_client, str(port))
-        sock = bind_unix(Path(str(port)), uids.mode())
-        return await asyncio.start_unix_server(on_unix_client, sock=sock)
-    return await asyncio.start_server(on_client, host, port, reuse_address=True)
+
+async def admin_get(path: Path, target: str, timeout: float = 5.0) -> tuple[int, bytes]:  # noqa: ASYNC109
+    """``GET target`` on a UNIX admin socket: (status, body); raises OSError when unreachable."""
+    async with asyncio.timeout(timeout):
+        conn = await AppConnection.open_unix(str(path), timeout)
+        try:
+            conn.begin(f"GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode(), False)
+            status, _ = await conn.response_head()
+            parts: list[bytes] = []
+            while True:
+                data, complete = await conn.read_body()
+                parts.append(data)
+                if complete:
+                    return status, b"".join(parts)
+        except AppConnectionError as exc:
+            raise OSError(str(exc)) from None
+        finally:
+            conn.close()

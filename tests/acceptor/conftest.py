@@ -7,7 +7,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from tests.helpers import free_port, get_json, http_get, wait_for
+from tests.helpers import free_port, get_json, http_get, metric, wait_for
+from tests.helpers import series as parse_series
 
 from backdial import control, fdpass
 
@@ -100,12 +101,9 @@ class RawWorker:
 
 
 def metric_value(admin: str, series: str) -> float:
-    """One series of the acceptor's /metrics (0 when absent)."""
-    for line in http_get(f"http://{admin}/metrics")[1].decode().splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == series:
-            return float(value)
-    return 0.0
+    """One series (``name{label="value"}``) of the acceptor's /metrics (0 when absent)."""
+    name, labels = parse_series(series)
+    return metric(http_get(f"http://{admin}/metrics")[1].decode(), name, **labels)
 
 
 def fd_count(pid: int) -> int:

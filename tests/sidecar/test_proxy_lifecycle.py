@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from backdial.metrics import Exposition
+from backdial.metrics import registry, render
 from backdial.sidecar import proxyproto
+from tests.helpers import metric
 from tests.sidecar.conftest import ProxyRunner, RawClient
 
 Raw = Callable[[int], RawClient]
@@ -192,15 +193,15 @@ def test_stats_render(proxy: ProxyRunner, raw_client: Raw) -> None:
         c.read_response()
     c.send(b"GET /x HTTP/1.1\r\n\r\n")
     c.read_response()
-    exp = Exposition()
-    proxy.call(lambda: proxy.stats.render(exp))
-    text = exp.render().decode()
-    assert 'backdial_sidecar_requests_total{slice="default",code="200"} 1' in text
-    assert 'backdial_sidecar_requests_total{slice="default",code="404"} 1' in text
-    assert 'backdial_sidecar_requests_total{slice="default",code="502"} 1' in text
-    assert 'backdial_sidecar_requests_total{slice="none",code="400"} 1' in text
-    assert 'backdial_sidecar_request_duration_seconds_count{slice="default"} 3' in text
-    assert 'backdial_sidecar_upstream_errors_total{kind="before_response"} 1' in text
-    assert "backdial_sidecar_client_connections_total 1" in text
-    assert "backdial_sidecar_requests_in_flight 0" in text
-    assert "backdial_sidecar_request_buffered_bytes 0" in text
+    text = proxy.call(lambda: render(registry(proxy.stats.families))[0]).decode()
+    p = "backdial_sidecar_"
+    assert metric(text, p + "requests_total", slice="default", code="200") == 1
+    assert metric(text, p + "requests_total", slice="default", code="404") == 1
+    assert metric(text, p + "requests_total", slice="default", code="502") == 1
+    assert metric(text, p + "requests_total", slice="none", code="400") == 1
+    assert metric(text, p + "request_duration_seconds_count", slice="default") == 3
+    assert metric(text, p + "request_duration_seconds_bucket", slice="default", le="+Inf") == 3
+    assert metric(text, p + "upstream_errors_total", kind="before_response") == 1
+    assert metric(text, p + "client_connections_total") == 1
+    assert "# TYPE backdial_sidecar_requests_in_flight gauge" in text
+    assert metric(text, p + "requests_in_flight") == metric(text, p + "request_buffered_bytes") == 0

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc, free_port, get_json, http_get, wait_for
+from tests.helpers import Proc, free_port, get_json, http_get, metric, wait_for
 
 
 class Stack:
@@ -136,14 +135,6 @@ class Stack:
 
     def wait_metric(self, value: float, name: str, **labels: str) -> None:
         wait_for(lambda: self.metric(name, **labels) == value, what=f"{name}{labels} == {value}")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one series in Prometheus text (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else r"(?:\{\})?")
-    m = re.search(r"^" + pattern + r" (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 @pytest.fixture

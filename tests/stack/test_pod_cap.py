@@ -29,7 +29,7 @@ def test_cap_refuses_then_shrinks_and_grows_under_load(stack: Stack) -> None:
         for cap in (2, 1, 3, 4, 2):
             stack.config_path.write_text(cap_config(cap))
             wait_for(lambda cap=cap: stack.registered() == cap, timeout=15, what=f"{cap} sessions")
-            wait_for(lambda: load.total > 20, what="requests flowing")
+            load.wait_more(25)  # requests flow at every cap
     assert load.failures() == {} and load.total > 100
     assert stack.metric("backdial_acceptor_sessions_dropped_total", reason="capped") >= 3
     state = get_json(stack.acceptor_url("/v1/state"))

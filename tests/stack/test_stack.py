@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, get_json, http_get, wait_for
-from tests.stack.conftest import Stack, metric
+from tests.helpers import free_port, get_json, http_get, metric, wait_for
+from tests.stack.conftest import Stack
 
 pytestmark = pytest.mark.slow
 

@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Iterator
 from typing import Any
+
+from prometheus_client.metrics_core import Metric
 
 from backdial.acceptor.server import Acceptor
 from backdial.adminauth import AdminAccess, check_mutation
 from backdial.adminhttp import AdminRequest, AdminResponse
-from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
+from backdial.metrics import (
+    LATENCY_BUCKETS,
+    Histogram,
+    counter,
+    gauge,
+    histogram,
+    registry,
+)
 from backdial.policy import PolicyError, Route, policy_from_data
 
 # Rejection reasons workers report in STATS (``rejected|<slice>|<reason>``).
@@ -91,9 +101,9 @@ def _worker_totals(acc: Acceptor) -> collections.Counter[str]:
     return totals
 
 
-def metrics(acc: Acceptor) -> bytes:
+def families(acc: Acceptor) -> Iterator[Metric]:
+    """The acceptor's metric families, read from its books and counters when scraped."""
     ledger = acc.ledger
-    exp = Exposition()
     slices = [s.name for s in acc.policy.slices]
     waiting = ledger.waiting()
     rows_registered = []
@@ -122,39 +132,33 @@ def metrics(acc: Acceptor) -> bytes:
             else:
                 unknown[("(other)", sl)] += n
     rows_waiting += [({"service": s, "slice": sl}, float(n)) for (s, sl), n in unknown.items()]
-    exp.family(
+    yield gauge(
         "backdial_sessions_registered",
-        "gauge",
         "Sessions registered by services (shared by every slice).",
         rows_registered,
     )
-    exp.family(
+    yield gauge(
         "backdial_acceptor_slice_quota_sessions",
-        "gauge",
         "Sessions apportioned to the slice from its share.",
         rows_quota,
     )
-    exp.family(
+    yield gauge(
         "backdial_sessions_leased",
-        "gauge",
         "Sessions leased to sidecar workers for the slice.",
         rows_leased,
     )
-    exp.family(
+    yield gauge(
         "backdial_requests_waiting",
-        "gauge",
         "Requests waiting for a session, summed over all sidecar workers.",
         rows_waiting,
     )
-    exp.family(
+    yield gauge(
         "backdial_acceptor_registrants",
-        "gauge",
         "Registered service instances.",
         [({}, float(len(ledger.registrants)))],
     )
-    exp.family(
+    yield gauge(
         "backdial_acceptor_workers",
-        "gauge",
         "Connected sidecar workers.",
         [({}, float(len(acc.workers)))],
     )
@@ -166,9 +170,8 @@ def metrics(acc: Acceptor) -> bytes:
         # Worker-reported keys become labels only in their documented shape.
         if kind == "rejected" and sl in slices and reason in REJECT_REASONS:
             rejected.append(({"slice": sl, "reason": reason}, float(v)))
-    exp.family(
+    yield counter(
         "backdial_requests_rejected_total",
-        "counter",
         "Requests answered 503 without a session, by slice and reason.",
         rejected,
     )
@@ -180,91 +183,77 @@ def metrics(acc: Acceptor) -> bytes:
         hist.count = sum(hist.counts)
         hist.sum = totals.get(f"wait_sum_us|{sl}", 0) / 1e6
         hists.append(({"slice": sl}, hist))
-    exp.histogram(
+    yield histogram(
         "backdial_queue_wait_seconds", "Time requests waited for a session, by slice.", hists
     )
     c = acc.counters
-    exp.family(
+    yield counter(
         "backdial_acceptor_registrations_total",
-        "counter",
         "Registration attempts by result.",
         [({"result": "ok"}, float(c.registrations_ok))]
         + [({"result": k}, float(v)) for k, v in sorted(c.registrations_err.items())],
     )
-    exp.family(
+    yield counter(
         "backdial_acceptor_sessions_dropped_total",
-        "counter",
         "Sessions closed, by reason.",
         [({"reason": k}, float(v)) for k, v in sorted(c.sessions_dropped.items())],
     )
-    exp.family(
+    yield counter(
         "backdial_acceptor_leases_granted_total",
-        "counter",
         "Leases granted to workers.",
         [({}, float(c.grants))],
     )
-    exp.family(
+    yield counter(
         "backdial_acceptor_leases_recalled_total",
-        "counter",
         "Leases recalled from workers.",
         [({}, float(c.recalls))],
     )
-    exp.family(
+    yield counter(
         "backdial_acceptor_control_records_total",
-        "counter",
         "Control records received from sidecar workers, by type.",
         [({"type": k.name.lower()}, float(v)) for k, v in sorted(c.records.items())],
     )
-    exp.family(
+    yield counter(
         "backdial_acceptor_config_reloads_total",
-        "counter",
         "Config reloads by result.",
         [({"result": k}, float(v)) for k, v in sorted(c.reloads.items())],
     )
-    exp.family(
+    yield counter(
         "backdial_acceptor_peers_refused_total",
-        "counter",
         "Connections refused on a UNIX socket because of the peer's uid, by socket.",
         [({"socket": k}, float(v)) for k, v in sorted(c.peers_refused.items())],
     )
-    exp.family(
+    yield counter(
         "backdial_acceptor_control_violations_total",
-        "counter",
         "Control peers that broke a bound (disconnected, or clamped for want_clamped).",
         [({"kind": k}, float(v)) for k, v in sorted(c.violations.items())],
     )
-    exp.family(
+    yield counter(
         "backdial_acceptor_services_forgotten_total",
-        "counter",
         "Service names forgotten after having no sessions (forgetServicesAfter, maxServices).",
         [({}, float(c.services_forgotten))],
     )
-    exp.family(
+    yield counter(
         "backdial_acceptor_admin_denied_total",
-        "counter",
         "Admin requests refused: 401 without valid credentials, 403 browser-borne or no token.",
         [({"code": str(k)}, float(v)) for k, v in sorted(c.admin_denied.items())],
     )
-    exp.family(
+    yield gauge(
         "backdial_acceptor_config_generation",
-        "gauge",
         "Generation of the policy in force.",
         [({}, float(acc.generation))],
     )
     if acc.operator is not None:
-        exp.family(
+        yield gauge(
             "backdial_acceptor_operator_connected",
-            "gauge",
             "1 while the config stream to the operator is up.",
             [({}, float(bool(acc.operator["connected"])))],
         )
-        exp.family(
+        yield gauge(
             "backdial_acceptor_operator_generation",
-            "gauge",
             "SessionSlice generation of the operator config in force (0: none).",
             [({}, float(acc.operator["generation"]))],
         )
-    return exp.render()
 
 
 def apply_overlay(data: dict[str, Any], overlay: dict[str, dict[str, Any] | None]) -> None:
@@ -290,6 +279,7 @@ class AdminAPI:
         self.acc = acc
         self.overlay = overlay
         self.access = access or AdminAccess()
+        self.metrics = registry(lambda: families(acc))
 
     async def __call__(self, req: AdminRequest) -> AdminResponse:
         acc = self.acc
@@ -298,7 +288,7 @@ class AdminAPI:
             acc.counters.admin_denied[denial.status] += 1
             return AdminResponse.denied(denial)
         if req.path == "/metrics":
-            return AdminResponse(200, metrics(acc), "text/plain; version=0.0.4")
+            return AdminResponse.exposition(self.metrics, req)
         if req.path == "/healthz":
             return AdminResponse.text(200, "ok\n")
         if req.path == "/readyz":

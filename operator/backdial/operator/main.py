@@ -22,14 +22,17 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import kopf
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import CollectorRegistry
 
 from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
-from backdial.metrics import Exposition
+from backdial.metrics import counter, gauge, registry
 from backdial.operator import certs
 from backdial.operator.auth import Authenticator
 from backdial.operator.configserver import ConfigServer
@@ -177,6 +180,10 @@ class App:
     config: ConfigServer | None = None
     shared: Shared | None = None
     kopf_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics: CollectorRegistry = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = registry(self.families)
 
     def active(self) -> bool:
         """This replica acts (standalone, or kopf peering says no peer outranks it)."""
@@ -198,7 +205,7 @@ class App:
             ok, why = self.ready()
             return AdminResponse.text(200 if ok else 503, why + "\n")
         if req.path == "/metrics":
-            return AdminResponse(200, self.metrics(), "text/plain; version=0.0.4")
+            return AdminResponse.exposition(self.metrics, req)
         if req.path == "/v1/state":
             return AdminResponse.of_json(200, self.state())
         return AdminResponse.text(404, "not found\n")
@@ -220,56 +227,48 @@ class App:
             "api_requests": dict(self.kube.requests),
         }
 
-    def metrics(self) -> bytes:
-        exp = Exposition()
-        exp.family(
+    def families(self) -> Iterator[Metric]:
+        """The operator's metric families, read from its counters when scraped."""
+        yield gauge(
             "backdial_operator_active",
-            "gauge",
             "1 on the replica that acts.",
             [({}, float(self.active()))],
         )
-        exp.family(
+        yield gauge(
             "backdial_operator_streams",
-            "gauge",
             "Acceptors holding a config stream.",
             [({}, float(len(self.hub.streams)))],
         )
         plans = self.shared.plans if self.shared else {}
-        exp.family(
+        yield gauge(
             "backdial_operator_sessionslices",
-            "gauge",
             "SessionSlices reconciled.",
             [({}, float(len(plans)))],
         )
-        exp.family(
+        yield gauge(
             "backdial_operator_pods",
-            "gauge",
             "Pods configured.",
             [({}, float(sum(len(p.owned) for p in plans.values())))],
         )
-        exp.family(
+        yield counter(
             "backdial_operator_config_pushes_total",
-            "counter",
             "Changed per-pod configs offered to connected streams.",
             [({}, float(self.hub.pushes))],
         )
         writes = self.shared.status_writes if self.shared else 0
-        exp.family(
+        yield counter(
             "backdial_operator_status_writes_total",
-            "counter",
             "SessionSlice status patches.",
             [({}, float(writes))],
         )
-        exp.family(
+        yield counter(
             "backdial_operator_api_requests_total",
-            "counter",
             "Kubernetes API requests made outside kopf, by verb.",
             [({"verb": v}, float(n)) for v, n in sorted(self.kube.requests.items())],
         )
         config = self.config
-        exp.family(
+        yield counter(
             "backdial_operator_stream_refusals_total",
-            "counter",
             "Config stream requests refused, by HTTP status.",
             [
                 ({"code": str(c)}, float(n))
@@ -277,13 +276,11 @@ class App:
             ],
         )
         reviews = config.auth.reviews if config else 0
-        exp.family(
+        yield counter(
             "backdial_operator_token_reviews_total",
-            "counter",
             "TokenReviews sent (cache misses).",
             [({}, float(reviews))],
         )
-        return exp.render()
 
 
 async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:

@@ -24,10 +24,12 @@ import asyncio
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from backdial.metrics import Exposition
+from prometheus_client.metrics_core import Metric
+
+from backdial.metrics import counter, gauge
 from backdial.sdk.backoff import StateLog
 
 log = logging.getLogger("backdial.sidecar")
@@ -139,33 +141,27 @@ class Liveness:
             return "refusing connections at the descriptor limit"
         return None
 
-    def render(self, exp: Exposition) -> None:
+    def families(self) -> Iterator[Metric]:
         p = "backdial_sidecar_"
         link = self.link
-        exp.family(
+        yield gauge(
             p + "control_connected",
-            "gauge",
             "1 while the control connection to the acceptor is up.",
             [({}, 0.0 if link.disconnected_since is not None else 1.0)],
         )
-        exp.family(
+        yield counter(
             p + "control_connects_total",
-            "counter",
             "Control connections established (reconnects included).",
             [({}, float(link.control_connects))],
         )
-        exp.family(
+        yield counter(
             p + "control_connect_failures_total",
-            "counter",
             "Control connection attempts that failed (EMFILE included); retried forever.",
             [({}, float(link.control_failures))],
         )
-        exp.family(
-            p + "loop_lag_seconds", "gauge", "Event-loop lag, latest sample.", [({}, self.lag)]
-        )
-        exp.family(
+        yield gauge(p + "loop_lag_seconds", "Event-loop lag, latest sample.", [({}, self.lag)])
+        yield counter(
             p + "connections_refused_total",
-            "counter",
             "Client connections answered 503 at once, by reason.",
             [({"reason": "fd_limit"}, float(self.guard.refused if self.guard else 0))],
         )

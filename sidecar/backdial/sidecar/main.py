@@ -22,11 +22,14 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.metrics_core import Metric
+
 from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
-from backdial.metrics import Exposition
+from backdial.metrics import gauge, registry
 from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport, run, setup_logging
 from backdial.sidecar.appprobe import AppProber
 from backdial.sidecar.config import ProxySettings
@@ -299,6 +302,30 @@ class WorkerAdmin:
         self.draining = False
         self.drainer: Drainer | None = None
         self.prober = AppProber(pool)
+        self.metrics = registry(self.families)
+
+    def families(self) -> Iterator[Metric]:
+        yield from self.stats.families()
+        yield from self.liveness.families()
+        pool = self.pool
+        yield gauge(
+            "backdial_sidecar_leases_held",
+            "Sessions this worker holds (busy + idle).",
+            [({}, float(len(pool.held)))],
+        )
+        yield gauge(
+            "backdial_sidecar_leases_busy",
+            "Sessions carrying a request now.",
+            [({}, len(pool.busy))],
+        )
+        waiting: collections.Counter[str] = collections.Counter()
+        for (_, slice_name), queue in pool.waiters.items():
+            waiting[slice_name] += len(queue)
+        yield gauge(
+            "backdial_sidecar_requests_waiting",
+            "Requests waiting in this worker for a session, by slice.",
+            [({"slice": name}, float(n)) for name, n in sorted(waiting.items())],
+        )
 
     def ready(self) -> bool:
         return (
@@ -311,29 +338,7 @@ class WorkerAdmin:
 
     async def __call__(self, req: AdminRequest) -> AdminResponse:
         if req.path == "/metrics":
-            exp = Exposition()
-            self.stats.render(exp)
-            self.liveness.render(exp)
-            pool = self.pool
-            exp.family(
-                "backdial_sidecar_leases_held",
-                "gauge",
-                "Sessions this worker holds (busy + idle).",
-                [({}, float(len(pool.held)))],
-            )
-            exp.family(
-                "backdial_sidecar_leases_busy",
-                "gauge",
-                "Sessions carrying a request now.",
-                [({}, float(len(pool.busy)))],
-            )
-            exp.family(
-                "backdial_sidecar_requests_waiting",
-                "gauge",
-                "Requests waiting in this worker for a session, by slice.",
-                [({"slice": k[1]}, float(len(q))) for k, q in pool.waiters.items()],
-            )
-            return AdminResponse(200, exp.render(), "text/plain; version=0.0.4")
+            return AdminResponse.exposition(self.metrics, req)
         if req.path == "/healthz":
             wedged = self.liveness.health()
             return (

@@ -6,10 +6,12 @@ The hot path pays an integer add per event; nothing is formatted until
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.metrics_core import Metric
 
 from backdial.control import Rejection
-from backdial.metrics import LATENCY_BUCKETS, Exposition, Histogram
+from backdial.metrics import LATENCY_BUCKETS, Histogram, counter, gauge, histogram
 from backdial.sidecar.spool import Budget
 
 
@@ -61,11 +63,11 @@ class ProxyStats:
             counters = self.slices[name] = SliceCounters()
         return counters
 
-    def render(self, exp: Exposition) -> None:
+    def families(self) -> Iterator[Metric]:
+        """The proxy's metric families, read from the counters now."""
         p = "backdial_sidecar_"
-        exp.family(
+        yield counter(
             p + "requests_total",
-            "counter",
             "Client requests answered, by slice and status code.",
             [
                 ({"slice": name or "none", "code": str(code)}, float(n))
@@ -74,7 +76,7 @@ class ProxyStats:
                 if n
             ],
         )
-        exp.histogram(
+        yield histogram(
             p + "request_duration_seconds",
             "From the request head to the last response byte handed to the client.",
             [({"slice": name or "none"}, c.latency) for name, c in sorted(self.slices.items())],
@@ -87,7 +89,7 @@ class ProxyStats:
             ("response_spilled_bytes", "Response bytes in spill files.", self.spilled_bytes()),
         )
         for name, text, value in gauges:
-            exp.family(p + name, "gauge", text, [({}, float(value))])
+            yield gauge(p + name, text, [({}, float(value))])
         counters = (
             ("client_connections_total", "Client connections accepted.", self.connections_total),
             ("upstream_retries_total", "Idempotent requests retried.", self.retries),
@@ -110,10 +112,9 @@ class ProxyStats:
             ),
         )
         for name, text, value in counters:
-            exp.family(p + name, "counter", text, [({}, float(value))])
-        exp.family(
+            yield counter(p + name, text, [({}, float(value))])
+        yield counter(
             p + "upstream_errors_total",
-            "counter",
             "Session failures: before any response byte, mid-response, timeouts.",
             [
                 ({"kind": "before_response"}, float(self.upstream_failed)),
@@ -121,9 +122,8 @@ class ProxyStats:
                 ({"kind": "timeout"}, float(self.upstream_timeouts)),
             ],
         )
-        exp.family(
+        yield counter(
             p + "unavailable_total",
-            "counter",
             "503 answers by reason (queue_full, timeout, draining).",
             [({"reason": k}, float(v)) for k, v in self.unavailable.items()],
         )

@@ -10,7 +10,6 @@ across processes.  A worker that dies is restarted with backoff.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import signal
@@ -19,52 +18,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
+from backdial.adminhttp import AdminRequest, AdminResponse, admin_get, start_admin
+from backdial.metrics import merge, registry
 from backdial.sidecar.drain import drain_allowed
 
 log = logging.getLogger("backdial.sidecar")
-
-
-def merge_metrics(texts: list[bytes]) -> bytes:
-    """Sum identical series across workers' Prometheus texts, keeping HELP/TYPE once."""
-    meta: dict[str, list[str]] = {}
-    values: dict[str, float] = collections.OrderedDict()
-    family_of: dict[str, str] = {}
-    for text in texts:
-        family = ""
-        for line in text.decode().splitlines():
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
-                family = line.split(" ", 3)[2]
-                entry = meta.setdefault(family, [])
-                if line not in entry:
-                    entry.append(line)
-                continue
-            if not line or line.startswith("#"):
-                continue
-            series, _, value = line.rpartition(" ")
-            values[series] = values.get(series, 0.0) + float(value)
-            family_of.setdefault(series, family)
-    out: list[str] = []
-    done: set[str] = set()
-    for series, total in values.items():
-        family = family_of[series]
-        if family not in done:
-            out.extend(meta.get(family, []))
-            done.add(family)
-        number = str(int(total)) if total == int(total) else repr(total)
-        out.append(f"{series} {number}")
-    return ("\n".join(out) + "\n").encode()
-
-
-async def _unix_get(path: Path, target: str, timeout: float = 5.0) -> tuple[int, bytes]:  # noqa: ASYNC109
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n".encode())
-        raw = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
 
 
 class Supervisor:
@@ -120,14 +78,14 @@ class Supervisor:
         if req.path == "/v1/app-probe":
             return await self._probe(req)
         results = await asyncio.gather(
-            *(_unix_get(self.socket_path(i), req.path) for i in range(self.count)),
+            *(admin_get(self.socket_path(i), req.path) for i in range(self.count)),
             return_exceptions=True,
         )
         ok = [r for r in results if isinstance(r, tuple)]
         if req.path == "/metrics":
-            return AdminResponse(
-                200, merge_metrics([b for _, b in ok]), "text/plain; version=0.0.4"
-            )
+            # Each worker's text exposition, series summed: counts exact across processes.
+            families = merge(body.decode() for status, body in ok if status == 200)
+            return AdminResponse.exposition(registry(lambda: families), req)
         if req.path in ("/healthz", "/readyz"):
             # Ready when every worker is; one worker down is not healthy either.
             good = len(ok) == self.count and all(status == 200 for status, _ in ok)
@@ -142,7 +100,7 @@ class Supervisor:
         target = "/v1/app-probe?" + urlencode(req.query, doseq=True)
         for i in range(self.count):
             try:
-                status, body = await _unix_get(self.socket_path(i), target)
+                status, body = await admin_get(self.socket_path(i), target)
             except (OSError, TimeoutError, ValueError, IndexError):
                 continue
             return AdminResponse.text(status, body.decode(errors="replace"))
@@ -154,7 +112,7 @@ class Supervisor:
             return AdminResponse.text(403, "drain needs the pod's drain token\n")
         budget = self.quiet + self.drain + 5
         results = await asyncio.gather(
-            *(_unix_get(self.socket_path(i), "/v1/drain", budget) for i in range(self.count)),
+            *(admin_get(self.socket_path(i), "/v1/drain", budget) for i in range(self.count)),
             return_exceptions=True,
         )
         done = [json.loads(r[1]) for r in results if isinstance(r, tuple) and r[0] == 200]

@@ -51,6 +51,13 @@ class AppConnection(asyncio.Protocol):
             _, proto = await loop.create_connection(cls, host, port)
         return proto
 
+    @classmethod
+    async def open_unix(cls, path: str, connect_timeout: float = 5.0) -> AppConnection:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(connect_timeout):
+            _, proto = await loop.create_unix_connection(cls, path)
+        return proto
+
     # --- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -29,6 +30,7 @@ from .framing import ResponseFramer, asgi_target
 
 log = logging.getLogger("backdial.sdk")
 
+_REFUSED_GRACE = 1.0  # seconds a refused peer's connection stays open to drain its bytes
 HIGH_WATER = 64 * 1024  # buffered request body bytes before reading pauses
 MAX_HEAD = 64 * 1024  # request line + headers; llhttp itself sets no limit
 
@@ -36,10 +38,15 @@ _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PAT
 
 
 class ServerState:
-    """What all connections of one server (or one Service) share."""
+    """What all connections of one server (or one Service) share.
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``admit``, when set, is asked about each new connection's socket (e.g. a
+    UNIX peer's uid); a connection it refuses is dropped unanswered.
+    """
+
+    def __init__(self, app: ASGIApp, admit: Callable[[socket.socket], bool] | None = None) -> None:
         self.app = app
+        self.admit = admit
         self.loop = asyncio.get_running_loop()
         self.in_flight = 0
         self.connections: set[HttpProtocol] = set()
@@ -60,11 +67,12 @@ class ConnectionContext:
     exactly one upstream connection whose life ends with the session.
     """
 
-    __slots__ = ("_callbacks", "closed", "data")
+    __slots__ = ("_callbacks", "admitted", "closed", "data")
 
     def __init__(self) -> None:
         self.data: dict[str, Any] = {}
         self.closed = False
+        self.admitted = False  # the listener's admission check passed this peer
         self._callbacks: list[Callable[[], None]] = []
 
     def on_close(self, callback: Callable[[], None]) -> None:
@@ -100,6 +108,7 @@ class HttpProtocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = False
         self._broken = False
+        self._refused = False  # the listener's admission check turned this peer away
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
@@ -114,6 +123,16 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        admit = self.state.admit
+        if admit is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is None or not admit(sock):
+                # Unanswered.  What the peer already sent is read and dropped first:
+                # closing over unread data would reset the peer instead of an end-of-file.
+                self._refused = self.closed_locally = True
+                self.loop.call_later(_REFUSED_GRACE, self.transport.close)
+                return
+            self.context.admitted = True
         self.state.connections.add(self)
         self._server = _inet(transport.get_extra_info("sockname"))
         self._client = _inet(transport.get_extra_info("peername"))
@@ -155,6 +174,10 @@ class HttpProtocol(asyncio.Protocol):
             await waiter
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            if self.transport is not None:
+                self.transport.close()  # the bytes are read: now an end-of-file, not a reset
+            return
         if self._broken:
             return
         try:

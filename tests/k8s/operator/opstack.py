@@ -26,8 +26,7 @@ import harness
 import yaml
 
 from backdial.operator import rbac
-from tests.helpers import Proc, free_port, get_json, http_get, wait_for
-from tests.stack.conftest import metric
+from tests.helpers import Proc, free_port, get_json, http_get, metric, wait_for
 
 OPERATOR_NS = "backdial-system"
 INJECTED = {"backdial.dev/injected": "true"}
