@@ -209,3 +209,13 @@ def test_test_folders_mirror_the_source_roots() -> None:
         assert folder.name in roots, f"tests/{folder.name} mirrors no source root"
         for sub in (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("__")):
             assert (roots[folder.name] / sub.name).is_dir(), f"{sub} mirrors no package"
+
+
+def test_the_test_command_checks_lint_format_and_types_first() -> None:
+    script = (ROOT / "scripts" / "test").read_text()
+    checks = ["ruff check .", "ruff format --check .", "mypy"]
+    positions = [script.find(f"python3 -m {check}") for check in checks]
+    assert all(p >= 0 for p in positions), positions
+    assert max(positions) < script.find('pytest "$@"'), "checks must run before pytest"
+    mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert mypy["strict"] is True
