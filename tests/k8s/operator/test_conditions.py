@@ -86,7 +86,11 @@ def test_invalid_spec_is_a_permanent_condition(ops: OperatorEnv, k8s_namespace: 
     ops.cluster.kubectl("-n", ns, "annotate", "pod", "web-0", "touched=1")
     wait_for(lambda: ops.operator.state()["recomputes"] > before["recomputes"], what="a replan")
     after = ops.operator.state()
-    assert after["api_requests"] == before["api_requests"]
+
+    def writes(state: dict[str, Any]) -> dict[str, int]:  # reads (peering, TLS) go on
+        return {v: n for v, n in state["api_requests"].items() if v in ("patch", "post", "put")}
+
+    assert writes(after) == writes(before)
     # Fixing the spec applies it.
     ops.cluster.apply(sessionslice("web", ns, spec(5)))
     wait_for(lambda: stack.operator_state()["generation"] == 3, what="generation 3 applied")
