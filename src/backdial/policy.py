@@ -189,6 +189,10 @@ class Policy(_Model):
 class PolicyError(Exception):
     """A config that cannot be used; the message is one line for the operator."""
 
+    def __init__(self, message: str) -> None:
+        # Keys and values from the file end up in the message: keep it one printable line.
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
 
 def policy_from_data(data: Any, source: str = "config") -> Policy:
     try:
@@ -207,6 +211,8 @@ def load_policy(path: str | Path) -> Policy:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # found by tests/shared/test_fuzz_protocols.py
+        raise PolicyError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
