@@ -124,19 +124,25 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return rows
 
 
+def environment_line(env: dict[str, Any]) -> str:
+    """Machine, peers' versions and the commit measured, in one sentence."""
+    v = env["versions"]
+    return (
+        f"{env['cpus']} CPUs ({env['cpu_model']}), kernel {v['kernel']}; {v['nginx']}; "
+        f"{v['haproxy']}; {v['wrk']}; Python {v['python']}, uvloop {v['uvloop']}, "
+        f"httptools {v['httptools']}; backdial {v['backdial_commit']}."
+    )
+
+
 def render(
     result: dict[str, Any], images: list[str], img_prefix: str, heading_level: int = 1
 ) -> str:
     h = "#" * heading_level
-    env = result["environment"]
-    v = env["versions"]
     p = result["params"]
     lines = [
         f"{h} Suite run {result['started']}",
         "",
-        f"{env['cpus']} CPUs ({env['cpu_model']}), kernel {v['kernel']}; {v['nginx']}; "
-        f"{v['haproxy']}; {v['wrk']}; Python {v['python']}, uvloop {v['uvloop']}, "
-        f"httptools {v['httptools']}; backdial {v['backdial_commit']}. "
+        f"{environment_line(result['environment'])} "
         f"Pinning {p['pin']}; {p['duration']} s windows after {p['warmup']} s warm-up; "
         f"{p['rounds']} rounds at c=16/64; whole run {result.get('elapsed_s', '?')} s.",
         "",

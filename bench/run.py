@@ -68,6 +68,7 @@ from harness import (
     wait_quiet,
     wrk,
 )
+from report import environment_line
 
 ALL_TARGETS = ["direct", "nginx-dialing", "nginx-keepalive", "haproxy", "backdial"]
 BASELINES = ("nginx-keepalive", "nginx-dialing")
@@ -429,14 +430,10 @@ def _ratio(value: float | None) -> str:
 
 def render(result: dict[str, Any]) -> str:
     params = result["params"]
-    env = result["environment"]
-    v = env["versions"]
     lines = [
         f"# backdial benchmark {result['started']}",
         "",
-        f"{env['cpus']} CPUs ({env['cpu_model']}), kernel {v['kernel']}; {v['nginx']}; "
-        f"{v['haproxy']}; {v['wrk']}; Python {v['python']}, uvloop {v['uvloop']}, "
-        f"httptools {v['httptools']}; backdial {v['backdial_commit']}.",
+        environment_line(result["environment"]),
         "",
         f"wrk -t{params['threads']} GET /, {params['duration']}s measured after "
         f"{params['warmup']}s warm-up, {params['repeat']} interleaved rounds; "
