@@ -18,7 +18,6 @@ from backdial.acceptor.operatorlink import (
     token_claims,
 )
 from backdial.policy import PolicyError
-from backdial.runtime import ConfigError
 
 
 def jwt(payload: dict[str, object]) -> str:
@@ -38,9 +37,9 @@ def test_flags() -> None:
     assert parse_operator_url("https://op") == ("op", 443)
     assert parse_pod("shop/web-0") == ("shop", "web-0")
     for bad in ("http://op:1", "https://op:x", "https://op/path"):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ValueError):
             parse_operator_url(bad)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         parse_pod("web-0")
 
 

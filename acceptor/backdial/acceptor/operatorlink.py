@@ -35,7 +35,6 @@ from urllib.parse import urlsplit
 from backdial import configstream as cs
 from backdial.acceptor.server import Acceptor
 from backdial.policy import Policy, PolicyError, policy_from_data
-from backdial.runtime import ConfigError
 from backdial.sdk.backoff import Backoff
 
 log = logging.getLogger("backdial.acceptor.operator")
@@ -59,14 +58,14 @@ def parse_operator_url(url: str) -> tuple[str, int]:
     except ValueError:
         port = -1
     if parts.scheme != "https" or not parts.hostname or port < 0 or parts.path not in ("", "/"):
-        raise ConfigError(f"--operator: expected https://HOST[:PORT], got {url!r}")
+        raise ValueError(f"expected https://HOST[:PORT], got {url!r}")
     return parts.hostname, port
 
 
 def parse_pod(value: str) -> tuple[str, str]:
     namespace, sep, name = value.partition("/")
     if not sep or not namespace or not name or "/" in name:
-        raise ConfigError(f"--pod: expected NAMESPACE/NAME, got {value!r}")
+        raise ValueError(f"expected NAMESPACE/NAME, got {value!r}")
     return namespace, name
 
 

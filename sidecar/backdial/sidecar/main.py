@@ -15,7 +15,6 @@ trusted by its file permissions.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import logging
@@ -23,16 +22,15 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 from prometheus_client.metrics_core import Metric
 
 from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
 from backdial.metrics import gauge, registry
-from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport, run, setup_logging
+from backdial.options import load
+from backdial.runtime import ConfigError, fail, run, setup_logging
 from backdial.sidecar.appprobe import AppProber
-from backdial.sidecar.config import ProxySettings
+from backdial.sidecar.config import SidecarSettings
 from backdial.sidecar.drain import Drainer, drain_allowed
 from backdial.sidecar.leasepool import LeasePool
 from backdial.sidecar.liveness import Liveness
@@ -40,250 +38,20 @@ from backdial.sidecar.proxy import make_protocol_factory
 from backdial.sidecar.sessionconn import wrap_lease
 from backdial.sidecar.stats import ProxyStats
 from backdial.sidecar.supervisor import Supervisor
-from backdial.trust import parse_networks
 
 log = logging.getLogger("backdial.sidecar")
 
 
-@dataclass(frozen=True, slots=True)
-class SidecarSettings:
-    run_dir: Path
-    listen: str
-    admin: tuple[str, int | str]
-    workers: int
-    worker_name: str
-    drain_timeout: float
-    drain_quiet_period: float
-    drain_token: str
-    stats_interval: float
-    max_disconnected: float
-    max_loop_lag: float
-    proxy: ProxySettings
-    log_level: str
-
-
-def _size(value: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    v = value.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = units.get(v[-1:], 1)
-    number = v[:-1] if v[-1:] in units else v
-    if not number.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid size {value!r}; use e.g. 1048576, 512k, 1m")
-    return int(number) * scale
-
-
-def parser() -> argparse.ArgumentParser:
-    p = ArgParser(
-        prog="backdial sidecar",
-        description="HTTP/1.1 proxy that relays client requests over leased sessions.",
-    )
-    p.add_argument(
-        "--run-dir",
-        default=env("RUN_DIR", "/var/run/backdial"),
-        help="directory holding the acceptor's control.sock (env BACKDIAL_RUN_DIR)",
-    )
-    p.add_argument(
-        "--listen",
-        default=env("LISTEN", "0.0.0.0:8080"),
-        help="client HOST:PORT; the acceptor binds it and hands it over "
-        "(env BACKDIAL_LISTEN; default 0.0.0.0:8080)",
-    )
-    p.add_argument(
-        "--admin",
-        default=env("SIDECAR_ADMIN", "127.0.0.1:9902"),
-        help="HOST:PORT or unix:PATH for /metrics, /healthz, /readyz, /v1/state "
-        "(env BACKDIAL_SIDECAR_ADMIN; default 127.0.0.1:9902); also /v1/drain and "
-        "/v1/app-probe (docs/injection.md)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=env("WORKERS", "1"),
-        help="worker processes sharing the listening socket (env BACKDIAL_WORKERS; default 1)",
-    )
-    p.add_argument("--worker-name", default="", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=env("DRAIN_TIMEOUT", "30"),
-        help="seconds SIGTERM (or /v1/drain) waits for in-flight and queued requests "
-        "(env BACKDIAL_DRAIN_TIMEOUT; default 30)",
-    )
-    p.add_argument(
-        "--drain-quiet-period",
-        type=float,
-        default=env("DRAIN_QUIET_PERIOD", "5"),
-        help="on /v1/drain, seconds to keep serving while not ready, before it stops "
-        "accepting (env BACKDIAL_DRAIN_QUIET_PERIOD; default 5)",
-    )
-    p.add_argument(
-        "--proxy-protocol",
-        action="store_true",
-        default=env("PROXY_PROTOCOL", "") in ("1", "true"),
-        help="expect a PROXY protocol v1/v2 header on every client connection; its address "
-        "is used only from --trusted-proxies (env BACKDIAL_PROXY_PROTOCOL=1)",
-    )
-    p.add_argument(
-        "--trusted-proxies",
-        default=env("TRUSTED_PROXIES", ""),
-        help="comma-separated CIDRs of load balancers whose PROXY header, X-Forwarded-For, "
-        "Forwarded and X-Real-IP are believed; from any other peer they are replaced by "
-        "the connecting address (env BACKDIAL_TRUSTED_PROXIES; default: trust nobody)",
-    )
-    p.add_argument(
-        "--max-request-body",
-        type=_size,
-        default="1m",
-        help="request bodies up to this size are kept in memory before a session is leased "
-        "(default 1m)",
-    )
-    p.add_argument(
-        "--max-request-body-stream",
-        type=_size,
-        default="64m",
-        help="larger bodies up to this size are spooled to a temp file before a session is "
-        "leased (streamed under a lease with --request-spool-total 0); beyond it 413 "
-        "(default 64m)",
-    )
-    p.add_argument(
-        "--request-memory-total",
-        type=_size,
-        default="64m",
-        help="request body bytes all connections of a worker keep in memory; beyond it bodies "
-        "go to spool files (default 64m)",
-    )
-    p.add_argument(
-        "--request-spool-total",
-        type=_size,
-        default="1g",
-        help="request body bytes all connections of a worker keep in spool files; beyond "
-        "memory and this, 503 (default 1g; 0 turns spooling off)",
-    )
-    p.add_argument(
-        "--body-min-rate",
-        type=_size,
-        default="1k",
-        help="bytes per second a request body must keep arriving at, measured every 10 s once "
-        "the request timeout has passed; below it 408 (default 1k; 0 off)",
-    )
-    p.add_argument(
-        "--max-header-bytes",
-        type=_size,
-        default="64k",
-        help="request head limit; beyond it 431 (default 64k)",
-    )
-    p.add_argument(
-        "--response-buffer",
-        type=_size,
-        default="1m",
-        help="response bytes drained from a session before the client reads them (default 1m)",
-    )
-    p.add_argument(
-        "--response-spill-max",
-        type=_size,
-        default="1g",
-        help="beyond --response-buffer, up to this many response bytes per connection wait "
-        "in a temporary file so the session is released; 0: hold the session instead "
-        "(default 1g)",
-    )
-    p.add_argument(
-        "--spill-dir",
-        default=env("SPILL_DIR", "") or "",
-        help="directory for those temporary files and for spooled request bodies, unlinked "
-        "at creation (env BACKDIAL_SPILL_DIR; default $TMPDIR or /tmp)",
-    )
-    p.add_argument(
-        "--upstream-timeout",
-        type=float,
-        default=60.0,
-        help="seconds to wait for a response to start; then 504 (default 60)",
-    )
-    p.add_argument(
-        "--client-idle-timeout",
-        type=float,
-        default=75.0,
-        help="seconds a keep-alive client connection may sit idle (default 75)",
-    )
-    p.add_argument(
-        "--max-disconnected",
-        type=float,
-        default=env("MAX_DISCONNECTED", "30"),
-        help="seconds without a control connection after which /healthz fails (the worker "
-        "keeps reconnecting meanwhile; env BACKDIAL_MAX_DISCONNECTED; default 30)",
-    )
-    p.add_argument(
-        "--max-loop-lag",
-        type=float,
-        default=env("MAX_LOOP_LAG", "5"),
-        help="an event-loop stall longer than this fails /healthz for 30 s "
-        "(env BACKDIAL_MAX_LOOP_LAG; default 5)",
-    )
-    p.add_argument(
-        "--fd-reserve",
-        type=int,
-        default=env("FD_RESERVE", "128"),
-        help="file descriptors kept free for sessions, control and spool files; client "
-        "connections beyond the limit minus this get 503 (env BACKDIAL_FD_RESERVE; default 128)",
-    )
-    p.add_argument("--stats-interval", type=float, default=1.0, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--log-level",
-        default=env("LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-    )
-    return p
-
-
 def settings_from(argv: list[str]) -> SidecarSettings:
-    ns = parser().parse_args(argv)
-    if ns.workers < 1 or ns.workers > 64:
-        raise ConfigError("--workers must be between 1 and 64")
-    parse_hostport(ns.listen, "--listen")
-    if ns.admin.startswith("unix:"):
-        admin: tuple[str, int | str] = ("unix", ns.admin[5:])
-    else:
-        admin = parse_hostport(ns.admin, "--admin")
-    if ns.drain_timeout < 0 or ns.drain_quiet_period < 0:
-        raise ConfigError("--drain-timeout and --drain-quiet-period must be >= 0")
-    if ns.max_request_body > ns.max_request_body_stream:
-        raise ConfigError("--max-request-body must not exceed --max-request-body-stream")
-    try:
-        trusted = parse_networks(ns.trusted_proxies, "--trusted-proxies")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if ns.proxy_protocol and not trusted:
-        raise ConfigError("--proxy-protocol needs --trusted-proxies (the load balancers' CIDRs)")
-    proxy = ProxySettings(
-        max_request_body=ns.max_request_body,
-        max_request_body_stream=ns.max_request_body_stream,
-        request_memory_total=ns.request_memory_total,
-        request_spool_total=ns.request_spool_total,
-        body_min_rate=ns.body_min_rate,
-        fd_reserve=ns.fd_reserve,
-        max_header_bytes=ns.max_header_bytes,
-        response_buffer=ns.response_buffer,
-        response_spill_max=ns.response_spill_max,
-        spill_dir=ns.spill_dir,
-        upstream_timeout=ns.upstream_timeout,
-        client_idle_timeout=ns.client_idle_timeout,
-        proxy_protocol=ns.proxy_protocol,
-        trusted_proxies=tuple(str(net) for net in trusted),
+    settings = load(
+        SidecarSettings,
+        argv,
+        prog="backdial sidecar",
+        description="HTTP/1.1 proxy that relays client requests over leased sessions. "
+        "Every option may also be given as the BACKDIAL_* variable named in its help; "
+        "a flag wins over the variable.",
     )
-    return SidecarSettings(
-        run_dir=Path(ns.run_dir),
-        listen=ns.listen,
-        admin=admin,
-        workers=ns.workers,
-        worker_name=ns.worker_name or f"pid-{os.getpid()}",
-        drain_timeout=ns.drain_timeout,
-        drain_quiet_period=ns.drain_quiet_period,
-        drain_token=env("DRAIN_TOKEN", "") or "",
-        stats_interval=ns.stats_interval,
-        max_disconnected=ns.max_disconnected,
-        max_loop_lag=ns.max_loop_lag,
-        proxy=proxy,
-        log_level=ns.log_level,
-    )
+    return settings.named()
 
 
 class WorkerAdmin:
