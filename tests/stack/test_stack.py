@@ -40,8 +40,10 @@ def request(
 class Load:
     """Closed-loop load from threads with keep-alive connections; counts every outcome."""
 
-    def __init__(self, port: int, path: str = "/", clients: int = 4) -> None:
-        self.port, self.path, self.clients = port, path, clients
+    def __init__(
+        self, port: int, path: str = "/", clients: int = 4, host: str = "127.0.0.1"
+    ) -> None:
+        self.port, self.path, self.clients, self.host = port, path, clients, host
         self.codes: collections.Counter[int | str] = collections.Counter()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -52,7 +54,7 @@ class Load:
         while not self._stop.is_set():
             try:
                 if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                    conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
                 conn.request("GET", self.path)
                 resp = conn.getresponse()
                 resp.read()

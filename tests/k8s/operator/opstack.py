@@ -1,11 +1,12 @@
-"""Real operator, acceptor, sidecar and demo processes against the real control plane.
+"""The operator as a local process against the real control plane, and pods for it.
 
-The operator runs as a local process with the credentials of its ServiceAccount (a
-TokenRequest token and exactly the RBAC of ``backdial.operator.rbac``).  Pods are kwok
-pods (scheduled, Running, Ready; their containers do not run), and for each one the test
-starts the real data plane on 127.0.0.1 itself: an acceptor that authenticates to the
-operator with a TokenRequest token bound to *that* pod (audience ``backdial``), a sidecar
-and the demo service.  No traffic ever goes to a pod IP.
+The operator runs with the credentials of its ServiceAccount (a TokenRequest token and
+exactly the RBAC of ``backdial.operator.rbac``), listening on ``OPERATOR_IP``; the Service
+``backdial-operator`` points there, so pods on the process node reach it by name
+(``realpods.py``).  For the tests that need many pods or direct control over an
+acceptor's token and flags (authentication, conditions, peering, scale), ``PodStack`` runs
+a kwok pod's data plane as local processes on 127.0.0.1 instead: an acceptor that
+authenticates with a TokenRequest token bound to *that* pod, a sidecar and the demo.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from tests.helpers import Proc, free_port, get_json, http_get, metric, wait_for
 
 OPERATOR_NS = "backdial-system"
 INJECTED = {"backdial.dev/injected": "true"}
+# The operator runs as a local process on this loopback address (not 127.0.0.1, which the
+# process node rewrites to a pod's own IP); pods reach it through the Service
+# backdial-operator, whose EndpointSlice names this address.
+OPERATOR_IP = "127.0.8.44"
+OPERATOR_HOST = f"backdial-operator.{OPERATOR_NS}.svc"
 
 
 def token_request(
@@ -116,11 +122,11 @@ class Operator:
             "--health-listen",
             self.health,
             "--config-listen",
-            f"127.0.0.1:{self.config_port}",
+            f"{OPERATOR_IP}:{self.config_port}",
             "--namespace",
             OPERATOR_NS,
             "--tls-san",
-            "127.0.0.1",
+            OPERATOR_IP,
             *self.extra,
         ]
         self.proc = Proc(
@@ -219,10 +225,11 @@ class OperatorEnv:
         import base64
 
         self.ca.write_bytes(base64.b64decode(secret["data"]["ca.crt"]))
+        self.cluster.apply(operator_service(self.config_port))
 
     @property
     def operator_url(self) -> str:
-        return f"https://127.0.0.1:{self.config_port}"
+        return f"https://{OPERATOR_IP}:{self.config_port}"
 
     # -- pods ---------------------------------------------------------------------------
 
@@ -337,6 +344,31 @@ class OperatorEnv:
     def close(self) -> None:
         self.stop_stacks()
         self.operator.stop()
+
+
+def operator_service(port: int) -> list[dict[str, Any]]:
+    """Service backdial-operator (port == targetPort: there is no kube-proxy) with an
+    EndpointSlice naming the local operator process."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "backdial-operator", "namespace": OPERATOR_NS},
+            "spec": {"ports": [{"name": "config", "port": port, "targetPort": port}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "backdial-operator-local",
+                "namespace": OPERATOR_NS,
+                "labels": {"kubernetes.io/service-name": "backdial-operator"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [OPERATOR_IP], "conditions": {"ready": True}}],
+            "ports": [{"name": "config", "port": port, "protocol": "TCP"}],
+        },
+    ]
 
 
 def sessionslice(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:

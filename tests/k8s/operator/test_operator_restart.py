@@ -1,21 +1,18 @@
-"""The operator can die: pods keep serving with their last config, and after its restart
-the fleet re-converges and the status is right again."""
+"""The operator can die: pods keep serving with their last config (also across a restart
+of their acceptor), and after its restart the fleet re-converges and the status is right."""
 
 from __future__ import annotations
 
+import os
 import signal
 
+import harness
 import pytest
 
 from tests.helpers import wait_for
-from tests.k8s.operator.opstack import (
-    OperatorEnv,
-    condition,
-    sessionslice,
-    slice_status,
-    wait_generation,
-)
-from tests.stack.test_stack import Load
+from tests.k8s.operator.opstack import OperatorEnv, condition, sessionslice, slice_status
+from tests.k8s.operator.realpods import ACCEPTOR_ADMIN, deployment, ready_pods
+from tests.k8s.operator.test_delivery import Loads, wait_generation
 
 pytestmark = pytest.mark.k8s
 
@@ -28,37 +25,37 @@ def test_killed_operator_leaves_pods_configured_and_reconverges(
     ops: OperatorEnv, k8s_namespace: str
 ) -> None:
     ns = k8s_namespace
-    pods = ops.create_pods(ns, ["web-0", "web-1"], {"app": "web"})
-    stacks = [ops.start_stack(pod, sessions=4) for pod in pods]
+    ops.cluster.apply(deployment(ops, ns, "web", replicas=2, sessions=4))
+    pods = ready_pods(ops.cluster, ns, "web", 2)
     ops.cluster.apply(sessionslice("web", ns, spec(2)))
-    wait_generation(stacks, 1, timeout=5)
-    wait_for(lambda: [s.registered() for s in stacks] == [2, 2], what="2 sessions each")
-    for stack in stacks:
-        stack.wait_serving()
+    wait_generation(pods, 1, timeout=5)
+    wait_for(lambda: [p.registered() for p in pods] == [2, 2], what="2 sessions each")
 
-    with Load(stacks[0].port, "/delay?ms=5", clients=2) as load:
+    # Load on the first pod; the second one's acceptor is killed below (a crash of the
+    # data plane itself is another issue's subject), so it carries no load.
+    with Loads(pods[:1], "/delay?ms=5", clients=2) as loads:
+        loads.progress()
         ops.operator.stop(sig=signal.SIGKILL)
-        wait_for(lambda: not any(s.operator_state()["connected"] for s in stacks))
-        # Without the operator: still serving, still capped, and a restarted acceptor comes
-        # back with the saved config rather than unconfigured.
-        restarted = stacks[1]
-        assert restarted.acceptor is not None
-        restarted.acceptor.stop()
-        restarted.procs.remove(restarted.acceptor)
-        ops.start_acceptor(restarted)
+        wait_for(lambda: not any(p.operator_state()["connected"] for p in pods))
+        # Without the operator the pods serve, capped; an acceptor that restarts (the process
+        # node restarts the container) comes back with its saved config, not unconfigured.
+        restarted = pods[1]
+        (pid,) = harness.processes_matching(f"{restarted.ip}:{ACCEPTOR_ADMIN}")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: restarted.state()["uptime_seconds"] < 30, timeout=30, what="restarted")
         state = restarted.state()
         assert state["limits"]["maxSessions"] == 2
         assert state["operator"]["generation"] == 1 and not state["operator"]["connected"]
-        wait_for(lambda: restarted.registered() == 2, what="services re-registered, capped")
-        before = load.total
-        wait_for(lambda: load.total > before + 50, what="requests served without the operator")
+        wait_for(lambda: restarted.registered() == 2, what="sessions re-registered, capped")
+        loads.progress(50)
         # A change made while the operator is down is picked up after its restart.
         ops.cluster.apply(sessionslice("web", ns, spec(3)))
         ops.operator.start()
-        took = wait_generation(stacks, 2, timeout=10)
+        took = wait_generation(pods, 2, timeout=10)
         print(f"operator restarted (ready) -> fleet on generation 2 in {took:.2f}s")
-        wait_for(lambda: [s.registered() for s in stacks] == [3, 3], what="3 sessions each")
-    assert load.failures() == {}
+        wait_for(lambda: [p.registered() for p in pods] == [3, 3], what="3 sessions each")
+        loads.progress()
+    assert loads.failures() == [{}]
 
     def right() -> bool:
         status = slice_status(ops.cluster, ns, "web")

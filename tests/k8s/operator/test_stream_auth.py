@@ -18,7 +18,7 @@ import pytest
 from backdial import configstream as cs
 from backdial.operator import certs
 from tests.helpers import wait_for
-from tests.k8s.operator.opstack import OperatorEnv, sessionslice, token_request
+from tests.k8s.operator.opstack import OPERATOR_IP, OperatorEnv, sessionslice, token_request
 
 pytestmark = pytest.mark.k8s
 
@@ -29,8 +29,8 @@ def open_stream(
     """Send the upgrade request; the HTTP status and error message of the answer."""
     ctx = ssl.create_default_context(cafile=str(env.ca))
     with (
-        socket.create_connection(("127.0.0.1", port or env.config_port), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        socket.create_connection((OPERATOR_IP, port or env.config_port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=OPERATOR_IP) as sock,
     ):
         if token is None:
             head = cs.encode_request("op", ns, pod, "x").replace(

@@ -1,0 +1,207 @@
+"""Pods that really run on the process node: acceptor, sidecar and demo as containers.
+
+The containers are what the webhook would inject (issue 9), written out by hand so these
+tests depend on the operator alone: the acceptor dials the operator through the Service
+``backdial-operator`` with the pod's projected ServiceAccount token (audience ``backdial``,
+bound to the pod by the process kubelet through the TokenRequest API) and the operator's
+CA from a ConfigMap; the sidecar serves port 8080 and is ready with a session registered;
+the demo registers ``--sessions N``.  Tests dial pod IPs (127.42.0.0/16) only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import harness
+
+from tests.helpers import get_json, http_get
+from tests.k8s.operator.opstack import INJECTED, OPERATOR_HOST, OperatorEnv
+from tests.stack.conftest import metric
+
+IMAGE = f"{harness.DEFAULT_PROJECT_IMAGE}:0.1.0"
+PORT, ACCEPTOR_ADMIN, SIDECAR_ADMIN = 8080, 9901, 9902
+RUN = "/var/run/backdial"
+TOKEN_DIR = "/var/run/secrets/backdial"
+CA_DIR = "/etc/backdial/operator-ca"
+
+
+def ca_configmap(env: OperatorEnv, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "backdial-operator-ca", "namespace": namespace},
+        "data": {"ca.crt": env.ca.read_text()},
+    }
+
+
+def pod_spec(env: OperatorEnv, sessions: int) -> dict[str, Any]:
+    mounts = [{"name": "backdial-run", "mountPath": RUN}]
+    acceptor = {
+        "name": "backdial-acceptor",
+        "image": IMAGE,
+        "args": [
+            "acceptor",
+            "--run-dir",
+            RUN,
+            "--admin",
+            f"0.0.0.0:{ACCEPTOR_ADMIN}",
+            "--operator",
+            f"https://{OPERATOR_HOST}:{env.config_port}",
+            "--operator-ca",
+            f"{CA_DIR}/ca.crt",
+            "--token-file",
+            f"{TOKEN_DIR}/token",
+        ],
+        "volumeMounts": [
+            *mounts,
+            {"name": "backdial-token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "operator-ca", "mountPath": CA_DIR, "readOnly": True},
+        ],
+    }
+    sidecar = {
+        "name": "backdial-sidecar",
+        "image": IMAGE,
+        "args": [
+            "sidecar",
+            "--run-dir",
+            RUN,
+            "--listen",
+            f"0.0.0.0:{PORT}",
+            "--admin",
+            f"0.0.0.0:{SIDECAR_ADMIN}",
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": SIDECAR_ADMIN},
+            "periodSeconds": 1,
+            "failureThreshold": 1,
+        },
+        "volumeMounts": mounts,
+    }
+    app = {
+        "name": "app",
+        "image": IMAGE,
+        "args": [
+            "serve",
+            "backdial.demo:app",
+            "--register",
+            f"unix://{RUN}/register.sock",
+            "--sessions",
+            str(sessions),
+            "--service",
+            "demo",
+        ],
+        "volumeMounts": mounts,
+    }
+    token = {
+        "serviceAccountToken": {"audience": "backdial", "expirationSeconds": 3600, "path": "token"}
+    }
+    return harness.place_on_process_node(
+        {
+            "containers": [acceptor, sidecar, app],
+            "terminationGracePeriodSeconds": 5,
+            "volumes": [
+                {"name": "backdial-run", "emptyDir": {}},
+                {"name": "backdial-token", "projected": {"sources": [token]}},
+                {"name": "operator-ca", "configMap": {"name": "backdial-operator-ca"}},
+            ],
+        }
+    )
+
+
+def deployment(env: OperatorEnv, namespace: str, name: str, replicas: int, sessions: int) -> Any:
+    labels = {"app": name}
+    return [
+        ca_configmap(env, namespace),
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": {**labels, **INJECTED}},
+                    "spec": pod_spec(env, sessions),
+                },
+            },
+        },
+    ]
+
+
+@dataclass(frozen=True)
+class RealPod:
+    name: str
+    ip: str
+
+    def state(self) -> Any:
+        return get_json(f"http://{self.ip}:{ACCEPTOR_ADMIN}/v1/state")
+
+    def operator_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = self.state()["operator"]
+        return state
+
+    def registered(self) -> int:
+        return sum(s["registered"] for s in self.state()["services"].values())
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(
+            http_get(f"http://{self.ip}:{ACCEPTOR_ADMIN}/metrics")[1].decode(), name, **labels
+        )
+
+    @property
+    def port(self) -> int:
+        return PORT
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> int:
+        conn = http.client.HTTPConnection(self.ip, PORT, timeout=30)
+        try:
+            conn.request("GET", path, headers=headers or {})
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        finally:
+            conn.close()
+
+    def demo_stats(self) -> Any:
+        conn = http.client.HTTPConnection(self.ip, PORT, timeout=30)
+        try:
+            conn.request("GET", "/stats")
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def reset_stats(self) -> None:
+        conn = http.client.HTTPConnection(self.ip, PORT, timeout=30)
+        try:
+            conn.request("POST", "/stats/reset")
+            conn.getresponse().read()
+        finally:
+            conn.close()
+
+
+def ready_pods(cluster: harness.Cluster, namespace: str, app: str, count: int) -> list[RealPod]:
+    """The *count* Ready pods of *app* (and no others), sorted by name."""
+
+    def probe() -> list[RealPod] | None:
+        items = cluster.get_json(f"/api/v1/namespaces/{namespace}/pods?labelSelector=app%3D{app}")
+        pods = [p for p in items["items"] if not p["metadata"].get("deletionTimestamp")]
+        ready = [
+            p
+            for p in pods
+            if any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in (p.get("status") or {}).get("conditions") or []
+            )
+        ]
+        if len(ready) != count or len(pods) != count:
+            return None
+        return sorted(
+            (RealPod(p["metadata"]["name"], p["status"]["podIP"]) for p in ready),
+            key=lambda r: r.name,
+        )
+
+    found: list[RealPod] = harness.poll(probe, timeout=90, interval=0.25, what=f"{count} {app}")
+    return found
