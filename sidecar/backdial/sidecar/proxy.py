@@ -376,19 +376,27 @@ class ClientProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self._parsed_upgrade(data[int(exc.args[0]) :])
+            # Handled outside this except block: parsing the rest there would chain its
+            # errors to this one, and they would look like a bug in a callback (found by
+            # tests/sidecar/test_fuzz_http.py: a pipelined request after an h2c upgrade).
+            rest: bytes | None = data[int(exc.args[0]) :]
         except httptools.HttpParserError as exc:
             ctx = exc.__context__
             if ctx is not None and not isinstance(ctx, HttpError):
                 raise ctx from exc  # a bug in a callback: let the loop report it
             self._parse_failed(ctx.status if isinstance(ctx, HttpError) else 400)
+            rest = None
         else:
+            rest = None
             if in_head and self._r is r and r is not None and r.in_head:
                 # A read that neither began nor ended the head is all head: httptools buffers
                 # partial fields itself, so bound them here (complete ones are counted exactly).
                 self._head_bytes += len(data)
                 if self._head_bytes > self.settings.max_header_bytes:
                     self._parse_failed(431)
+        if rest is not None:
+            self._parsed_upgrade(rest)
+            return  # a pipelined rest was parsed (and _next called) by the recursion
         self._next()
 
     def _proxy_header(self, data: bytes) -> bytes:
