@@ -396,7 +396,6 @@ class ClientProtocol(asyncio.Protocol):
                     self._parse_failed(431)
         if rest is not None:
             self._parsed_upgrade(rest)
-            return  # a pipelined rest was parsed (and _next called) by the recursion
         self._next()
 
     def _proxy_header(self, data: bytes) -> bytes:
