@@ -18,7 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,28 @@ class Operator:
             self.proc.stop(timeout=20, sig=sig)
 
 
+class AcceptorView:
+    """Reads a pod's acceptor admin API (``acceptor_admin`` is its HOST:PORT)."""
+
+    acceptor_admin: str
+
+    def state(self) -> Any:
+        return get_json(f"http://{self.acceptor_admin}/v1/state")
+
+    def operator_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = self.state()["operator"]
+        return state
+
+    def registered(self) -> int:
+        return sum(s["registered"] for s in self.state()["services"].values())
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = http_get(f"http://{self.acceptor_admin}/metrics")[1].decode()
+        return metric(text, name, **labels)
+
+
 @dataclass
-class PodStack:
+class PodStack(AcceptorView):
     """The data plane of one kwok pod, as local processes."""
 
     name: str
@@ -176,16 +196,6 @@ class PodStack:
     procs: list[Proc] = field(default_factory=list)
     acceptor: Proc | None = None
 
-    def state(self) -> Any:
-        return get_json(f"http://{self.acceptor_admin}/v1/state")
-
-    def operator_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = self.state()["operator"]
-        return state
-
-    def registered(self) -> int:
-        return sum(s["registered"] for s in self.state()["services"].values())
-
     def wait_serving(self) -> None:
         """The sidecar is ready: it listens and a session is registered."""
         wait_for(
@@ -193,10 +203,6 @@ class PodStack:
             timeout=20,
             what=f"sidecar of {self.name} ready",
         )
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = http_get(f"http://{self.acceptor_admin}/metrics")[1].decode()
-        return metric(text, name, **labels)
 
     def demo_stats(self) -> Any:
         return get_json(f"http://127.0.0.1:{self.port}/stats")
@@ -396,7 +402,7 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     return {}
 
 
-def wait_generation(stacks: list[PodStack], generation: int, timeout: float) -> float:
+def wait_generation(stacks: Sequence[AcceptorView], generation: int, timeout: float) -> float:
     """Seconds until every acceptor applied *generation* (fails after *timeout*)."""
     started = time.monotonic()
     wait_for(

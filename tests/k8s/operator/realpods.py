@@ -17,9 +17,7 @@ from typing import Any
 
 import harness
 
-from tests.helpers import get_json, http_get
-from tests.k8s.operator.opstack import INJECTED, OPERATOR_HOST, OperatorEnv
-from tests.stack.conftest import metric
+from tests.k8s.operator.opstack import INJECTED, OPERATOR_HOST, AcceptorView, OperatorEnv
 
 IMAGE = f"{harness.DEFAULT_PROJECT_IMAGE}:0.1.0"
 PORT, ACCEPTOR_ADMIN, SIDECAR_ADMIN = 8080, 9901, 9902
@@ -132,54 +130,36 @@ def deployment(env: OperatorEnv, namespace: str, name: str, replicas: int, sessi
 
 
 @dataclass(frozen=True)
-class RealPod:
+class RealPod(AcceptorView):
     name: str
     ip: str
 
-    def state(self) -> Any:
-        return get_json(f"http://{self.ip}:{ACCEPTOR_ADMIN}/v1/state")
-
-    def operator_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = self.state()["operator"]
-        return state
-
-    def registered(self) -> int:
-        return sum(s["registered"] for s in self.state()["services"].values())
-
-    def metric(self, name: str, **labels: str) -> float:
-        return metric(
-            http_get(f"http://{self.ip}:{ACCEPTOR_ADMIN}/metrics")[1].decode(), name, **labels
-        )
+    @property
+    def acceptor_admin(self) -> str:  # type: ignore[override]
+        return f"{self.ip}:{ACCEPTOR_ADMIN}"
 
     @property
     def port(self) -> int:
         return PORT
 
-    def get(self, path: str, headers: dict[str, str] | None = None) -> int:
+    def _call(self, method: str, path: str, headers: dict[str, str] | None = None) -> Any:
         conn = http.client.HTTPConnection(self.ip, PORT, timeout=30)
         try:
-            conn.request("GET", path, headers=headers or {})
+            conn.request(method, path, headers=headers or {})
             resp = conn.getresponse()
-            resp.read()
-            return resp.status
+            return resp.status, resp.read()
         finally:
             conn.close()
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> int:
+        status: int = self._call("GET", path, headers)[0]
+        return status
 
     def demo_stats(self) -> Any:
-        conn = http.client.HTTPConnection(self.ip, PORT, timeout=30)
-        try:
-            conn.request("GET", "/stats")
-            return json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
+        return json.loads(self._call("GET", "/stats")[1])
 
     def reset_stats(self) -> None:
-        conn = http.client.HTTPConnection(self.ip, PORT, timeout=30)
-        try:
-            conn.request("POST", "/stats/reset")
-            conn.getresponse().read()
-        finally:
-            conn.close()
+        self._call("POST", "/stats/reset")
 
 
 def ready_pods(cluster: harness.Cluster, namespace: str, app: str, count: int) -> list[RealPod]:

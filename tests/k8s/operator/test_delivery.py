@@ -14,7 +14,13 @@ import harness
 import pytest
 
 from tests.helpers import wait_for
-from tests.k8s.operator.opstack import OperatorEnv, condition, sessionslice, slice_status
+from tests.k8s.operator.opstack import (
+    OperatorEnv,
+    condition,
+    sessionslice,
+    slice_status,
+    wait_generation,
+)
 from tests.k8s.operator.realpods import RealPod, deployment, ready_pods
 from tests.stack.test_stack import Load
 
@@ -37,19 +43,6 @@ def two_slices(per_pod: int = 3, mobile_share: int = 34, **capacity: int) -> dic
             {"name": "default", "share": 100 - mobile_share, "queue": {"timeout": "10s"}},
         ],
     }
-
-
-def wait_generation(pods: list[RealPod], generation: int, timeout: float) -> float:
-    """Seconds until every pod's acceptor applied *generation* (fails after *timeout*)."""
-    import time
-
-    started = time.monotonic()
-    wait_for(
-        lambda: all(p.operator_state()["generation"] >= generation for p in pods),
-        timeout=timeout,
-        what=f"every acceptor on generation {generation}",
-    )
-    return time.monotonic() - started
 
 
 class Loads:

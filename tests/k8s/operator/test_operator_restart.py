@@ -10,9 +10,15 @@ import harness
 import pytest
 
 from tests.helpers import wait_for
-from tests.k8s.operator.opstack import OperatorEnv, condition, sessionslice, slice_status
+from tests.k8s.operator.opstack import (
+    OperatorEnv,
+    condition,
+    sessionslice,
+    slice_status,
+    wait_generation,
+)
 from tests.k8s.operator.realpods import ACCEPTOR_ADMIN, deployment, ready_pods
-from tests.k8s.operator.test_delivery import Loads, wait_generation
+from tests.k8s.operator.test_delivery import Loads
 
 pytestmark = pytest.mark.k8s
 
