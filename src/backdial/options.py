@@ -44,6 +44,7 @@ class Spec:
     help: str
     env: str | None  # without the prefix; None: a flag only
     switch: bool  # a flag without value (store_true)
+    many: bool  # repeatable flag; the variable is comma-separated; the value a tuple
     positional: bool
     hidden: bool  # internal: not in --help nor in the documentation
     metavar: str | None
@@ -61,6 +62,7 @@ def option(
     default: str | None = None,
     env: str | bool | None = True,
     switch: bool = False,
+    many: bool = False,
     metavar: str | None = None,
     hidden: bool = False,
 ) -> Any:
@@ -76,11 +78,11 @@ def option(
         env = None if positional else flag.removeprefix("--").upper().replace("-", "_")
     elif env is False:
         env = None
-    spec = Spec(
-        flag, parse, default, help, env, switch, positional, hidden, metavar
-    )  # fmt: skip
+    spec = Spec(flag, parse, default, help, env, switch, many, positional, hidden, metavar)
     if switch:
         value: Any = parse_switch(default or "")
+    elif many:
+        value = tuple(parse(item) for item in words(default or ""))
     else:
         value = parse(default) if default is not None else None
     if isinstance(value, list | dict | set):
@@ -118,6 +120,9 @@ def parser(
             p.add_argument(dest, metavar=spec.flag, help=help_text)
         elif spec.switch:
             p.add_argument(spec.flag, dest=dest, action="store_const", const="1", help=help_text)
+        elif spec.many:
+            metavar = spec.metavar or spec.flag.removeprefix("--").upper().replace("-", "_")
+            p.add_argument(spec.flag, dest=dest, action="append", metavar=metavar, help=help_text)
         else:
             metavar = spec.metavar or spec.flag.removeprefix("--").upper().replace("-", "_")
             p.add_argument(spec.flag, dest=dest, metavar=metavar, help=help_text)
@@ -127,7 +132,7 @@ def parser(
 def _help(spec: Spec) -> str:
     extra = []
     if spec.variable:
-        extra.append(f"env {spec.variable}")
+        extra.append(f"env {spec.variable}" + (", comma-separated" if spec.many else ""))
     if spec.default not in (None, "") and not spec.switch:
         extra.append(f"default {spec.default}")
     return spec.help + (f" ({'; '.join(extra)})" if extra else "")
@@ -143,9 +148,16 @@ def load(
     environ: Mapping[str, str] | None = None,
 ) -> S:
     """Settings of *cls* from *argv* and the environment; ConfigError names a bad one."""
-    environ = os.environ if environ is None else environ
     ns = parser(cls, prog, description, epilog).parse_args(list(argv))
-    return _build(cls, vars(ns), environ, prefix="")
+    return from_namespace(cls, vars(ns), environ)
+
+
+def from_namespace(
+    cls: type[S], given: dict[str, Any], environ: Mapping[str, str] | None = None
+) -> S:
+    """Settings of *cls* from an argparse namespace made with :func:`parser` (for commands
+    that add subcommands to that parser) and the environment."""
+    return _build(cls, given, os.environ if environ is None else environ, prefix="")
 
 
 def _build(cls: type[S], given: dict[str, Any], environ: Mapping[str, str], prefix: str) -> S:
@@ -174,8 +186,12 @@ def _build(cls: type[S], given: dict[str, Any], environ: Mapping[str, str], pref
     return settings
 
 
-def convert(spec: Spec, raw: str, where: str) -> Any:
+def convert(spec: Spec, raw: str | list[str], where: str) -> Any:
     try:
+        if spec.many:
+            items = raw if isinstance(raw, list) else list(words(raw))
+            return tuple(spec.parse(item) for item in items)
+        assert isinstance(raw, str)
         return parse_switch(raw) if spec.switch else spec.parse(raw)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
@@ -225,9 +241,12 @@ def integer(low: int | None = None, high: int | None = None) -> Parse:
             value = int(raw.strip())
         except ValueError:
             raise ValueError(f"expected an integer, got {raw!r}") from None
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"{low if low is not None else ''}..{high if high is not None else ''}"
-            raise ValueError(f"expected {bounds}, got {value}")
+        if low is not None and high is not None and not low <= value <= high:
+            raise ValueError(f"expected {low}..{high}, got {value}")
+        if low is not None and value < low:
+            raise ValueError(f"expected at least {low}, got {value}")
+        if high is not None and value > high:
+            raise ValueError(f"expected at most {high}, got {value}")
         return value
 
     return parse

@@ -11,11 +11,13 @@ import http.client
 import json
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport
+from backdial.options import from_namespace, hostport, option, optional_path, parser, path
+from backdial.runtime import ConfigError, fail
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -35,7 +37,7 @@ def _call(admin: str, method: str, path: str, body: Any = None, token: str = "")
     if admin.startswith("unix:"):
         conn = _UnixConnection(admin[5:], 10)
     else:
-        host, port = parse_hostport(admin, "--admin")
+        host, port = hostport(admin)
         conn = http.client.HTTPConnection(host, port, timeout=10)
     headers = {"Content-Type": "application/json"}
     if token:
@@ -53,25 +55,43 @@ def _call(admin: str, method: str, path: str, body: Any = None, token: str = "")
         return resp.status, {"error": raw.decode("utf-8", "replace").strip()}
 
 
-def main(argv: list[str]) -> int:
-    p = ArgParser(
-        prog="backdial route", description="Add, delete or list routes on a running acceptor."
-    )
-    p.add_argument(
+def admin_target(raw: str) -> str:
+    """``HOST:PORT`` or ``unix:PATH`` (empty: the run directory's admin.sock)."""
+    if raw and not raw.startswith("unix:"):
+        hostport(raw)
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    run_dir: Path = option(
         "--run-dir",
-        default=env("RUN_DIR", "/var/run/backdial"),
-        help="the acceptor's run directory; its admin.sock is used unless --admin is given "
-        "(env BACKDIAL_RUN_DIR; default /var/run/backdial)",
+        parse=path,
+        default="/var/run/backdial",
+        help="the acceptor's run directory; its admin.sock is used unless --admin is given",
     )
-    p.add_argument(
+    admin: str = option(
         "--admin",
-        help="acceptor admin HOST:PORT or unix:PATH (default unix:<run-dir>/admin.sock); "
-        "over TCP, add and del need --token-file",
+        parse=admin_target,
+        default="",
+        env="ROUTE_ADMIN",
+        help="acceptor admin HOST:PORT or unix:PATH (empty: unix:<run-dir>/admin.sock); over "
+        "TCP, add and del need --token-file",
     )
-    p.add_argument(
+    token_file: Path | None = option(
         "--token-file",
-        default=env("ADMIN_TOKEN_FILE"),
-        help="file holding the acceptor's admin bearer token (env BACKDIAL_ADMIN_TOKEN_FILE)",
+        parse=optional_path,
+        env="ADMIN_TOKEN_FILE",
+        help="file holding the acceptor's admin bearer token",
+    )
+
+
+def main(argv: list[str]) -> int:
+    p = parser(
+        RouteSettings,
+        prog="backdial route",
+        description="Add, delete or list routes on a running acceptor. Every option may also "
+        "be given as the BACKDIAL_* variable named in its help; a flag wins.",
     )
     sub = p.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="add or replace a route")
@@ -84,10 +104,9 @@ def main(argv: list[str]) -> int:
     sub.add_parser("list", help="list routes")
     try:
         ns = p.parse_args(argv)
-        admin = ns.admin or f"unix:{Path(ns.run_dir) / 'admin.sock'}"
-        if not admin.startswith("unix:"):
-            parse_hostport(admin, "--admin")
-        token = Path(ns.token_file).read_text().strip() if ns.token_file else ""
+        cfg = from_namespace(RouteSettings, vars(ns))
+        admin = cfg.admin or f"unix:{cfg.run_dir / 'admin.sock'}"
+        token = cfg.token_file.read_text().strip() if cfg.token_file else ""
     except ConfigError as exc:
         return fail(str(exc))
     except OSError as exc:

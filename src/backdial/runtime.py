@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 
 import uvloop
 
+log = logging.getLogger("backdial")
+
 
 class ConfigError(Exception):
     """Bad settings: the message is printed as one line and the process exits 1."""
@@ -64,8 +66,13 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:
     async def wrapper() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(name: str) -> None:
+            log.info("%s: %s", name, "already stopping" if stop.is_set() else "stopping")
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig.name)
         return await main(stop)
 
     raise_nofile()

@@ -8,7 +8,6 @@ acceptor.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -17,9 +16,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-from backdial.runtime import ArgParser, ConfigError, env, fail
+from backdial.options import integer, load, option, optional_path
+from backdial.runtime import ConfigError, fail
+from backdial.sdk.config import app_spec
 
 
 def _cmd(*args: str) -> list[str]:
@@ -41,54 +43,60 @@ def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -
     return False
 
 
-def parser() -> argparse.ArgumentParser:
-    p = ArgParser(
-        prog="backdial up",
-        description="Run acceptor, sidecar and the demo service locally; Ctrl-C stops them.",
+@dataclass(frozen=True, slots=True)
+class UpSettings:
+    port: int = option(
+        "--port", parse=integer(1, 65534), default="8080", help="client port of the sidecar"
     )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=env("PORT", "8080"),
-        help="client port of the sidecar (default 8080)",
-    )
-    p.add_argument(
+    admin_port: int = option(
         "--admin-port",
-        type=int,
-        default=env("ADMIN_PORT", "9901"),
-        help="acceptor admin port; the sidecar's admin is the next port (default 9901)",
+        parse=integer(1, 65534),
+        default="9901",
+        help="acceptor admin port; the sidecar's admin is the next port",
     )
-    p.add_argument(
+    sessions: int = option(
         "--sessions",
-        type=int,
-        default=env("SESSIONS", "16"),
-        help="sessions the demo service registers (default 16)",
+        parse=integer(1, 10_000),
+        default="16",
+        help="sessions the demo service registers",
     )
-    p.add_argument("--workers", type=int, default=1, help="sidecar worker processes (default 1)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--config", help="acceptor config file (slices, routes, limits)")
-    p.add_argument("--run-dir", help="run directory (default: a new temporary directory)")
-    p.add_argument("--app", default="backdial.demo:app", help="ASGI app to serve (default demo)")
-    return p
+    workers: int = option(
+        "--workers", parse=integer(1, 64), default="1", help="sidecar worker processes"
+    )
+    host: str = option("--host", default="127.0.0.1", help="address to listen on")
+    config: Path | None = option(
+        "--config", parse=optional_path, help="acceptor config file (slices, routes, limits)"
+    )
+    run_dir: Path | None = option(
+        "--run-dir",
+        parse=optional_path,
+        env="UP_RUN_DIR",
+        help="run directory (default: a new temporary directory)",
+    )
+    app: str = option(
+        "--app", parse=app_spec, default="backdial.demo:app", help="ASGI app to serve"
+    )
 
 
 def main(argv: list[str]) -> int:
     try:
-        ns = parser().parse_args(argv)
+        ns = load(
+            UpSettings,
+            argv,
+            prog="backdial up",
+            description="Run acceptor, sidecar and the demo service locally; Ctrl-C stops "
+            "them. Every option may also be given as the BACKDIAL_* variable named in its "
+            "help; a flag wins.",
+        )
     except ConfigError as exc:
         return fail(str(exc))
-    if ns.sessions < 1:
-        return fail("--sessions must be at least 1")
-    for name, port in (("--port", ns.port), ("--admin-port", ns.admin_port)):
-        if not 1 <= port <= 65534:
-            return fail(f"{name} must be a port number")
     run_dir = Path(ns.run_dir or tempfile.mkdtemp(prefix="backdial-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     acceptor_admin = f"{ns.host}:{ns.admin_port}"
     sidecar_admin = f"{ns.host}:{ns.admin_port + 1}"
     acceptor = _cmd("acceptor", "--run-dir", str(run_dir), "--admin", acceptor_admin)
     if ns.config:
-        acceptor += ["--config", ns.config]
+        acceptor += ["--config", str(ns.config)]
     sidecar = _cmd(
         "sidecar",
         "--run-dir",

@@ -11,8 +11,11 @@ import pytest
 from backdial import options
 from backdial.acceptor.config import AcceptorSettings
 from backdial.options import group, integer, load, option, seconds, size
+from backdial.routecli import RouteSettings
 from backdial.runtime import ConfigError
+from backdial.sdk.config import BridgeSettings, ServeSettings
 from backdial.sidecar.config import ProxySettings, SidecarSettings
+from backdial.up import UpSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMANDS: dict[str, type[object]] = {
     "backdial acceptor": AcceptorSettings,
     "backdial sidecar": SidecarSettings,
+    "backdial serve": ServeSettings,
+    "backdial bridge": BridgeSettings,
+    "backdial up": UpSettings,
+    "backdial route": RouteSettings,
 }
 
 
@@ -38,6 +45,7 @@ class _Demo:
     wait: float = option("--wait", parse=seconds, default="1.5", env="DEMO_WAIT", help="pause")
     loud: bool = option("--loud", switch=True, help="shout")
     secret: str = option("--secret", default="", env=False, help="no variable")
+    names: tuple[str, ...] = option("--name", many=True, env="NAMES", help="repeatable")
     inner: _Inner = group(_Inner)
 
 
@@ -46,13 +54,15 @@ def _load(argv: list[str], env: dict[str, str] | None = None) -> _Demo:
 
 
 def test_defaults_are_the_same_for_code_and_for_users() -> None:
-    assert _Demo() == _load([]) == _Demo(2, 1.5, False, "", _Inner(1024))
+    assert _Demo() == _load([]) == _Demo(2, 1.5, False, "", (), _Inner(1024))
 
 
 def test_flag_wins_over_variable_wins_over_default() -> None:
     env = {"BACKDIAL_COUNT": "5", "BACKDIAL_DEMO_WAIT": "250ms", "BACKDIAL_LIMIT": "2k"}
-    assert _load([], env) == _Demo(5, 0.25, False, "", _Inner(2048))
-    assert _load(["--count", "7", "--limit", "3"], env) == _Demo(7, 0.25, False, "", _Inner(3))
+    assert _load([], env) == _Demo(5, 0.25, False, "", (), _Inner(2048))
+    assert _load(["--count", "7", "--limit", "3"], env) == _Demo(7, 0.25, False, "", (), _Inner(3))
+    assert _load(["--name", "a", "--name", "b"], {"BACKDIAL_NAMES": "x,y"}).names == ("a", "b")
+    assert _load([], {"BACKDIAL_NAMES": "x, y,"}).names == ("x", "y")
     assert _load([], {"BACKDIAL_LOUD": "yes"}).loud and _load(["--loud"]).loud
     assert _load([], {"BACKDIAL_SECRET": "x"}).secret == ""  # this one has no variable
 
@@ -62,6 +72,7 @@ def test_flag_wins_over_variable_wins_over_default() -> None:
     [
         (["--count", "x"], {}, "--count: expected an integer, got 'x'"),
         (["--count", "10"], {}, "--count: expected 1..9, got 10"),
+        (["--limit", "-1"], {}, "--limit: invalid size '-1'"),
         ([], {"BACKDIAL_COUNT": "0"}, "BACKDIAL_COUNT: expected 1..9, got 0"),
         ([], {"BACKDIAL_DEMO_WAIT": "soon"}, "BACKDIAL_DEMO_WAIT: invalid duration 'soon'"),
         ([], {"BACKDIAL_LOUD": "maybe"}, "BACKDIAL_LOUD: expected 1/true/yes/on"),

@@ -1,32 +1,137 @@
-"""Command-line and environment settings for ``backdial serve`` and ``bridge``.
+"""``backdial serve`` and ``backdial bridge`` settings: every one a flag and a variable.
 
-Everything is validated once, up front, into one frozen ``Settings``; a bad
-value is reported as one clear line instead of surfacing later as a dial
-failure.  Flags win over the environment (``BACKDIAL_REGISTER``,
-``BACKDIAL_SESSIONS``, ``BACKDIAL_SERVICE``, ``BACKDIAL_TOKEN``,
-``BACKDIAL_INSTANCE``, ``BACKDIAL_SLICE``).
+Declared with ``backdial.options`` (the same machinery as the acceptor and the
+sidecar): ``--help`` and ``docs/configuration.md`` list every setting with its
+``BACKDIAL_*`` variable and default, and a bad value is one line and exit 1
+instead of surfacing later as a dial failure.  ``parse_settings`` returns the
+flat ``Settings`` the rest of the SDK uses.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
 
 from backdial import wire
+from backdial.options import (
+    choice,
+    group,
+    integer,
+    load,
+    option,
+    optional_hostport,
+    optional_text,
+    seconds,
+)
+from backdial.runtime import ConfigError
 
 from .registration import RegisterAddress, default_instance, sanitize_name
 
 MAX_SESSIONS = 10_000
 
+_EPILOG = (
+    "signals (sessions mode): SIGUSR1 adds a session, SIGUSR2 removes one, "
+    "SIGTERM/SIGINT drain gracefully (exit 0). Exit 1 on invalid settings, "
+    "a failed lifespan startup or a fatal registration refusal (e.g. auth). "
+    "Every option may also be given as the BACKDIAL_* variable named in its help; "
+    "a flag wins over the variable."
+)
 
-class ConfigError(ValueError):
-    """A setting is invalid; the message is meant for the user as is."""
+
+def app_spec(raw: str) -> str:
+    if ":" not in raw or raw.startswith(":") or raw.endswith(":"):
+        raise ValueError(f"expected MODULE:APP, e.g. backdial.demo:app, got {raw!r}")
+    return raw
+
+
+def register_address(raw: str) -> RegisterAddress | None:
+    return RegisterAddress.parse(raw) if raw.strip() else None
+
+
+@dataclass(frozen=True, slots=True)
+class DialSettings:
+    """How a service registers its sessions (shared by ``serve`` and ``bridge``)."""
+
+    register: RegisterAddress | None = option(
+        "--register",
+        parse=register_address,
+        metavar="URL",
+        help="acceptor register URL: unix:///path/register.sock or tcp://127.0.0.1:PORT",
+    )
+    sessions: int = option(
+        "--sessions",
+        parse=integer(0, MAX_SESSIONS),
+        default="1",
+        metavar="N",
+        help="sessions to keep registered = declared capacity",
+    )
+    service: str | None = option(
+        "--service",
+        parse=optional_text,
+        help="service name (default: the app's module name, or 'default')",
+    )
+    instance: str | None = option(
+        "--instance", parse=optional_text, help="instance id (default <hostname>-<pid>)"
+    )
+    slice: str | None = option(
+        "--slice", parse=optional_text, help="slice hint sent with the registration"
+    )
+    token: str | None = option(
+        "--token",
+        parse=optional_text,
+        help="registration token (prefer the variable: flags are visible in the process list)",
+    )
+    drain_timeout: float = option(
+        "--drain-timeout",
+        parse=seconds,
+        default="30",
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long in-flight requests may take",
+    )
+    admin: tuple[str, int] | None = option(
+        "--admin",
+        parse=optional_hostport,
+        env="SESSIONS_ADMIN",
+        metavar="HOST:PORT",
+        help="admin endpoint: GET/PUT /v1/sessions (sessions mode only)",
+    )
+    log_level: str = option(
+        "--log-level",
+        parse=choice("debug", "info", "warning", "error"),
+        default="info",
+        help="debug, info, warning or error",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    app: str = option("MODULE:APP", parse=app_spec, help="the app, e.g. backdial.demo:app")
+    listen: tuple[str, int] | None = option(
+        "--listen",
+        parse=optional_hostport,
+        env="SERVE_LISTEN",
+        metavar="HOST:PORT",
+        help="serve on a listening socket instead of dialing sessions",
+    )
+    dial: DialSettings = group(DialSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSettings:
+    target: str = option(
+        "--target",
+        default="",
+        env="BRIDGE_TARGET",
+        metavar="URL",
+        help="the app, e.g. http://127.0.0.1:8000 (required)",
+    )
+    dial: DialSettings = group(DialSettings)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """What a ``serve`` or ``bridge`` process runs with, validated and defaults resolved."""
+
     command: str  # "serve" or "bridge"
     app: str | None  # MODULE:APP (serve)
     target: str | None  # http://HOST:PORT (bridge)
@@ -42,134 +147,56 @@ class Settings:
     log_level: str
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
-
-
-def build_parser(command: str) -> argparse.ArgumentParser:
+def parse_settings(command: str, argv: Sequence[str], env: Mapping[str, str]) -> Settings:
+    """Parse and validate; raises ConfigError (or SystemExit for --help)."""
+    app: str | None = None
+    target: str | None = None
+    listen: tuple[str, int] | None = None
     if command == "serve":
-        parser = _Parser(
+        serve = load(
+            ServeSettings,
+            argv,
             prog="backdial serve",
             description="Run an ASGI app (or raw handler) over sessions dialed to a backdial "
             "acceptor (--register), or on a conventional listening socket (--listen).",
+            epilog=_EPILOG,
+            environ=env,
         )
-        parser.add_argument("app", metavar="MODULE:APP", help="the app, e.g. backdial.demo:app")
-    else:
-        parser = _Parser(
+        app, listen, dial = serve.app, serve.listen, serve.dial
+    elif command == "bridge":
+        bridge = load(
+            BridgeSettings,
+            argv,
             prog="backdial bridge",
             description="Register sessions and relay their requests to an unmodified "
             "HTTP/1.1 app over kept-alive connections (one per session).",
+            epilog=_EPILOG,
+            environ=env,
         )
-        parser.add_argument(
-            "--target", required=True, metavar="URL", help="the app, e.g. http://127.0.0.1:8000"
-        )
-    parser.epilog = (
-        "signals (sessions mode): SIGUSR1 adds a session, SIGUSR2 removes one, "
-        "SIGTERM/SIGINT drain gracefully (exit 0). Exit 1 on invalid settings, "
-        "a failed lifespan startup or a fatal registration refusal (e.g. auth)."
-    )
-    parser.add_argument(
-        "--register",
-        metavar="URL",
-        help="acceptor register URL: unix:///path/register.sock or tcp://127.0.0.1:PORT "
-        "(env BACKDIAL_REGISTER)",
-    )
-    if command == "serve":
-        parser.add_argument(
-            "--listen",
-            metavar="HOST:PORT",
-            help="serve on a listening socket instead of dialing sessions",
-        )
-    parser.add_argument(
-        "--sessions",
-        metavar="N",
-        help="sessions to keep registered = declared capacity (env BACKDIAL_SESSIONS; default 1)",
-    )
-    parser.add_argument(
-        "--service",
-        help="service name (env BACKDIAL_SERVICE; default: the app's module name, or 'default')",
-    )
-    parser.add_argument(
-        "--instance", help="instance id (env BACKDIAL_INSTANCE; default <hostname>-<pid>)"
-    )
-    parser.add_argument("--slice", help="slice to register into (env BACKDIAL_SLICE)")
-    parser.add_argument(
-        "--token", help="registration token (env BACKDIAL_TOKEN; prefer the env var)"
-    )
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="on SIGTERM/SIGINT, how long in-flight requests may take (default 30)",
-    )
-    parser.add_argument(
-        "--admin",
-        metavar="HOST:PORT",
-        help="admin endpoint: GET/PUT /v1/sessions (sessions mode only)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="default info",
-    )
-    return parser
-
-
-def parse_hostport(value: str, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what} {value!r}: expected HOST:PORT")
-    return host, int(port)
-
-
-def parse_settings(command: str, argv: Sequence[str], env: Mapping[str, str]) -> Settings:
-    """Parse and validate; raises ConfigError (or SystemExit for --help)."""
-    if command not in ("serve", "bridge"):
+        if not bridge.target:
+            raise ConfigError("--target is required (or BACKDIAL_BRIDGE_TARGET)")
+        target, dial = bridge.target, bridge.dial
+    else:
         raise ConfigError(f"unknown command {command!r}")
-    args = build_parser(command).parse_args(list(argv))
-    listen_arg: str | None = getattr(args, "listen", None)
-    register_url = args.register or (None if listen_arg else env.get("BACKDIAL_REGISTER"))
-    if listen_arg and args.register:
-        raise ConfigError("--listen and --register are mutually exclusive")
-    if not listen_arg and not register_url:
+    register = dial.register
+    if listen is not None:
+        if "--register" in argv or any(a.startswith("--register=") for a in argv):
+            raise ConfigError("--listen and --register are mutually exclusive")
+        register = None  # a BACKDIAL_REGISTER in the environment is for sessions mode
+    elif register is None:
         need = "--register URL (or BACKDIAL_REGISTER)"
         raise ConfigError(f"need {need}" + (" or --listen HOST:PORT" if command == "serve" else ""))
-    try:
-        register = RegisterAddress.parse(register_url) if register_url else None
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    listen = parse_hostport(listen_arg, "--listen") if listen_arg else None
-
-    raw_sessions = args.sessions if args.sessions is not None else env.get("BACKDIAL_SESSIONS")
-    try:
-        sessions = int(raw_sessions) if raw_sessions not in (None, "") else 1
-    except ValueError:
-        raise ConfigError(f"sessions {raw_sessions!r}: expected an integer") from None
-    if not 0 <= sessions <= MAX_SESSIONS:
-        raise ConfigError(f"sessions {sessions}: expected 0..{MAX_SESSIONS}")
-
-    app: str | None = getattr(args, "app", None)
-    target: str | None = getattr(args, "target", None)
-    if app is not None and (":" not in app or app.startswith(":") or app.endswith(":")):
-        raise ConfigError(f"app {app!r}: expected MODULE:APP, e.g. backdial.demo:app")
     default_service = sanitize_name(app.partition(":")[0]) if app else "default"
-    service = args.service or env.get("BACKDIAL_SERVICE") or default_service
-    instance = args.instance or env.get("BACKDIAL_INSTANCE") or default_instance()
-    slice_ = args.slice or env.get("BACKDIAL_SLICE") or None
-    token = args.token or env.get("BACKDIAL_TOKEN") or None
+    service = dial.service or default_service
+    instance = dial.instance or default_instance()
     try:
-        wire.Preamble(service, instance, slice_, token).encode()
+        wire.Preamble(service, instance, dial.slice, dial.token).encode()
     except ValueError as exc:
-        raise ConfigError(str(exc).replace(repr(token), "<token>") if token else str(exc)) from None
-
-    if args.drain_timeout < 0:
-        raise ConfigError("--drain-timeout must be >= 0")
-    admin = parse_hostport(args.admin, "--admin") if args.admin else None
-    if admin is not None and register is None:
+        text = str(exc)
+        raise ConfigError(
+            text.replace(repr(dial.token), "<token>") if dial.token else text
+        ) from None
+    if dial.admin is not None and register is None:
         raise ConfigError("--admin needs sessions mode (--register)")
     return Settings(
         command=command,
@@ -177,12 +204,12 @@ def parse_settings(command: str, argv: Sequence[str], env: Mapping[str, str]) ->
         target=target,
         register=register,
         listen=listen,
-        sessions=sessions,
+        sessions=dial.sessions,
         service=service,
         instance=instance,
-        slice=slice_,
-        token=token,
-        drain_timeout=args.drain_timeout,
-        admin=admin,
-        log_level=args.log_level,
+        slice=dial.slice,
+        token=dial.token,
+        drain_timeout=dial.drain_timeout,
+        admin=dial.admin,
+        log_level=dial.log_level,
     )

@@ -20,11 +20,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import uvloop
+from backdial.runtime import ConfigError, run
 
 from .admin import admin_app
 from .bridge import Bridge
-from .config import ConfigError, Settings, parse_settings
+from .config import Settings, parse_settings
 from .lifespan import LifespanError
 from .listen import ListenServer
 from .registration import RegistrationRejected
@@ -77,14 +77,14 @@ def _run(command: str, argv: Sequence[str]) -> int:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
     except ConfigError as exc:
-        print(f"backdial {command}: error: {exc}", file=sys.stderr)
+        message = str(exc).removeprefix(f"backdial {command}: ")  # argparse names the command
+        print(f"backdial {command}: error: {message}", file=sys.stderr)
         return 1
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        if settings.listen is not None:
-            return runner.run(_run_listen(settings, app))
-        return runner.run(_run_sessions(settings, app))
+    if settings.listen is not None:
+        return run(lambda stop: _run_listen(settings, app, stop))
+    return run(lambda stop: _run_sessions(settings, app, stop))
 
 
 def serve_main(argv: Sequence[str]) -> int:
@@ -97,22 +97,7 @@ def bridge_main(argv: Sequence[str]) -> int:
     return _run("bridge", argv)
 
 
-def _stop_event(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
-    stop = asyncio.Event()
-
-    def on_stop(signame: str) -> None:
-        if stop.is_set():
-            log.info("%s: already draining", signame)
-        else:
-            log.info("%s: draining", signame)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop, sig.name)
-    return stop
-
-
-async def _run_sessions(settings: Settings, app: Any) -> int:
+async def _run_sessions(settings: Settings, app: Any, stop: asyncio.Event) -> int:
     loop = asyncio.get_running_loop()
     assert settings.register is not None
     service = Service(
@@ -124,7 +109,6 @@ async def _run_sessions(settings: Settings, app: Any) -> int:
         slice=settings.slice,
         token=settings.token,
     )
-    stop = _stop_event(loop)
 
     def adjust(delta: int) -> None:
         service.set_target(max(0, service.target + delta))
@@ -173,11 +157,9 @@ async def _run_sessions(settings: Settings, app: Any) -> int:
     return code
 
 
-async def _run_listen(settings: Settings, app: Any) -> int:
-    loop = asyncio.get_running_loop()
+async def _run_listen(settings: Settings, app: Any, stop: asyncio.Event) -> int:
     assert settings.listen is not None
     server = ListenServer(app, *settings.listen)
-    stop = _stop_event(loop)
     try:
         await server.start()
     except LifespanError as exc:
