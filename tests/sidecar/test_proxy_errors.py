@@ -166,3 +166,30 @@ def test_client_gone_mid_stream_breaks_session(
     assert proxy.wait_for(lambda: len(proxy.pool.busy) == 1)
     c.close()
     assert proxy.wait_for(lambda: proxy.pool.states() == ["broken"])
+
+
+def test_max_waiting_bounds_the_slice_across_services(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    """queue.maxWaiting is per slice: a second service's request does not get a queue of
+    its own (docs/configuration.md)."""
+    proxy = make_proxy(
+        policy={"routes": [{"name": "b", "service": "b", "host": "b.example"}]},
+        pool={"services": ["a", "b"], "sessions": 1, "max_waiting": 1, "queue_timeout": 5},
+    )
+    proxy.backend.gate.clear()
+    holders = []
+    for n, host in enumerate((b"a.example", b"b.example"), 1):  # both services' sessions busy
+        c = raw_client(proxy.port)
+        c.send(b"GET /wait HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        holders.append(c)
+        assert proxy.wait_for(lambda n=n: len(proxy.pool.busy) == n)
+    waiting = raw_client(proxy.port)
+    waiting.send(b"GET /next HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert proxy.wait_for(lambda: proxy.pool.waiting == 1)  # the slice's one place
+    other = raw_client(proxy.port)
+    other.send(b"GET /next HTTP/1.1\r\nHost: b.example\r\n\r\n")
+    assert other.read_response().status == 503  # service b: the same slice, full
+    proxy.backend.gate.set()
+    assert [c.read_response().status for c in (*holders, waiting)] == [200, 200, 200]
+    assert proxy.stats.unavailable["queue_full"] == 1

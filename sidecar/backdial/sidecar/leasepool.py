@@ -215,6 +215,9 @@ class LeasePool:
     def waiting(self) -> int:
         return sum(len(q) for q in self.waiters.values())
 
+    def _waiting_in(self, slice_name: str) -> int:
+        return sum(len(q) for (_, name), q in self.waiters.items() if name == slice_name)
+
     def _split_queues(self) -> None:
         """Per slice: its spec and this worker's exact share of ``maxWaiting``, computed
         once per CONFIG rather than per waiting request."""
@@ -237,7 +240,10 @@ class LeasePool:
             stats.rejected[Rejection.DRAINING] += 1
             raise Draining(retry_after)
         queue = self.waiters[key]
-        if entry is None or len(queue) >= entry[1]:
+        # maxWaiting bounds the slice, whatever service its requests are for: memory stays
+        # bounded by the policy, not by how many services register (docs/configuration.md).
+        # Only requests that must wait get here, so the sum over a few keys is cheap.
+        if entry is None or self._waiting_in(slice_name) >= entry[1]:
             stats.rejected[Rejection.QUEUE_FULL] += 1
             raise QueueFull(retry_after)
         now = time.monotonic()
