@@ -137,3 +137,35 @@ def test_head_too_large_is_431(make_proxy: Callable[..., ProxyRunner], raw_clien
     c.send(b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
     assert c.read_response().status == 431
     assert proxy.backend.raw_bytes == b""
+
+
+@pytest.mark.parametrize("split", [None, 5], ids=["one-read", "size-split"])
+def test_oversized_chunk_is_refused_up_front(
+    proxy: ProxyRunner, raw_client: Raw, split: int | None
+) -> None:
+    """Issue 12: a chunk size of 7FFFFFFFFFFFFFFF was accepted and read up to the body limit."""
+    c = raw_client(proxy.port)
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    line = b"7FFFFFFFFFFFFFFF\r\n"
+    if split is None:
+        c.send(head + line + b"only a few bytes")
+    else:
+        c.send(head + line[:split])
+        c.send(line[split:] + b"x")
+    r = c.read_response()
+    assert r.status == 413 and r.header("connection") == "close"
+    assert c.closed()
+    assert proxy.backend.raw_bytes == b"" and proxy.pool.acquires == []
+    assert proxy.stats.chunk_refusals == 1
+
+
+def test_chunked_request_pipelined_after_a_sized_one(proxy: ProxyRunner, raw_client: Raw) -> None:
+    """The framing is followed across requests in one read: the second is judged too."""
+    c = raw_client(proxy.port)
+    c.send(
+        b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcd"
+        b"POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n7FFFFFFFFFFFFFFF\r\n"
+    )
+    assert c.read_response().status == 200
+    assert c.read_response().status == 413
+    assert proxy.stats.chunk_refusals == 1

@@ -40,6 +40,7 @@ import httptools
 from backdial import http1
 from backdial.control import Rejection, ReleaseState
 from backdial.http1 import BodyMode, ConnMode, body_mode, canned
+from backdial.sidecar.chunkscan import ChunkScan
 from backdial.sidecar.classify import Classifier, IPAddress, classifier_for, parse_ip
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.connstate import Deadline, PauseReason
@@ -142,6 +143,8 @@ class ClientProtocol(asyncio.Protocol):
         self._fwd = b""
         self._xff = b""
         self._proxy_buf: bytearray | None = None
+        self._tail = b""  # the last bytes of a read that ended inside a head
+        self._scan: ChunkScan | None = None  # the framing of a chunked body being received
         self._cls: Classifier | None = None
         self._out: list[bytes] = []  # response bytes of the current session read
         # Response bytes the client transport could not take (beyond response_buffer), in
@@ -371,6 +374,61 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self._kind == _T_IDLE:
             self._set_deadline(_T_REQUEST, self.settings.request_timeout)
+        rest = self._parse_framed(data)
+        if rest and not self._closed:
+            self.data_received(rest)  # parsing stopped (upgrade, error): tunnel or dropped bytes
+        self._next()
+
+    def _parse_framed(self, data: bytes) -> bytes:
+        """Feed *data* to the parser, split where a head or a known body ends, so that the
+        chunk sizes of a chunked body are judged as they arrive (``chunkscan.py``).
+
+        Returns the bytes left unparsed because parsing stopped (an upgrade, an error).
+        A split costs nothing on the common path: a read that ends with its head is fed
+        whole.
+        """
+        while data:
+            if self._dead or self._tunnel or self._closed:
+                return data
+            r = self._r
+            scan = self._scan
+            if scan is not None and (not scan.judging or r is None or r.in_head):
+                scan = self._scan = None  # the body ended, or its framing is llhttp's to refuse
+            if scan is not None:
+                end = scan.feed(data)
+                if end == ChunkScan.TOO_LARGE:
+                    self._scan = None
+                    self.stats.chunk_refusals += 1
+                    self._parse_failed(413)  # a declared size beyond the body limit
+                    return b""
+                self._parse(data[:end])
+                data = data[end:]
+                continue
+            if r is not None and not r.in_head:  # a body: Content-Length ends it exactly
+                left = r.length - r.body_len if r.length >= 0 and not r.chunked else -1
+                if 0 < left < len(data):
+                    self._parse(data[:left])
+                    data = data[left:]
+                    continue
+                self._parse(data)
+                return b""
+            buf = self._tail + data if self._tail else data
+            pos = buf.find(b"\r\n\r\n")
+            if pos < 0:
+                self._tail = buf[-3:]  # a head's end may straddle two reads
+                self._parse(data)
+                return b""
+            cut = pos + 4 - len(self._tail)
+            self._tail = b""
+            self._parse(data[:cut])
+            data = data[cut:]
+            r = self._r
+            if r is not None and r.chunked and not r.in_head and not r.complete:
+                self._scan = ChunkScan(self.settings.max_request_body_stream)
+        return b""
+
+    def _parse(self, data: bytes) -> None:
+        """One ``feed_data``: httptools errors become answers, an upgrade hands its rest on."""
         r = self._r
         in_head = r is not None and r.in_head
         try:
@@ -396,7 +454,6 @@ class ClientProtocol(asyncio.Protocol):
                     self._parse_failed(431)
         if rest is not None:
             self._parsed_upgrade(rest)
-        self._next()
 
     def _proxy_header(self, data: bytes) -> bytes:
         buf = self._proxy_buf

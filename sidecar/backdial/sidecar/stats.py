@@ -38,6 +38,7 @@ class ProxyStats:
         self.request_disk = Budget(0)
         self.request_buffer_refusals = 0  # 503s: no budget left for a body
         self.slow_bodies = 0  # 408s: a body below body_min_rate
+        self.chunk_refusals = 0  # 413s: a chunk declared beyond the body limit
         self.upstream_failed = 0  # session failed before any response byte
         self.upstream_broken_mid_response = 0
         self.upstream_timeouts = 0  # 504s and stalled responses
@@ -100,6 +101,11 @@ class ProxyStats:
             ("client_aborts_total", "Clients gone mid-request.", self.client_aborts),
             ("proxy_header_errors_total", "Bad PROXY headers.", self.proxy_header_errors),
             ("slow_bodies_total", "Bodies cut (408) below the minimum rate.", self.slow_bodies),
+            (
+                "oversized_chunks_total",
+                "Chunked bodies refused (413) at a size line declaring more than the limit.",
+                self.chunk_refusals,
+            ),
             (
                 "request_buffer_refusals_total",
                 "Requests answered 503 because no memory or spool budget was left for the body.",
