@@ -229,9 +229,13 @@ def _request(draw: Any) -> bytes:
 @st.composite
 def _stream(draw: Any) -> list[bytes]:
     data = b"".join(draw(st.lists(_request(), min_size=1, max_size=3)))
-    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=4)))
+    return _split(data, draw(st.lists(st.integers(0, len(data)), max_size=4)))
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """*data* as reads cut at *cuts*."""
     pieces, last = [], 0
-    for cut in [*cuts, len(data)]:
+    for cut in [*sorted(cuts), len(data)]:
         if cut > last:
             pieces.append(data[last:cut])
             last = cut
@@ -351,13 +355,7 @@ def _valid_chunked(draw: Any) -> tuple[list[bytes], bytes]:
         + body
         + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
     )
-    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
-    pieces, last = [], 0
-    for cut in [*cuts, len(data)]:
-        if cut > last:
-            pieces.append(data[last:cut])
-            last = cut
-    return pieces, b"".join(parts)
+    return _split(data, draw(st.lists(st.integers(0, len(data)), max_size=6))), b"".join(parts)
 
 
 @given(_valid_chunked())
