@@ -186,6 +186,7 @@ def spike(
         Phase(steady, 0.0, t_end, 1 / per_client, path, label="base"),
         Phase(9 * steady, t_spike, 2 * seconds, 1 / per_client, path, label="spike"),
     ]
+    wrk(stack.url_for(path), sessions, 1.0, 1, wrk_cpus)  # warm: every session leased/pooled
     reset_backend(stats_url)
     sampler = BusySampler(stack, backend_url)
     sampler.start()
