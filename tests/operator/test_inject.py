@@ -191,7 +191,8 @@ def test_restricted_security_context_and_resources() -> None:
         assert sc["allowPrivilegeEscalation"] is False
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert {"name": "backdial-tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+        assert {"name": "backdial-tmp", "mountPath": "/tmp/backdial"} in c["volumeMounts"]
+        assert {"name": "TMPDIR", "value": "/tmp/backdial"} in c["env"]
     assert out["spec"]["initContainers"][0]["resources"] == {
         "requests": {"cpu": "50m", "memory": "64Mi"}
     }

@@ -30,6 +30,7 @@ APISERVICE_PATHS = tuple(
 
 # request(method, path, body) -> the decoded object; raises with .status 404 when absent.
 Request = Callable[[str, str, Any], Awaitable[Any]]
+TARGETS = 1 + len(APISERVICE_PATHS)
 
 
 def _b64(ca_pem: bytes) -> str:
@@ -58,13 +59,13 @@ def apiservice_patch(service: Mapping[str, Any], ca_pem: bytes) -> list[dict[str
     return ops
 
 
-async def patch_bundles(request: Request, ca_pem: bytes) -> int:
-    """Patch every object that lacks *ca_pem*; returns how many were patched.
+async def patch_bundles(request: Request, ca_pem: bytes) -> tuple[int, int]:
+    """Patch every object that lacks *ca_pem*; returns (objects found, objects patched).
 
     Objects that do not exist (the chart did not install the webhook, or not
     the APIService) are skipped: the operator does not create them.
     """
-    patched = 0
+    found = patched = 0
     targets: list[tuple[str, Callable[[Mapping[str, Any], bytes], list[dict[str, Any]]]]] = [
         (WEBHOOK_CONFIG_PATH, webhook_patch),
         *((path, apiservice_patch) for path in APISERVICE_PATHS),
@@ -76,9 +77,10 @@ async def patch_bundles(request: Request, ca_pem: bytes) -> int:
             if getattr(exc, "status", None) == 404:
                 continue
             raise
+        found += 1
         ops = build(obj, ca_pem)
         if ops:
             await request("PATCH", path, ops)
             patched += 1
             log.info("CA bundle set on %s", path.rsplit("/", 1)[1])
-    return patched
+    return found, patched

@@ -32,6 +32,7 @@ from backdial.operator.fleet import Fleet, slice_status, stamp_conditions
 from backdial.operator.hub import Hub
 from backdial.operator.kube import Kube, KubeError, in_cluster_info
 from backdial.operator.reconcile import Plan, PodInfo, SliceInfo, plan
+from backdial.operator.scaling import kube_request, sync_hpa
 
 log = logging.getLogger("backdial.operator")
 DEBOUNCE = 0.05  # seconds: pod events arriving together become one recompute
@@ -188,6 +189,7 @@ class SliceWorker:
         self.conditions: list[dict[str, Any]] = []
         self.written_at = float("-inf")
         self.reported: tuple[list[str], str] = ([], "")  # conflicts, error already announced
+        self.hpa_synced: tuple[str, int] = ("", 0)  # (uid, generation) the HPA matches
 
     async def run(self, pods: kopf.Index[str, PodInfo], slices: kopf.Index[str, SliceInfo]) -> None:
         hub = self.shared.hub
@@ -218,6 +220,7 @@ class SliceWorker:
                     self.shared.recomputes += 1
                     hub.publish(current)
                     await self._announce(current)
+                    await self._sync_hpa(current)
                 figures_changed.clear()
                 if current is not None:
                     wait = self.written_at + STATUS_INTERVAL - loop.time()
@@ -227,6 +230,25 @@ class SliceWorker:
         finally:
             hub.unsubscribe(self.namespace, (spec_changed, figures_changed))
             self.shared.plans.pop(self.key, None)
+
+    async def _sync_hpa(self, current: Plan) -> None:
+        """The HPA follows ``spec.autoscaling`` (once per generation; docs/autoscaling.md)."""
+        info = current.slice
+        if not current.valid or self.hpa_synced == (info.uid, info.generation):
+            return
+        try:
+            await sync_hpa(
+                kube_request(self.shared.kube),
+                info.namespace,
+                info.name,
+                info.uid,
+                models.API_VERSION,
+                info.spec.get("autoscaling"),
+            )
+        except KubeError as exc:
+            log.warning("HPA of %s not synced: %s", self.key, exc)
+            return
+        self.hpa_synced = (info.uid, info.generation)
 
     async def _write_status(self, current: Plan) -> None:
         status = slice_status(current, self.shared.fleet)

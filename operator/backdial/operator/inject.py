@@ -37,6 +37,7 @@ from backdial.operator.injectsettings import (
     RUN_DIR,
     RUN_VOLUME,
     SIDECAR,
+    TMP_DIR,
     TMP_VOLUME,
     TOKEN_DIR,
     TOKEN_VOLUME,
@@ -105,7 +106,10 @@ def _run_mount() -> dict[str, Any]:
 
 
 def _common_env() -> list[dict[str, Any]]:
-    return [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}]
+    return [
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        {"name": "TMPDIR", "value": TMP_DIR},
+    ]
 
 
 def _acceptor(s: InjectSettings, with_ca: bool) -> dict[str, Any]:
@@ -134,7 +138,7 @@ def _acceptor(s: InjectSettings, with_ca: bool) -> dict[str, Any]:
         "volumeMounts": [
             _run_mount(),
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
-            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            {"name": TMP_VOLUME, "mountPath": TMP_DIR},
         ],
     }
 
@@ -169,7 +173,7 @@ def _sidecar(
         "livenessProbe": _http_probe("/healthz", admin, 10, 3),
         "resources": s.sidecar_resources.to_k8s(),
         "securityContext": _restricted(s.run_as_user),
-        "volumeMounts": [_run_mount(), {"name": TMP_VOLUME, "mountPath": "/tmp"}],
+        "volumeMounts": [_run_mount(), {"name": TMP_VOLUME, "mountPath": TMP_DIR}],
     }
 
 

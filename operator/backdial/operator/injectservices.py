@@ -178,7 +178,9 @@ class InjectServices:
             delay = CA_SYNC_INTERVAL
             if ca:
                 try:
-                    await cabundle.patch_bundles(self.request, ca)
+                    found, _ = await cabundle.patch_bundles(self.request, ca)
+                    if found < cabundle.TARGETS:
+                        delay = 5.0  # not installed (yet): look again soon
                 except Exception as exc:  # retried soon
                     log.warning("CA bundle not updated: %s", exc)
                     delay = 2.0

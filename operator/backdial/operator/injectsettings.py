@@ -32,7 +32,10 @@ RUN_DIR = "/var/run/backdial"
 REGISTER_URL = f"unix://{RUN_DIR}/register.sock"
 TOKEN_VOLUME = "backdial-token"  # SHAPES §2: projected, audience "backdial"
 TOKEN_DIR = "/var/run/secrets/backdial"
-TMP_VOLUME = "backdial-tmp"  # /tmp of the injected containers (read-only root filesystem)
+TMP_VOLUME = "backdial-tmp"  # TMPDIR of the injected containers (read-only root filesystem)
+# A directory of its own rather than all of /tmp: a mount over /tmp would also hide
+# whatever a process node keeps under the host's /tmp.
+TMP_DIR = "/tmp/backdial"
 
 # -- annotations a pod may carry ---------------------------------------------------------------
 ANN_IMAGE = "backdial.dev/image"

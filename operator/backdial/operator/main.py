@@ -6,7 +6,9 @@ The process runs:
 * the config endpoint (``configserver.py``, TLS) where acceptors hold their streams;
 * the health endpoint (plain HTTP): ``/healthz``, ``/readyz`` (200 only on the replica that
   acts, so Services route acceptors there), ``/metrics``;
-* TLS upkeep (``certs.py``) and the peering watch (``peering.py``).
+* TLS upkeep (``certs.py``) and the peering watch (``peering.py``);
+* the mutating webhook and the custom metrics API, with CA bundle upkeep
+  (``injectservices.py``; docs/injection.md, docs/autoscaling.md).
 
 ``App`` holds the shared state other listeners build on (the fleet, the hub, the TLS
 material, the API client, whether this replica acts).
@@ -39,9 +41,16 @@ from backdial.operator.configserver import ConfigServer
 from backdial.operator.fleet import Fleet
 from backdial.operator.handlers import Shared, make_registry
 from backdial.operator.hub import Hub
+from backdial.operator.injectservices import (
+    InjectServices,
+    ServicesSettings,
+    add_arguments,
+    services_settings,
+)
 from backdial.operator.kube import SA_DIR, Kube, KubeError
 from backdial.operator.models import INJECTED_LABEL
 from backdial.operator.peering import PEERING_NAME, PeeringWatch, default_priority
+from backdial.operator.scaling import kube_request
 from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport, run, setup_logging
 
 log = logging.getLogger("backdial.operator")
@@ -61,6 +70,7 @@ class OperatorSettings:
     peering_lifetime: int
     all_pods: bool
     log_level: str
+    services: ServicesSettings
 
 
 def _default_namespace() -> str:
@@ -136,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"watch every pod, not only those labelled {INJECTED_LABEL}=true",
     )
+    add_arguments(p)
     p.add_argument(
         "--log-level",
         default=env("LOG_LEVEL", "info"),
@@ -163,6 +174,7 @@ def settings_from(argv: list[str]) -> OperatorSettings:
         peering_lifetime=ns.peering_lifetime,
         all_pods=ns.all_pods,
         log_level=ns.log_level,
+        services=services_settings(ns),
     )
 
 
@@ -178,12 +190,23 @@ class App:
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}/{os.getpid()}")
     peering: PeeringWatch | None = None
     config: ConfigServer | None = None
+    inject: InjectServices | None = None
     shared: Shared | None = None
     kopf_ready: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: CollectorRegistry = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = registry(self.families)
+
+    def selected_pods(self, namespace: str) -> list[tuple[str, dict[str, str]]]:
+        """(name, labels) of the pods SessionSlices of *namespace* select (metrics API)."""
+        plans = self.shared.plans.values() if self.shared else ()
+        return [
+            (pod.name, dict(pod.labels))
+            for plan in plans
+            if plan.slice.namespace == namespace
+            for pod in plan.owned
+        ]
 
     def active(self) -> bool:
         """This replica acts (standalone, or kopf peering says no peer outranks it)."""
@@ -319,6 +342,14 @@ async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:
         auth = Authenticator(_token_review(kube))
         app.config = ConfigServer(app.hub, app.fleet, auth, app.active)
         await app.config.start(*cfg.config_listen, app.tls.context())
+        app.inject = InjectServices(
+            cfg.services,
+            kube_request(kube),
+            lambda: app.tls.material.ca if app.tls.material else b"",
+            app.fleet,
+            app.selected_pods,
+        )
+        await app.inject.start(app.tls.context(), app.tls.context())
     except (OSError, KubeError) as exc:
         for task in background:
             task.cancel()
@@ -358,6 +389,7 @@ async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:
         stopper.cancel()
         app.shared.stop_all()
         app.config.close()
+        await app.inject.close()
         health.close()
         for task in background:
             task.cancel()

@@ -15,7 +15,10 @@ from typing import Any
 import yaml
 
 from backdial.operator import models
+from backdial.operator.aggregatorauth import CONFIGMAP_NAMESPACE
 from backdial.operator.certs import SECRET_NAME
+from backdial.operator.metricsapi import GROUP, Version
+from backdial.operator.webhookconfig import CONFIG_NAME
 
 SERVICE_ACCOUNT = "backdial-operator"
 
@@ -39,6 +42,23 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     _rule(["authentication.k8s.io"], ["tokenreviews"], ["create"]),
     # kopf peering between replicas; the operator creates the object if it is missing.
     _rule(["kopf.dev"], ["clusterkopfpeerings"], ["get", "list", "watch", "patch", "create"]),
+    # The HPA a SessionSlice's spec.autoscaling asks for (scaling.sync_hpa).
+    _rule(["autoscaling"], ["horizontalpodautoscalers"], ["get", "create", "update", "delete"]),
+    # The operator's CA into the webhook configuration and the APIServices (cabundle.py).
+    _rule(
+        ["admissionregistration.k8s.io"],
+        ["mutatingwebhookconfigurations"],
+        ["get", "patch"],
+        resourceNames=[CONFIG_NAME],
+    ),
+    _rule(
+        ["apiregistration.k8s.io"],
+        ["apiservices"],
+        ["get", "patch"],
+        resourceNames=[f"{v.value}.{GROUP}" for v in Version],
+    ),
+    # The metrics API asks whether the aggregator's caller may read a metric.
+    _rule(["authorization.k8s.io"], ["subjectaccessreviews"], ["create"]),
 ]
 
 NAMESPACE_RULES: list[dict[str, Any]] = [
@@ -85,6 +105,22 @@ def objects(namespace: str) -> list[dict[str, Any]]:
             "kind": "RoleBinding",
             "metadata": {**meta, "namespace": namespace},
             "roleRef": {**role_ref, "kind": "Role"},
+            "subjects": subject,
+        },
+        # The metrics API reads the requestheader CA (kube-system's built-in Role).
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {
+                "name": f"{SERVICE_ACCOUNT}:extension-apiserver-authentication-reader",
+                "namespace": CONFIGMAP_NAMESPACE,
+                "labels": labels,
+            },
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "extension-apiserver-authentication-reader",
+            },
             "subjects": subject,
         },
     ]

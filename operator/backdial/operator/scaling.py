@@ -1,7 +1,8 @@
 """The thin IO around autoscaling: the HPA kept in line with ``spec.autoscaling``, and
 the fleet's reports turned into metric samples.
 
-``sync_hpa`` reads the HPA of the SessionSlice's name, asks ``hpa.hpa_action``
+``kube_request`` adapts ``Kube.request`` to the ``Request`` callable used here and
+by ``cabundle.py``.  ``sync_hpa`` reads the HPA of the SessionSlice's name, asks ``hpa.hpa_action``
 what to do and does it (create, replace with the live ``resourceVersion``,
 delete, or nothing).  ``samples`` adapts ``fleet.PodState`` to the metrics
 API's ``PodSample``.
@@ -15,12 +16,24 @@ from typing import Any
 
 from backdial.operator.fleet import Fleet
 from backdial.operator.hpa import HpaAction, desired_hpa, hpa_action, hpa_name
+from backdial.operator.kube import Kube
 from backdial.operator.metricsapi import PodSample
 
 log = logging.getLogger("backdial.operator.scaling")
 
 # request(method, path, body) -> decoded object; raises an exception with .status on failure.
 Request = Callable[[str, str, Any], Awaitable[Any]]
+
+
+def kube_request(kube: Kube) -> Request:
+    """``Kube.request`` as the ``(method, path, body) -> object`` the pieces here use."""
+
+    async def request(method: str, path: str, body: Any) -> Any:
+        kind = "application/json-patch+json" if method == "PATCH" else "application/json"
+        resp = await kube.request(method, path, body, content_type=kind, ok=(200, 201, 202))
+        return resp.body
+
+    return request
 
 
 def _hpa_path(namespace: str, name: str = "") -> str:

@@ -217,9 +217,30 @@ class OperatorEnv:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.config_port = free_port()
+        # The webhook and the metrics API listen on free loopback ports; what the API
+        # server needs to reach them is installed by tests/k8s/operator/wiring.py.
+        self.webhook_port = free_port()
+        self.metrics_port = free_port()
+        self.inject_config = workdir / "inject.yaml"
+        self.inject_config.write_text(
+            f"image: {harness.DEFAULT_PROJECT_IMAGE}:0.1.0\n"
+            f"operatorUrl: https://backdial-operator.{OPERATOR_NS}.svc:{self.config_port}\n"
+            "drainQuietPeriod: 2s\n"
+        )
         install_rbac(cluster)
         self.kubeconfig = operator_kubeconfig(cluster, workdir / "operator.kubeconfig")
-        self.operator = Operator(self, "operator", "--peering-lifetime", "10")
+        self.operator = Operator(
+            self,
+            "operator",
+            "--peering-lifetime",
+            "10",
+            "--webhook-listen",
+            f"127.0.0.1:{self.webhook_port}",
+            "--metrics-api-listen",
+            f"127.0.0.1:{self.metrics_port}",
+            "--inject-config",
+            str(self.inject_config),
+        )
         self.ca = workdir / "ca.crt"
         self._pods: list[PodStack] = []
 

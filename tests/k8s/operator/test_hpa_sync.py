@@ -1,17 +1,18 @@
-"""``spec.autoscaling`` becomes an HPA the real API server accepts; removing it removes the HPA."""
+"""The operator keeps a SessionSlice's HPA in line with ``spec.autoscaling`` on the real
+API server: created, replaced on change, deleted when the section goes, and someone
+else's HPA of that name left alone."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
+import json
 from typing import Any
 
 import harness
 import pytest
 
-from backdial.operator.hpa import HpaAction
-from backdial.operator.scaling import sync_hpa
-from tests.k8s.test_cabundle import requester
+from tests.helpers import wait_for
+from tests.k8s.operator.opstack import OperatorEnv
 
 pytestmark = pytest.mark.k8s
 
@@ -24,9 +25,27 @@ AUTOSCALING: dict[str, Any] = {
 }
 
 
-def test_hpa_follows_the_sessionslice(crds: harness.Cluster, k8s_namespace: str) -> None:
+def test_hpa_follows_the_sessionslice(
+    ops: OperatorEnv, crds: harness.Cluster, k8s_namespace: str
+) -> None:
     ns = k8s_namespace
-    slice_obj = {
+    slices = f"/apis/backdial.dev/v1alpha1/namespaces/{ns}/sessionslices"
+    hpa_path = f"/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers/web"
+
+    def hpa() -> dict[str, Any] | None:
+        resp = crds.api.request("GET", hpa_path)
+        return resp.json() if resp.status == 200 else None
+
+    def patch(spec: dict[str, Any]) -> None:
+        resp = crds.api.request(
+            "PATCH",
+            f"{slices}/web",
+            {"spec": spec},
+            content_type="application/merge-patch+json",
+        )
+        assert resp.status == 200, resp.text
+
+    body = {
         "apiVersion": "backdial.dev/v1alpha1",
         "kind": "SessionSlice",
         "metadata": {"name": "web", "namespace": ns},
@@ -36,35 +55,38 @@ def test_hpa_follows_the_sessionslice(crds: harness.Cluster, k8s_namespace: str)
             "autoscaling": AUTOSCALING,
         },
     }
-    resp = crds.api.request(
-        "POST", f"/apis/backdial.dev/v1alpha1/namespaces/{ns}/sessionslices", slice_obj
-    )
+    resp = crds.api.request("POST", slices, body)
     assert resp.status == 201, resp.text
     uid = resp.json()["metadata"]["uid"]
-    request = requester(crds)
-    hpa_path = f"/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers/web"
-
-    def sync(autoscaling: dict[str, Any] | None) -> HpaAction:
-        return asyncio.run(sync_hpa(request, ns, "web", uid, "backdial.dev/v1alpha1", autoscaling))
-
-    assert sync(AUTOSCALING) is HpaAction.CREATE
-    live = crds.get_json(hpa_path)
-    assert live["spec"]["metrics"][0]["pods"]["metric"]["name"] == "backdial_requests_waiting"
-    assert live["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "4"
+    wait_for(lambda: hpa() is not None, timeout=20, what="HPA created")
+    live = hpa()
+    assert live is not None
+    metric = live["spec"]["metrics"][0]["pods"]
+    assert metric == {
+        "metric": {"name": "backdial_requests_waiting"},
+        "target": {"type": "AverageValue", "averageValue": "4"},
+    }
     assert live["metadata"]["ownerReferences"][0]["uid"] == uid
-    assert sync(AUTOSCALING) is HpaAction.NONE  # server defaults do not cause rewrites
+    assert live["spec"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+
     wider = copy.deepcopy(AUTOSCALING)
     wider["maxReplicas"] = 8
     wider["target"] = {"metric": "sessionUtilization", "averageValue": 80}
-    assert sync(wider) is HpaAction.UPDATE
-    live = crds.get_json(hpa_path)
-    assert live["spec"]["maxReplicas"] == 8
+    patch({"autoscaling": wider})
+
+    def updated() -> bool:
+        h = hpa()
+        return h is not None and h["spec"]["maxReplicas"] == 8
+
+    wait_for(updated, timeout=20, what="HPA replaced")
+    live = hpa()
+    assert live is not None
     assert live["spec"]["metrics"][0]["pods"]["metric"]["name"] == "backdial_session_utilization"
-    assert sync(wider) is HpaAction.NONE
-    assert sync(None) is HpaAction.DELETE
-    assert crds.api.request("GET", hpa_path).status == 404
-    assert sync(None) is HpaAction.NONE
-    # Someone else's HPA of that name is never touched.
+
+    patch({"autoscaling": None})
+    wait_for(lambda: hpa() is None, timeout=20, what="HPA deleted")
+
+    # Someone else's HPA of that name is never touched, even when autoscaling comes back.
     foreign = {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -78,6 +100,20 @@ def test_hpa_follows_the_sessionslice(crds: harness.Cluster, k8s_namespace: str)
         "POST", f"/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers", foreign
     )
     assert resp.status == 201, resp.text
-    assert sync(AUTOSCALING) is HpaAction.CONFLICT
-    assert sync(None) is HpaAction.NONE
-    assert crds.get_json(hpa_path)["spec"]["maxReplicas"] == 3
+    patch({"autoscaling": AUTOSCALING})
+    generation = crds.get_json(f"{slices}/web")["metadata"]["generation"]
+    wait_for(
+        lambda: (
+            crds.get_json(f"{slices}/web").get("status", {}).get("observedGeneration") == generation
+        ),
+        timeout=20,
+        what="new generation reconciled",
+    )
+    wait_for(
+        lambda: "is not owned by its SessionSlice" in ops.operator.output(),
+        timeout=20,
+        what="conflict logged",
+    )
+    live = hpa()
+    assert live is not None and live["spec"]["maxReplicas"] == 3, json.dumps(live)
+    assert not live["metadata"].get("ownerReferences")
