@@ -1,9 +1,10 @@
-"""How the API server and pods reach the session's operator process, as the chart wires it.
+"""How the API server reaches the session's operator process, as the chart wires it.
 
-Services of ``backdial-system`` whose EndpointSlices point at 127.0.0.1 and the
-operator's free ports (the harness accepts loopback endpoint addresses): the API
-server calls the webhook and the metrics API through them, and injected pods
-resolve ``backdial-operator.backdial-system.svc`` to the operator's config port.
+Services ``backdial-webhook`` and ``backdial-metrics-api`` whose EndpointSlices point
+at 127.0.0.1 and the operator's free ports (the harness accepts loopback endpoint
+addresses): the API server calls the webhook and the metrics API through them.
+(Injected pods reach the config port through ``backdial-operator``, which
+``opstack.py`` installs.)
 The webhook configuration and the APIServices are the ones ``webhookconfig.py``
 renders; the operator patches its CA into them. The chart's ``helm install``
 version of this lives with the chart's tests.
@@ -25,8 +26,6 @@ from backdial.operator.webhookconfig import (
 )
 from tests.helpers import wait_for
 from tests.k8s.operator.opstack import OPERATOR_NS, OperatorEnv
-
-CONFIG_SERVICE = "backdial-operator"
 
 
 class ApiFailure(Exception):
@@ -74,7 +73,6 @@ def _service(name: str, port: int, target: int) -> list[dict[str, Any]]:
 def install(env: OperatorEnv) -> None:
     env.cluster.apply(
         [
-            *_service(CONFIG_SERVICE, env.config_port, env.config_port),
             *_service(WEBHOOK_SERVICE, 443, env.webhook_port),
             *_service(METRICS_SERVICE, 443, env.metrics_port),
             webhook_configuration(OPERATOR_NS),
@@ -126,7 +124,7 @@ def uninstall(cluster: harness.Cluster) -> None:
         api.request(
             "DELETE", f"/apis/apiregistration.k8s.io/v1/apiservices/{svc['metadata']['name']}"
         )
-    for name in (CONFIG_SERVICE, WEBHOOK_SERVICE, METRICS_SERVICE):
+    for name in (WEBHOOK_SERVICE, METRICS_SERVICE):
         api.request("DELETE", f"/api/v1/namespaces/{OPERATOR_NS}/services/{name}")
         api.request(
             "DELETE",
