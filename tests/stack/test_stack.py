@@ -11,11 +11,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import http.client
+import itertools
 import json
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -38,38 +40,57 @@ def request(
 
 
 class Load:
-    """Closed-loop load from threads with keep-alive connections; counts every outcome."""
+    """Closed-loop load from threads with keep-alive connections; counts every outcome.
+
+    With *hosts*, each request goes to the next of the hosts it returns at that moment
+    (round robin, one kept-alive connection per host), as a load balancer would.
+    """
 
     def __init__(
-        self, port: int, path: str = "/", clients: int = 4, host: str = "127.0.0.1"
+        self,
+        port: int,
+        path: str = "/",
+        clients: int = 4,
+        host: str = "127.0.0.1",
+        hosts: Callable[[], Sequence[str]] | None = None,
     ) -> None:
-        self.port, self.path, self.clients, self.host = port, path, clients, host
+        self.port, self.path, self.clients = port, path, clients
+        self.hosts = hosts or (lambda: (host,))
         self.codes: collections.Counter[int | str] = collections.Counter()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)
+        ]
 
-    def _run(self) -> None:
-        conn: http.client.HTTPConnection | None = None
+    def _run(self, index: int) -> None:
+        conns: dict[str, http.client.HTTPConnection] = {}
+        turn = itertools.count(index)
         while not self._stop.is_set():
+            hosts = self.hosts()
+            if not hosts:
+                time.sleep(0.05)
+                continue
+            host = hosts[next(turn) % len(hosts)]
+            conn = conns.pop(host, None)
             try:
                 if conn is None:
-                    conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                    conn = http.client.HTTPConnection(host, self.port, timeout=30)
                 conn.request("GET", self.path)
                 resp = conn.getresponse()
                 resp.read()
                 code: int | str = resp.status
                 if resp.getheader("connection", "").lower() == "close":
                     conn.close()
-                    conn = None
+                else:
+                    conns[host] = conn
             except (OSError, http.client.HTTPException) as exc:
                 code = type(exc).__name__
                 if conn is not None:
                     conn.close()
-                conn = None
             with self._lock:
                 self.codes[code] += 1
-        if conn is not None:
+        for conn in conns.values():
             conn.close()
 
     def __enter__(self) -> Load:

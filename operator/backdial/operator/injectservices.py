@@ -4,8 +4,9 @@
   ``--inject-config`` (re-read when the file changes, e.g. a ConfigMap update);
 * the custom metrics API (``--metrics-api-listen``, TLS, front-proxy client
   certificates) over the fleet state;
-* CA bundle upkeep: the operator's CA patched into the webhook configuration
-  and the APIServices at start, and re-checked every 30 s.
+* CA bundle upkeep (self-managed CA only; with cert-manager its CA injector
+  does it): the operator's CA patched into the webhook configuration and the
+  APIServices at start, and re-checked every 30 s.
 
 An empty listen address turns a listener off.  Everything the operator
 process owns (API client, TLS contexts, fleet, pod index) comes in as
@@ -127,8 +128,11 @@ class InjectServices:
         ca_pem: Callable[[], bytes],
         fleet: Fleet,
         pods_of: Callable[[str], Iterable[tuple[str, Mapping[str, str]]]],
+        *,
+        manage_bundles: bool = True,
     ) -> None:
         self.cfg = cfg
+        self.manage_bundles = manage_bundles  # False with cert-manager: its CA injector does it
         self.request = request
         self.ca_pem = ca_pem
         self.fleet = fleet
@@ -153,7 +157,8 @@ class InjectServices:
                 self._review,
             )
             self._tasks.append(asyncio.ensure_future(self._serve_metrics(self.metrics)))
-        self._tasks.append(asyncio.ensure_future(self._keep_bundles()))
+        if self.manage_bundles:
+            self._tasks.append(asyncio.ensure_future(self._keep_bundles()))
 
     async def _serve_metrics(self, api: metricsserver.MetricsApi) -> None:
         assert self.cfg.metrics_api_listen is not None

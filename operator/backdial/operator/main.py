@@ -348,6 +348,7 @@ async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:
             lambda: app.tls.material.ca if app.tls.material else b"",
             app.fleet,
             app.selected_pods,
+            manage_bundles=cfg.tls_dir is None,
         )
         await app.inject.start(app.tls.context(), app.tls.context())
     except (OSError, KubeError) as exc:

@@ -44,7 +44,13 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     _rule(["kopf.dev"], ["clusterkopfpeerings"], ["get", "list", "watch", "patch", "create"]),
     # The HPA a SessionSlice's spec.autoscaling asks for (scaling.sync_hpa).
     _rule(["autoscaling"], ["horizontalpodautoscalers"], ["get", "create", "update", "delete"]),
-    # The operator's CA into the webhook configuration and the APIServices (cabundle.py).
+    # The metrics API asks whether the aggregator's caller may read a metric.
+    _rule(["authorization.k8s.io"], ["subjectaccessreviews"], ["create"]),
+]
+
+# Only with the self-managed CA (cert-manager's CA injector does it otherwise): the
+# operator's CA into the webhook configuration and the APIServices (cabundle.py).
+CA_BUNDLE_RULES: list[dict[str, Any]] = [
     _rule(
         ["admissionregistration.k8s.io"],
         ["mutatingwebhookconfigurations"],
@@ -57,8 +63,6 @@ CLUSTER_RULES: list[dict[str, Any]] = [
         ["get", "patch"],
         resourceNames=[f"{v.value}.{GROUP}" for v in Version],
     ),
-    # The metrics API asks whether the aggregator's caller may read a metric.
-    _rule(["authorization.k8s.io"], ["subjectaccessreviews"], ["create"]),
 ]
 
 NAMESPACE_RULES: list[dict[str, Any]] = [
@@ -85,7 +89,7 @@ def objects(namespace: str) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": meta,
-            "rules": CLUSTER_RULES,
+            "rules": CLUSTER_RULES + CA_BUNDLE_RULES,
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -132,4 +136,5 @@ def chart_files() -> dict[str, str]:
     return {
         "operator-clusterrole-rules.yaml": head + yaml.safe_dump(CLUSTER_RULES, sort_keys=False),
         "operator-role-rules.yaml": head + yaml.safe_dump(NAMESPACE_RULES, sort_keys=False),
+        "operator-cabundle-rules.yaml": head + yaml.safe_dump(CA_BUNDLE_RULES, sort_keys=False),
     }

@@ -167,9 +167,12 @@ def test_chart_objects_mirror_the_operator(k8s_cluster: harness.Cluster) -> None
 
 
 def test_rbac_is_the_operators(k8s_cluster: harness.Cluster) -> None:
-    """The ClusterRole and the Role hold exactly the operator's generated rules."""
+    """The ClusterRole and the Role hold exactly the operator's generated rules (the CA
+    bundle rules only with the self-managed CA)."""
     objs = render(k8s_cluster, {}, "ops")
-    assert find(objs, "ClusterRole", "backdial-operator")["rules"] == rbac.CLUSTER_RULES
+    assert find(objs, "ClusterRole", "backdial-operator")["rules"] == (
+        rbac.CLUSTER_RULES + rbac.CA_BUNDLE_RULES
+    )
     assert find(objs, "Role", "backdial-operator")["rules"] == rbac.NAMESPACE_RULES
     subject = {"kind": "ServiceAccount", "name": rbac.SERVICE_ACCOUNT, "namespace": "ops"}
     for kind in ("ClusterRoleBinding", "RoleBinding"):

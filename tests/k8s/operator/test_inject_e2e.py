@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import concurrent.futures
+import contextlib
 import http.client
-import itertools
 import json
 import threading
 import time
@@ -29,6 +28,7 @@ from backdial.operator.cabundle import WEBHOOK_CONFIG_PATH, patch_bundles
 from tests.helpers import wait_for
 from tests.k8s.operator import wiring
 from tests.k8s.operator.opstack import OperatorEnv
+from tests.stack.test_stack import Load
 
 IMAGE = f"{harness.DEFAULT_PROJECT_IMAGE}:0.1.0"
 
@@ -131,20 +131,16 @@ def get(ip: str, path: str, timeout: float = 30) -> tuple[int, bytes]:
         conn.close()
 
 
-class EndpointLoad:
+class EndpointLoad(Load):
     """Closed-loop load over the Service's ready endpoints (what kube-proxy would pick)."""
 
     def __init__(
         self, cluster: harness.Cluster, ns: str, svc: str, path: str, clients: int
     ) -> None:
-        self.cluster, self.ns, self.svc, self.path = cluster, ns, svc, path
-        self.codes: collections.Counter[int | str] = collections.Counter()
+        self.cluster, self.ns, self.svc = cluster, ns, svc
         self.ips: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._refresh, daemon=True)] + [
-            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)
-        ]
+        super().__init__(8080, path, clients, hosts=lambda: self.ips)
+        self._threads.append(threading.Thread(target=self._refresh, daemon=True))
 
     def _endpoints(self) -> list[str]:
         query = urllib.parse.quote(f"kubernetes.io/service-name={self.svc}")
@@ -161,56 +157,9 @@ class EndpointLoad:
 
     def _refresh(self) -> None:
         while not self._stop.is_set():
-            try:
-                ips = self._endpoints()
-            except Exception:
-                ips = self.ips
-            self.ips = ips
+            with contextlib.suppress(Exception):  # keep the last list through a hiccup
+                self.ips = self._endpoints()
             time.sleep(0.1)
-
-    def _run(self, index: int) -> None:
-        conns: dict[str, http.client.HTTPConnection] = {}
-        turn = itertools.count(index)
-        while not self._stop.is_set():
-            ips = self.ips
-            if not ips:
-                time.sleep(0.05)
-                continue
-            ip = ips[next(turn) % len(ips)]
-            conn = conns.pop(ip, None) or http.client.HTTPConnection(ip, 8080, timeout=30)
-            try:
-                conn.request("GET", self.path)
-                resp = conn.getresponse()
-                resp.read()
-                code: int | str = resp.status
-                if resp.getheader("connection", "").lower() != "close":
-                    conns[ip] = conn
-                else:
-                    conn.close()
-            except (OSError, http.client.HTTPException) as exc:
-                code = f"{type(exc).__name__} {ip}"
-                conn.close()
-            with self._lock:
-                self.codes[code] += 1
-        for conn in conns.values():
-            conn.close()
-
-    def __enter__(self) -> EndpointLoad:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(40)
-
-    @property
-    def total(self) -> int:
-        return sum(self.codes.values())
-
-    def failures(self) -> dict[int | str, int]:
-        return {k: v for k, v in self.codes.items() if k != 200}
 
 
 # -- injection ----------------------------------------------------------------------------------
