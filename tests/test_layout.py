@@ -6,6 +6,7 @@ import ast
 import importlib
 import operator
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -219,3 +220,18 @@ def test_the_test_command_checks_lint_format_and_types_first() -> None:
     assert max(positions) < script.find('pytest "$@"'), "checks must run before pytest"
     mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
     assert mypy["strict"] is True
+
+
+def test_the_request_path_in_the_docs_names_real_code() -> None:
+    """docs/architecture.md walks a request through Class.method names: they must exist."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    section = doc.partition("## The path of one request")[2].partition("\n## ")[0]
+    named = set(re.findall(r"\b([A-Z][A-Za-z]+)\.([a-z_][a-z_]*)\b", section))
+    assert len(named) > 20, named
+    sources = {p: p.read_text() for p in _modules()}
+    for cls, attr in sorted(named):
+        homes = [text for text in sources.values() if re.search(rf"^class {cls}\b", text, re.M)]
+        assert homes, f"docs name {cls}.{attr}: no class {cls}"
+        assert any(
+            re.search(rf"^\s+(async )?def {attr}\b|^\s+{attr}[:=]", text, re.M) for text in homes
+        ), f"docs name {cls}.{attr}: {cls} has no {attr}"

@@ -18,6 +18,8 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 
+from backdial import http1
+
 PROTOCOL = "backdial-config/1"
 AUDIENCE = "backdial"
 MAX_HEAD = 16 * 1024  # request or response head, CRLFCRLF included
@@ -29,17 +31,6 @@ REPORT_INTERVAL = 1.0  # figures go upstream at most this often while they chang
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 _POD_NAME = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
 _PATH = re.compile(rf"^/v1/namespaces/(?P<ns>{_DNS_LABEL})/pods/(?P<pod>{_POD_NAME})/config$")
-_REASONS = {
-    101: "Switching Protocols",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    426: "Upgrade Required",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
 
 
 class StreamError(Exception):
@@ -195,33 +186,21 @@ def encode_request(host: str, namespace: str, pod: str, token: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _split_head(head: bytes) -> tuple[str, dict[str, str]]:
+def _head(head: bytes, response: bool) -> http1.Head:
     if len(head) > MAX_HEAD:
         raise StreamError("head too large")
-    if not head.endswith(b"\r\n\r\n"):
-        raise StreamError("head must end with CRLF CRLF")
     try:
-        text = head[:-4].decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise StreamError("head is not text") from None
-    first, *rest = text.split("\r\n")
-    headers: dict[str, str] = {}
-    for line in rest:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or " " in name:
-            raise StreamError(f"bad header line {line[:60]!r}")
-        key = name.lower()
-        value = value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return first, headers
+        parsed = http1.parse_head(head, response)
+    except http1.HeadError as exc:
+        raise StreamError(f"bad head: {exc}") from None
+    if parsed.version != "1.1":
+        raise StreamError(f"HTTP/{parsed.version}: only HTTP/1.1")
+    return parsed
 
 
 def parse_request(head: bytes) -> Request:
-    first, headers = _split_head(head)
-    parts = first.split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1":
-        raise StreamError(f"bad request line {first[:80]!r}")
-    return Request(parts[0], parts[1], headers)
+    parsed = _head(head, response=False)
+    return Request(parsed.method, parsed.target, parsed.fields)
 
 
 def bearer_token(req: Request) -> str | None:
@@ -232,37 +211,32 @@ def bearer_token(req: Request) -> str | None:
 
 
 def wants_upgrade(req: Request) -> bool:
-    upgrade = req.header("upgrade").lower()
-    connection = {t.strip().lower() for t in req.header("connection").split(",")}
-    return upgrade == PROTOCOL and "upgrade" in connection
+    connection = http1.connection_tokens([req.header("connection").encode("latin-1")])
+    return req.header("upgrade").lower() == PROTOCOL and b"upgrade" in connection
 
 
 def encode_response(status: int, message: str = "") -> bytes:
     """101 to switch protocols, or an error with a one-line JSON body."""
-    reason = _REASONS.get(status, "Error")
+    line = http1.status_line(status)
     if status == 101:
-        return (
-            f"HTTP/1.1 101 {reason}\r\nUpgrade: {PROTOCOL}\r\nConnection: Upgrade\r\n\r\n"
-        ).encode()
+        return line + f"Upgrade: {PROTOCOL}\r\nConnection: Upgrade\r\n\r\n".encode()
+    reason = http1.REASONS.get(status, b"Error").decode("ascii")
     body = json.dumps({"error": message or reason}).encode() + b"\n"
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+        line
+        + (f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n").encode()
+        + http1.CONNECTION_LINE[http1.ConnMode.CLOSE]
     )
     if status == 401:
-        head += 'WWW-Authenticate: Bearer realm="backdial"\r\n'
-    return head.encode() + b"\r\n" + body
+        head += b'WWW-Authenticate: Bearer realm="backdial"\r\n'
+    return head + b"\r\n" + body
 
 
 def parse_response(head: bytes) -> tuple[int, dict[str, str]]:
-    first, headers = _split_head(head)
-    parts = first.split(" ", 2)
-    if len(parts) < 2 or parts[0] != "HTTP/1.1" or not parts[1].isdigit():
-        raise StreamError(f"bad status line {first[:80]!r}")
-    status = int(parts[1])
-    if status == 101 and headers.get("upgrade", "").lower() != PROTOCOL:
+    parsed = _head(head, response=True)
+    if parsed.status == 101 and parsed.header("upgrade").lower() != PROTOCOL:
         raise StreamError("the server switched to another protocol")
-    return status, headers
+    return parsed.status, parsed.fields
 
 
 def error_message(body: bytes) -> str:

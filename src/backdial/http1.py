@@ -16,9 +16,10 @@ the proxy refuses to start on a lenient parser.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from enum import IntEnum
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final
 
 import httptools
 
@@ -284,6 +285,67 @@ LAST_CHUNK: Final = b"0\r\n\r\n"
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# -- whole heads, for handshakes and clients that read a head before anything else ------------
+class HeadError(ValueError):
+    """A message head that strict llhttp refuses (or that is incomplete)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """One parsed request or response head; field names lower-cased, repeats joined."""
+
+    version: str
+    fields: dict[str, str]
+    method: str = ""  # requests
+    target: str = ""
+    status: int = 0  # responses
+
+    def header(self, name: str) -> str:
+        return self.fields.get(name.lower(), "")
+
+    def tokens(self, name: str) -> set[str]:
+        """The lower-cased tokens of a list-valued field such as ``Connection``."""
+        return {
+            t.decode("latin-1") for t in connection_tokens([self.header(name).encode("latin-1")])
+        }
+
+
+class _HeadCollector:
+    def __init__(self) -> None:
+        self.url = b""
+        self.fields: dict[str, str] = {}
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        self.fields[key] = f"{self.fields[key]}, {text}" if key in self.fields else text
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def parse_head(head: bytes, response: bool = False) -> Head:
+    """A complete head (up to and including the blank line), parsed by strict llhttp."""
+    sink = _HeadCollector()
+    parser: Any = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(sink)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+        # An upgrade (or 101) pauses llhttp right after the head: the head is what we wanted.
+        if not sink.complete:
+            raise HeadError(str(exc) or "malformed head") from None
+    if not sink.complete:
+        raise HeadError("incomplete head")
+    version = parser.get_http_version()
+    if response:
+        return Head(version, sink.fields, status=parser.get_status_code())
+    method = parser.get_method().decode("ascii")
+    return Head(version, sink.fields, method=method, target=sink.url.decode("latin-1"))
 
 
 # -- parser strictness probe -------------------------------------------------------------------

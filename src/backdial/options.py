@@ -90,6 +90,16 @@ def option(
     return dataclasses.field(default=value, metadata={"option": spec})
 
 
+def log_level() -> Any:
+    """The ``--log-level`` option every long-running command has."""
+    return option(
+        "--log-level",
+        parse=choice("debug", "info", "warning", "error"),
+        default="info",
+        help="debug, info, warning or error",
+    )
+
+
 def group(cls: type[Any]) -> Any:
     """A field holding a nested settings dataclass *cls* whose options join the command's."""
     return dataclasses.field(default_factory=cls, metadata={"group": cls})

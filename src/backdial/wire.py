@@ -20,7 +20,6 @@ from enum import StrEnum
 MAGIC = b"BDREG/1"
 VERSION = 1
 MAX_PREAMBLE = 1024  # bytes, including the terminating CRLF
-MAX_VALUE = 128
 RETIRE_LINE = b"BDREG/1 RETIRE\r\n"
 
 _VALUE_RE = re.compile(rb"[A-Za-z0-9._~:@+\-]{1,128}")

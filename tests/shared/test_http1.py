@@ -126,3 +126,19 @@ def test_field_rules() -> None:
     assert b"host" not in http1.HOP_BY_HOP and b"expect" not in http1.HOP_BY_HOP
     assert http1.transfer_coding_ok([b" Chunked"]) and not http1.transfer_coding_ok([b"gzip"])
     assert http1.path_of(b"/a/b?c=d") == b"/a/b" and http1.path_of(b"/x") == b"/x"
+
+
+def test_parse_head_requests_and_responses() -> None:
+    req = http1.parse_head(
+        b"GET /p?q HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nx-a: 2\r\nUpgrade: y\r\n"
+        b"Connection: Upgrade\r\n\r\n"
+    )
+    assert (req.method, req.target, req.version) == ("GET", "/p?q", "1.1")
+    assert req.header("X-A") == "1, 2" and req.fields["host"] == "a"
+    resp = http1.parse_head(b"HTTP/1.1 101 Switching\r\nUpgrade: y\r\n\r\n", response=True)
+    assert resp.status == 101 and resp.header("upgrade") == "y"
+    for bad in (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", b"GET / HTTP/1.1\nHost: a\n\n"):
+        with pytest.raises(http1.HeadError):
+            http1.parse_head(bad)
+    with pytest.raises(http1.HeadError, match="incomplete"):
+        http1.parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from backdial.metrics import registry, render
 from backdial.sidecar import proxyproto
 from tests.helpers import metric
+from tests.sidecar import proxyheaders
 from tests.sidecar.conftest import ProxyRunner, RawClient
 
 Raw = Callable[[int], RawClient]
@@ -29,7 +30,7 @@ def test_proxy_protocol_v1_sets_client_address(
     )
     c = raw_client(proxy.port)
     c.send(
-        proxyproto.encode_v1(("10.1.2.3", 5555), ("10.0.0.1", 80))
+        proxyheaders.encode_v1(("10.1.2.3", 5555), ("10.0.0.1", 80))
         + b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
     )
     info = c.read_response().json()
@@ -46,7 +47,7 @@ def test_proxy_protocol_v2_and_local(
 ) -> None:
     proxy = make_proxy(proxy_protocol=True, trusted_proxies=("127.0.0.1",))
     c = raw_client(proxy.port)
-    header = proxyproto.encode_v2(("2001:db8::7", 1234), ("2001:db8::1", 80))
+    header = proxyheaders.encode_v2(("2001:db8::7", 1234), ("2001:db8::1", 80))
     c.send(header[:10])
     time.sleep(0.05)
     c.send(header[10:] + b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -66,7 +67,7 @@ def test_proxy_protocol_from_an_untrusted_peer_is_ignored(
     proxy = make_proxy(proxy_protocol=True, trusted_proxies=("192.0.2.0/24",))
     c = raw_client(proxy.port)
     c.send(
-        proxyproto.encode_v1(("10.1.2.3", 5555), ("10.0.0.1", 80))
+        proxyheaders.encode_v1(("10.1.2.3", 5555), ("10.0.0.1", 80))
         + b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
     )
     headers = dict((k.lower(), v) for k, v in c.read_response().json()["headers"])

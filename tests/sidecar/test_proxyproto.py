@@ -8,6 +8,7 @@ import pytest
 
 from backdial.sidecar import proxyproto
 from backdial.sidecar.proxyproto import ProxyHeaderError, parse
+from tests.sidecar import proxyheaders
 
 
 def test_v1_tcp4_and_tcp6() -> None:
@@ -21,7 +22,7 @@ def test_v1_tcp4_and_tcp6() -> None:
 
 
 def test_v1_incremental() -> None:
-    raw = proxyproto.encode_v1(("192.0.2.1", 5), ("192.0.2.2", 80))
+    raw = proxyheaders.encode_v1(("192.0.2.1", 5), ("192.0.2.2", 80))
     for i in range(len(raw)):
         assert parse(raw[:i]) is None
     assert parse(raw) is not None
@@ -48,10 +49,10 @@ def test_v1_malformed(raw: bytes) -> None:
 
 
 def test_v2_tcp4_tcp6_local() -> None:
-    raw = proxyproto.encode_v2(("192.0.2.9", 4000), ("192.0.2.10", 80), tlvs=b"\x04\x00\x01x")
+    raw = proxyheaders.encode_v2(("192.0.2.9", 4000), ("192.0.2.10", 80), tlvs=b"\x04\x00\x01x")
     h = parse(raw + b"rest")
     assert h is not None and h.client == ("192.0.2.9", 4000) and h.length == len(raw)
-    raw6 = proxyproto.encode_v2(("2001:db8::9", 4001), ("2001:db8::a", 80))
+    raw6 = proxyheaders.encode_v2(("2001:db8::9", 4001), ("2001:db8::a", 80))
     h = parse(raw6)
     assert h is not None and h.client == ("2001:db8::9", 4001)
     local = proxyproto.V2_SIG + struct.pack("!BBH", 0x20, 0x00, 0)

@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import Metric
 from backdial.acceptor.server import Acceptor
 from backdial.adminauth import AdminAccess, check_mutation
 from backdial.adminhttp import AdminRequest, AdminResponse
+from backdial.control import Rejection
 from backdial.metrics import (
     LATENCY_BUCKETS,
     Histogram,
@@ -34,7 +35,7 @@ from backdial.metrics import (
 from backdial.policy import PolicyError, Route, policy_from_data
 
 # Rejection reasons workers report in STATS (``rejected|<slice>|<reason>``).
-REJECT_REASONS = frozenset({"queue_full", "timeout", "draining"})
+REJECT_REASONS = frozenset(reason.value for reason in Rejection)
 # Services waited for but not registered that get a label of their own.
 MAX_UNREGISTERED = 32
 

@@ -15,8 +15,8 @@ from backdial.acceptor.operatorlink import LinkSettings, parse_operator_url, par
 from backdial.acceptor.server import SocketTrust
 from backdial.adminauth import AdminAccess
 from backdial.options import (
-    choice,
     hostport,
+    log_level,
     option,
     optional_hostport,
     optional_path,
@@ -126,12 +126,7 @@ class AcceptorSettings:
         help="NAMESPACE/NAME of this pod, as the token must prove (default: the pod the "
         "token is bound to)",
     )
-    log_level: str = option(
-        "--log-level",
-        parse=choice("debug", "info", "warning", "error"),
-        default="info",
-        help="debug, info, warning or error",
-    )
+    log_level: str = log_level()
 
     @property
     def trust(self) -> SocketTrust:

@@ -19,6 +19,7 @@ from backdial.options import (
     group,
     hostport,
     integer,
+    log_level,
     option,
     path,
     seconds,
@@ -284,12 +285,7 @@ class SidecarSettings:
     stats_interval: float = option(
         "--stats-interval", parse=seconds, default="1", env=False, hidden=True, help=""
     )
-    log_level: str = option(
-        "--log-level",
-        parse=choice("debug", "info", "warning", "error"),
-        default="info",
-        help="debug, info, warning or error",
-    )
+    log_level: str = log_level()
     proxy: ProxySettings = group(ProxySettings)
 
     def named(self) -> SidecarSettings:

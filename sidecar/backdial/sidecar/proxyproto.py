@@ -122,23 +122,3 @@ def _v2(buf: bytes | bytearray) -> ProxyHeader | None:
         (port,) = struct.unpack_from("!H", buf, 48)
         return ProxyHeader((src, port), length)
     return ProxyHeader(None, length)  # UNSPEC or UNIX: nothing routable to report
-
-
-def encode_v1(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
-    """Build a v1 header (used by tests and tools that front the sidecar)."""
-    family = b"TCP6" if ":" in src[0] else b"TCP4"
-    return b"PROXY %s %s %s %d %d\r\n" % (
-        family,
-        src[0].encode(),
-        dst[0].encode(),
-        src[1],
-        dst[1],
-    )
-
-
-def encode_v2(src: tuple[str, int], dst: tuple[str, int], tlvs: bytes = b"") -> bytes:
-    """Build a v2 PROXY (TCP) header."""
-    s, d = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
-    fam = 0x11 if s.version == 4 else 0x21
-    body = s.packed + d.packed + struct.pack("!HH", src[1], dst[1]) + tlvs
-    return V2_SIG + struct.pack("!BBH", 0x21, fam, len(body)) + body

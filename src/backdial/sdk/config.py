@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from backdial import wire
 from backdial.options import (
-    choice,
     group,
     integer,
     load,
+    log_level,
     option,
     optional_hostport,
     optional_text,
@@ -95,12 +95,7 @@ class DialSettings:
         metavar="HOST:PORT",
         help="admin endpoint: GET/PUT /v1/sessions (sessions mode only)",
     )
-    log_level: str = option(
-        "--log-level",
-        parse=choice("debug", "info", "warning", "error"),
-        default="info",
-        help="debug, info, warning or error",
-    )
+    log_level: str = log_level()
 
 
 @dataclass(frozen=True, slots=True)
