@@ -72,7 +72,7 @@ class _Transport:
         return None
 
 
-async def _setup(sessions: int, clients: int) -> tuple[list[Any], list[Any]]:
+async def _setup(sessions: int, clients: int) -> tuple[list[Any], list[Any], Any]:
     from backdial.sidecar.config import ProxySettings
     from backdial.sidecar.lease import Lease
     from backdial.sidecar.leasepool import LeasePool
@@ -98,7 +98,22 @@ async def _setup(sessions: int, clients: int) -> tuple[list[Any], list[Any]]:
     clients = [factory() for _ in range(clients)]
     for client in clients:
         client.connection_made(_Transport())  # type: ignore[arg-type]
-    return clients, conns
+    return clients, conns, factory
+
+
+def _run_close(factory: Any, conns: list[Any], n: int) -> float:
+    """A new client connection per request (``Connection: close``): accept to close."""
+    by_id = {c.lease.session: c for c in conns}
+    request = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        client = factory()
+        client.connection_made(_Transport())
+        client.data_received(request)
+        (sid,) = client.pool.busy
+        by_id[sid].data_received(RESPONSE)
+        client.connection_lost(None)
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 def _run(clients: list[Any], conns: list[Any], n: int) -> float:
@@ -120,16 +135,20 @@ def _run(clients: list[Any], conns: list[Any], n: int) -> float:
 
 
 async def _main(ns: argparse.Namespace) -> int:
-    clients, conns = await _setup(ns.sessions, ns.clients or ns.sessions)
-    _run(clients, conns, ns.warmup)  # warm-up: caches, classifier, status lines
-    best = min(_run(clients, conns, ns.requests) for _ in range(ns.repeat))
+    clients, conns, factory = await _setup(ns.sessions, ns.clients or ns.sessions)
+
+    def run(n: int) -> float:
+        return _run_close(factory, conns, n) if ns.close else _run(clients, conns, n)
+
+    run(ns.warmup)  # warm-up: caches, classifier, status lines
+    best = min(run(ns.requests) for _ in range(ns.repeat))
     assert clients[0].stats.slices["default"].status[200] >= ns.requests
     runs = f"best of {ns.repeat} runs of {ns.requests}"
     top: list[dict[str, Any]] = []
     if ns.profile or ns.json:
         prof = cProfile.Profile()
         prof.enable()
-        _run(clients, conns, ns.requests)
+        run(ns.requests)
         prof.disable()
         stats = pstats.Stats(prof)
         top = profile_rows(stats, max(1, ns.requests // len(clients)) * len(clients))
@@ -171,6 +190,7 @@ def _instructions(ns: argparse.Namespace) -> int:
             argv += [sys.executable, __file__, "--requests", str(n), "--repeat", "1"]
             argv += ["--warmup", "500", "--sessions", str(ns.sessions)]
             argv += ["--clients", str(ns.clients or ns.sessions)]
+            argv += ["--close"] if ns.close else []
             subprocess.run(argv, check=True, capture_output=True)
             m = re.search(r"^(?:summary|totals):\s+(\d+)", out.read_text(), re.M)
             assert m is not None
@@ -187,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=16)
     p.add_argument("--clients", type=int, default=0, help="client connections (default: sessions)")
     p.add_argument("--warmup", type=int, default=2000)
+    p.add_argument("--close", action="store_true", help="a new client connection per request")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--instructions", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON line: time and profile rows")

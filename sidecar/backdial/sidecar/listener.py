@@ -49,6 +49,8 @@ class ListenerState:
         stats.spilled_bytes = lambda: disk.used
         self.via = settings.via.encode("ascii")
         self.proto = settings.forwarded_proto.encode("ascii")
+        # (Via + X-Forwarded-Proto + Forwarded, X-Forwarded-For) lines by client address
+        self.forwarding: dict[str, tuple[bytes, bytes]] = {}
         self.trusted = TrustedProxies(settings.trusted_proxies)
         # One memory and one disk budget for the request bodies of every connection.
         stats.request_memory.limit = settings.request_memory_total

@@ -332,8 +332,12 @@ class ClientProtocol(asyncio.Protocol):
         self._ip_parsed = False
         trusted = self.state.trusted
         self._trusted = bool(trusted) and trusted.trusts(self._client_ip())
-        self._fwd = forwarding_block(ip, self.state.proto, self.state.via)
-        self._xff = xff_line([], ip)
+        lines = self.state.forwarding.get(ip)
+        if lines is None:  # per client address, not per connection (bounded cache)
+            lines = (forwarding_block(ip, self.state.proto, self.state.via), xff_line([], ip))
+            if len(self.state.forwarding) < 4096:
+                self.state.forwarding[ip] = lines
+        self._fwd, self._xff = lines
 
     def _client_ip(self) -> IPAddress | None:
         if not self._ip_parsed:
