@@ -194,14 +194,19 @@ class PolicyError(Exception):
         super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
+def validation_line(exc: ValidationError, source: str) -> str:
+    """One line naming the first invalid field of *source* (and how many more there are)."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{source}: {where}: {first['msg']}{more}"
+
+
 def policy_from_data(data: Any, source: str = "config") -> Policy:
     try:
         return Policy.model_validate(data if data is not None else {})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise PolicyError(f"{source}: {where}: {first['msg']}{more}") from None
+        raise PolicyError(validation_line(exc, source)) from None
 
 
 def load_policy(path: str | Path) -> Policy:

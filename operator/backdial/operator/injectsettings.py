@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from backdial.policy import Duration
+from backdial.policy import Duration, validation_line
 
 # -- Kubernetes names (design §7 fixes the first four) -------------------------------------------
 INJECT_LABEL = "backdial.dev/inject"  # namespace: "enabled"; pod: "true" / "false"
@@ -139,9 +139,7 @@ def settings_from_data(data: Any, source: str = "inject settings") -> InjectSett
     try:
         return InjectSettings.model_validate(data if data is not None else {})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise InjectError(f"{source}: {where}: {first['msg']}") from None
+        raise InjectError(validation_line(exc, source)) from None
 
 
 def load_settings(path: str | Path) -> InjectSettings:
