@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import pytest
 
-from backdial.operator.injectservices import SettingsFile, add_arguments, services_settings
-from backdial.runtime import ArgParser, ConfigError
+from backdial.operator.injectservices import ServicesSettings, SettingsFile
+from backdial.options import load
+from backdial.runtime import ConfigError
 
 
-def parse(*argv: str) -> argparse.Namespace:
-    p = ArgParser(prog="t")
-    add_arguments(p)
-    return p.parse_args(list(argv))
+def parse(*argv: str) -> ServicesSettings:
+    return load(ServicesSettings, argv, prog="t", description="", environ={})
 
 
 def test_listen_flags() -> None:
-    cfg = services_settings(parse())
+    cfg = parse()
     assert cfg.webhook_listen == ("0.0.0.0", 9443)
     assert cfg.metrics_api_listen == ("0.0.0.0", 6443)
-    cfg = services_settings(parse("--webhook-listen", "", "--metrics-api-listen", "127.0.0.1:1"))
+    cfg = parse("--webhook-listen", "", "--metrics-api-listen", "127.0.0.1:1")
     assert cfg.webhook_listen is None and cfg.metrics_api_listen == ("127.0.0.1", 1)
     with pytest.raises(ConfigError, match="--webhook-listen"):
-        services_settings(parse("--webhook-listen", "nope"))
+        parse("--webhook-listen", "nope")
 
 
 def test_bad_inject_config_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "inject.yaml"
     bad.write_text("sidecarWorkers: 0\n")
     with pytest.raises(ConfigError, match=r"--inject-config: .*sidecarWorkers"):
-        services_settings(parse("--inject-config", str(bad)))
+        parse("--inject-config", str(bad))
 
 
 def test_settings_file_reloads_and_keeps_the_last_good(tmp_path: Path) -> None:

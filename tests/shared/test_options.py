@@ -10,6 +10,7 @@ import pytest
 
 from backdial import options
 from backdial.acceptor.config import AcceptorSettings
+from backdial.operator.main import OperatorSettings
 from backdial.options import group, integer, load, option, seconds, size
 from backdial.routecli import RouteSettings
 from backdial.runtime import ConfigError
@@ -27,6 +28,7 @@ COMMANDS: dict[str, type[object]] = {
     "backdial bridge": BridgeSettings,
     "backdial up": UpSettings,
     "backdial route": RouteSettings,
+    "backdial operator": OperatorSettings,
 }
 
 

@@ -15,7 +15,6 @@ callables, so this module does not depend on how they are built.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -34,55 +33,43 @@ from backdial.operator.aggregatorauth import CONFIGMAP_NAME, CONFIGMAP_NAMESPACE
 from backdial.operator.fleet import Fleet
 from backdial.operator.injectsettings import InjectError, InjectSettings, load_settings
 from backdial.operator.scaling import Request, samples
-from backdial.runtime import ConfigError, env, parse_hostport
+from backdial.options import option, optional_hostport
 
 log = logging.getLogger("backdial.operator")
 
 CA_SYNC_INTERVAL = 30.0
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--webhook-listen",
-        default=env("WEBHOOK_LISTEN", "0.0.0.0:9443"),
-        help="HOST:PORT for the mutating webhook, TLS; empty: off "
-        "(env BACKDIAL_WEBHOOK_LISTEN; default 0.0.0.0:9443)",
-    )
-    p.add_argument(
-        "--metrics-api-listen",
-        default=env("METRICS_API_LISTEN", "0.0.0.0:6443"),
-        help="HOST:PORT for the custom metrics API (custom.metrics.k8s.io), TLS; empty: off "
-        "(env BACKDIAL_METRICS_API_LISTEN; default 0.0.0.0:6443)",
-    )
-    p.add_argument(
-        "--inject-config",
-        default=env("INJECT_CONFIG"),
-        help="YAML file of injection defaults (docs/injection.md; env BACKDIAL_INJECT_CONFIG)",
-    )
+def inject_config(raw: str) -> Path | None:
+    """The injection defaults file, read once now so a bad one is refused at start."""
+    if not raw.strip():
+        return None
+    path = Path(raw)
+    try:
+        load_settings(path)
+    except InjectError as exc:
+        raise ValueError(str(exc)) from None
+    return path
 
 
 @dataclass(frozen=True, slots=True)
 class ServicesSettings:
-    webhook_listen: tuple[str, int] | None
-    metrics_api_listen: tuple[str, int] | None
-    inject_config: Path | None
-
-
-def services_settings(ns: argparse.Namespace) -> ServicesSettings:
-    config = Path(ns.inject_config) if ns.inject_config else None
-    if config is not None:
-        try:
-            load_settings(config)
-        except InjectError as exc:
-            raise ConfigError(f"--inject-config: {exc}") from None
-    return ServicesSettings(
-        webhook_listen=parse_hostport(ns.webhook_listen, "--webhook-listen")
-        if ns.webhook_listen
-        else None,
-        metrics_api_listen=parse_hostport(ns.metrics_api_listen, "--metrics-api-listen")
-        if ns.metrics_api_listen
-        else None,
-        inject_config=config,
+    webhook_listen: tuple[str, int] | None = option(
+        "--webhook-listen",
+        parse=optional_hostport,
+        default="0.0.0.0:9443",
+        help="HOST:PORT for the mutating webhook, TLS; empty: off",
+    )
+    metrics_api_listen: tuple[str, int] | None = option(
+        "--metrics-api-listen",
+        parse=optional_hostport,
+        default="0.0.0.0:6443",
+        help="HOST:PORT for the custom metrics API (custom.metrics.k8s.io), TLS; empty: off",
+    )
+    inject_config: Path | None = option(
+        "--inject-config",
+        parse=inject_config,
+        help="YAML file of injection defaults (docs/injection.md)",
     )
 
 

@@ -16,7 +16,6 @@ material, the API client, whether this replica acts).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -25,7 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,36 +40,16 @@ from backdial.operator.configserver import ConfigServer
 from backdial.operator.fleet import Fleet
 from backdial.operator.handlers import Shared, make_registry
 from backdial.operator.hub import Hub
-from backdial.operator.injectservices import (
-    InjectServices,
-    ServicesSettings,
-    add_arguments,
-    services_settings,
-)
+from backdial.operator.injectservices import InjectServices, ServicesSettings
 from backdial.operator.kube import SA_DIR, Kube, KubeError
 from backdial.operator.models import INJECTED_LABEL
 from backdial.operator.peering import PEERING_NAME, PeeringWatch, default_priority
 from backdial.operator.scaling import kube_request
-from backdial.runtime import ArgParser, ConfigError, env, fail, parse_hostport, run, setup_logging
+from backdial.options import group, hostport, integer, load, log_level, option
+from backdial.runtime import ConfigError, fail, run, setup_logging
 
 log = logging.getLogger("backdial.operator")
 EXIT_DEMOTED = 3
-
-
-@dataclass(frozen=True, slots=True)
-class OperatorSettings:
-    health_listen: tuple[str, int]
-    config_listen: tuple[str, int]
-    namespace: str
-    tls_dir: Path | None
-    tls_sans: tuple[str, ...]
-    peering: str
-    standalone: bool
-    priority: int
-    peering_lifetime: int
-    all_pods: bool
-    log_level: str
-    services: ServicesSettings
 
 
 def _default_namespace() -> str:
@@ -80,102 +59,94 @@ def _default_namespace() -> str:
         return "backdial-system"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = ArgParser(
-        prog="backdial operator",
-        description="Reconcile SessionSlice objects into per-pod capacity and slicing, "
-        "delivered to the pods' acceptors over authenticated streams (docs/operator.md).",
-    )
-    p.add_argument(
+def tls_dir(raw: str) -> Path | None:
+    if not raw.strip():
+        return None
+    path = Path(raw)
+    if not path.is_dir():
+        raise ValueError(f"{raw}: not a directory")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSettings:
+    health_listen: tuple[str, int] = option(
         "--health-listen",
-        default=env("HEALTH_LISTEN", "0.0.0.0:8080"),
-        help="HOST:PORT for /healthz, /readyz and /metrics, plain HTTP "
-        "(env BACKDIAL_HEALTH_LISTEN; default 0.0.0.0:8080)",
+        parse=hostport,
+        default="0.0.0.0:8080",
+        help="HOST:PORT for /healthz, /readyz and /metrics, plain HTTP",
     )
-    p.add_argument(
+    config_listen: tuple[str, int] = option(
         "--config-listen",
-        default=env("CONFIG_LISTEN", "0.0.0.0:8444"),
-        help="HOST:PORT for the acceptors' config streams, TLS "
-        "(env BACKDIAL_CONFIG_LISTEN; default 0.0.0.0:8444)",
+        parse=hostport,
+        default="0.0.0.0:8444",
+        help="HOST:PORT for the acceptors' config streams, TLS",
     )
-    p.add_argument(
+    namespace: str = option(
         "--namespace",
-        default=env("NAMESPACE") or _default_namespace(),
-        help="the operator's namespace, home of the TLS Secret (env BACKDIAL_NAMESPACE; "
-        "default: the ServiceAccount's, else backdial-system)",
+        default="",
+        help="the operator's namespace, home of the TLS Secret (empty: the ServiceAccount's, "
+        "else backdial-system)",
     )
-    p.add_argument(
+    tls_dir: Path | None = option(
         "--tls-dir",
-        default=env("TLS_DIR"),
-        help="read tls.crt, tls.key and ca.crt from DIR (cert-manager) instead of "
-        f"managing the Secret {certs.SECRET_NAME} (env BACKDIAL_TLS_DIR)",
+        parse=tls_dir,
+        help="read tls.crt, tls.key and ca.crt from DIR (cert-manager) instead of managing "
+        f"the Secret {certs.SECRET_NAME}",
     )
-    p.add_argument(
+    tls_sans: tuple[str, ...] = option(
         "--tls-san",
-        action="append",
-        default=[s for s in (env("TLS_SANS") or "").split(",") if s],
-        help="extra DNS name or IP for the serving certificate (repeatable; "
-        "env BACKDIAL_TLS_SANS, comma-separated)",
+        many=True,
+        env="TLS_SANS",
+        help="extra DNS name or IP for the serving certificate (repeatable)",
     )
-    p.add_argument(
-        "--peering",
-        default=env("PEERING", PEERING_NAME),
-        help=f"ClusterKopfPeering object shared by the replicas (default {PEERING_NAME})",
+    peering: str = option(
+        "--peering", default=PEERING_NAME, help="ClusterKopfPeering object shared by the replicas"
     )
-    p.add_argument(
-        "--standalone",
-        action="store_true",
-        default=env("STANDALONE") == "1",
-        help="no peering: this process always acts (one replica only; env BACKDIAL_STANDALONE=1)",
+    standalone: bool = option(
+        "--standalone", switch=True, help="no peering: this process always acts (one replica)"
     )
-    p.add_argument(
+    priority: int | None = option(
         "--priority",
-        type=int,
-        default=None,
-        help="peering priority; default: older processes win (docs/operator.md)",
+        parse=integer(),
+        help="peering priority (default: older processes win; docs/operator.md)",
     )
-    p.add_argument(
+    peering_lifetime: int = option(
         "--peering-lifetime",
-        type=int,
-        default=int(env("PEERING_LIFETIME", "60") or 60),
+        parse=integer(2),
+        default="60",
         help="seconds a replica that stopped without saying so still counts as alive "
-        "(kopf keepalives; env BACKDIAL_PEERING_LIFETIME; default 60)",
+        "(kopf keepalives)",
     )
-    p.add_argument(
+    all_pods: bool = option(
         "--all-pods",
-        action="store_true",
+        switch=True,
         help=f"watch every pod, not only those labelled {INJECTED_LABEL}=true",
     )
-    add_arguments(p)
-    p.add_argument(
-        "--log-level",
-        default=env("LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-    )
-    return p
+    services: ServicesSettings = group(ServicesSettings)
+    log_level: str = log_level()
+
+    @property
+    def rank(self) -> int:
+        """The peering priority in force (``resolved`` fills it in)."""
+        return self.priority if self.priority is not None else default_priority(time.time())
+
+    def resolved(self) -> OperatorSettings:
+        """With the namespace and the peering priority filled in from the process."""
+        return replace(self, namespace=self.namespace or _default_namespace(), priority=self.rank)
 
 
 def settings_from(argv: list[str]) -> OperatorSettings:
-    ns = parser().parse_args(argv)
-    tls_dir = Path(ns.tls_dir) if ns.tls_dir else None
-    if ns.peering_lifetime < 2:
-        raise ConfigError("--peering-lifetime must be at least 2 seconds")
-    if tls_dir is not None and not tls_dir.is_dir():
-        raise ConfigError(f"--tls-dir {tls_dir}: not a directory")
-    return OperatorSettings(
-        health_listen=parse_hostport(ns.health_listen, "--health-listen"),
-        config_listen=parse_hostport(ns.config_listen, "--config-listen"),
-        namespace=ns.namespace,
-        tls_dir=tls_dir,
-        tls_sans=tuple(ns.tls_san),
-        peering=ns.peering,
-        standalone=ns.standalone,
-        priority=ns.priority if ns.priority is not None else default_priority(time.time()),
-        peering_lifetime=ns.peering_lifetime,
-        all_pods=ns.all_pods,
-        log_level=ns.log_level,
-        services=services_settings(ns),
+    settings = load(
+        OperatorSettings,
+        argv,
+        prog="backdial operator",
+        description="Reconcile SessionSlice objects into per-pod capacity and slicing, "
+        "delivered to the pods' acceptors over authenticated streams (docs/operator.md). "
+        "Every option may also be given as the BACKDIAL_* variable named in its help; "
+        "a flag wins.",
     )
+    return settings.resolved()
 
 
 @dataclass(slots=True)
@@ -335,7 +306,7 @@ async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:
             background.append(asyncio.ensure_future(source.run()))
         if not cfg.standalone:
             app.peering = PeeringWatch(
-                kube, app.identity, cfg.priority, name=cfg.peering, on_demoted=demoted
+                kube, app.identity, cfg.rank, name=cfg.peering, on_demoted=demoted
             )
             await app.peering.ensure_object()
             background.append(asyncio.ensure_future(app.peering.run()))
@@ -366,7 +337,7 @@ async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:
             registry=registry,
             clusterwide=True,
             standalone=cfg.standalone,
-            priority=cfg.priority,
+            priority=cfg.rank,
             peering_name=None if cfg.standalone else cfg.peering,
             identity=app.identity,  # type: ignore[arg-type]  # kopf's NewType of str
             memo=kopf.Memo(shared=app.shared),
@@ -379,7 +350,7 @@ async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:
         app.identity,
         *cfg.config_listen,
         *cfg.health_listen,
-        cfg.priority,
+        cfg.rank,
         " (standalone)" if cfg.standalone else f", peering {cfg.peering}",
     )
     stopper = asyncio.ensure_future(stop.wait())
