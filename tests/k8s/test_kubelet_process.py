@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import sys
 import uuid
@@ -61,7 +60,7 @@ def test_mounts_hostname_env_and_exit_code(tmp_path: Path) -> None:
     shared.mkdir()
     hosts = tmp_path / "hosts"
     hosts.write_text("127.42.0.9\tsvc.ns.svc\n")
-    target = "/run/backdial-kubelet-test/vol"
+    target = f"/run/backdial-kubelet-{uuid.uuid4().hex[:8]}/vol"
     code = (
         "import os, socket\n"
         f"open('{target}/out', 'w').write(socket.gethostname() + ' ' + os.environ['MARK'])\n"
@@ -79,6 +78,45 @@ def test_mounts_hostname_env_and_exit_code(tmp_path: Path) -> None:
     log = (tmp_path / "c.log").read_text()
     assert "svc.ns.svc" in log and log.split()[-1] == "2"  # PID 2: the launcher is PID 1
     assert "svc.ns.svc" not in Path("/etc/hosts").read_text()  # the host's file is untouched
+    # The missing mount point was made in the container's own layer, not on the host.
+    assert not Path(target).parent.exists()
+
+
+def test_a_mount_that_hides_another_source_does_not_break_it(tmp_path: Path) -> None:
+    """An emptyDir over a directory holding another volume's source (the injected /tmp
+    volume over the pod directory in the host's /tmp) once made the launcher create the
+    other mount point as a *file* on the host, which broke every later pod."""
+    over, hidden = tmp_path / "volumes" / "tmp", tmp_path / "volumes" / "run"
+    over.mkdir(parents=True)
+    hidden.mkdir()
+    (hidden / "mark").write_text("seen")
+    target = f"/run/backdial-kubelet-{uuid.uuid4().hex[:8]}"
+    code = f"print(open('{target}/mark').read(), sorted(__import__('os').listdir('{tmp_path}')))"
+    # In this order, the first mount covers the directory that holds the second's source.
+    mounts = [BindMount(str(over), str(tmp_path)), BindMount(str(hidden), target)]
+
+    async def scenario() -> tuple[int, int]:
+        return await (await _start(tmp_path / "volumes", "c", _spec(tmp_path, code, mounts))).wait()
+
+    assert _run(scenario) == (0, 0), (tmp_path / "volumes" / "c.log").read_text()
+    assert "seen []" in (tmp_path / "volumes" / "c.log").read_text()
+    assert not os.path.lexists(target)
+
+
+def test_a_missing_mount_source_fails_the_setup_and_creates_nothing(tmp_path: Path) -> None:
+    target = f"/run/backdial-kubelet-{uuid.uuid4().hex[:8]}/data"
+    code = "print('ran', flush=True)"
+    mounts = [BindMount(str(tmp_path / "no-such-volume"), target)]
+
+    async def scenario() -> tuple[tuple[int, int], str]:
+        proc = await _start(tmp_path, "c", _spec(tmp_path, code, mounts))
+        return await proc.wait(), proc.setup_error()
+
+    (code_and_signal, error) = _run(scenario)
+    assert code_and_signal == (126, 0)
+    assert error == f"mount source {tmp_path / 'no-such-volume'} does not exist"
+    assert "ran" not in (tmp_path / "c.log").read_text()
+    assert not os.path.lexists(Path(target).parent)
 
 
 def test_sigterm_reaches_the_command_and_kill_leaves_nothing(tmp_path: Path) -> None:
@@ -148,7 +186,9 @@ def test_missing_executable_exits_127(tmp_path: Path) -> None:
 def test_handlers_http_tcp_and_exec_in_the_container(tmp_path: Path) -> None:
     volume = tmp_path / "vol"
     volume.mkdir()
-    target = "/run/backdial-kubelet-test/probe"
+    # A new top-level directory: the container gets a root of its own, which exec probes
+    # (nsenter) must see too.
+    target = f"/backdial-kubelet-{uuid.uuid4().hex[:8]}/probe"
     server = (
         "import http.server\n"
         "class H(http.server.BaseHTTPRequestHandler):\n"
@@ -188,5 +228,4 @@ def test_handlers_http_tcp_and_exec_in_the_container(tmp_path: Path) -> None:
         return results
 
     assert _run(scenario) == [True, False, True, False, True, False]
-    assert not Path(target).joinpath("port").exists()  # only bound inside the container
-    shutil.rmtree("/run/backdial-kubelet-test", ignore_errors=True)
+    assert not os.path.lexists(Path(target).parent)  # only inside the container

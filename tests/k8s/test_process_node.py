@@ -8,6 +8,7 @@ import base64
 import http.client
 import ipaddress
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -375,6 +376,51 @@ def test_emptydir_shared_within_a_pod_not_across_pods(
             harness.poll(last_line, timeout=10, interval=0.2, what="reader output")
             == f"seen: {name}"
         )
+
+
+def test_volume_sources_stay_reachable_and_a_missing_one_fails_its_container(
+    k8s_cluster: harness.Cluster, k8s_namespace: str
+) -> None:
+    """An emptyDir at /tmp covers the pod's own directories in the host's /tmp (where the
+    other volumes' sources are): the other volume still mounts, and the mount point that
+    does not exist is made for the container only. A hostPath volume whose path does not
+    exist fails its container with CreateContainerError; nothing appears on the host."""
+    ns = k8s_namespace
+    tag = uuid.uuid4().hex[:8]
+    run_dir, missing = f"/var/run/backdial-test-{tag}", f"/tmp/backdial-no-such-dir-{tag}"
+    app = _container(
+        "app",
+        command=["sh", "-c", f"echo ok > {run_dir}/f && exec sleep 1000"],
+        volumeMounts=[
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "run", "mountPath": run_dir},
+        ],
+        readinessProbe={"exec": {"command": ["test", "-f", f"{run_dir}/f"]}, "periodSeconds": 1},
+    )
+    volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "run", "emptyDir": {}}]
+    broken = _container(
+        "broken",
+        command=["sleep", "1000"],
+        volumeMounts=[{"name": "host", "mountPath": f"/mnt/backdial-test-{tag}"}],
+    )
+    k8s_cluster.apply(
+        [
+            _pod("hidden", ns, [app], volumes=volumes),
+            _pod("broken", ns, [broken], volumes=[{"name": "host", "hostPath": {"path": missing}}]),
+        ]
+    )
+    _wait_ready(k8s_cluster, ns, "hidden", 1)
+
+    def waiting() -> dict[str, Any] | None:
+        pod = k8s_cluster.get_json(f"/api/v1/namespaces/{ns}/pods/broken")
+        (status,) = pod["status"].get("containerStatuses") or [{}]
+        state = (status.get("state") or {}).get("waiting") or {}
+        return state if state.get("reason") == "CreateContainerError" else None
+
+    state = harness.poll(waiting, timeout=30, interval=0.25, what="CreateContainerError")
+    assert state["message"] == f"mount source {missing} does not exist"
+    for path in (run_dir, missing, f"/mnt/backdial-test-{tag}"):
+        assert not os.path.lexists(path), f"{path} was made on the host"
 
 
 IN_CLUSTER_CLIENT = """

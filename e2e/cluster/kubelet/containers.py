@@ -30,6 +30,8 @@ log = logging.getLogger("kubelet.containers")
 
 #: A preStop hook that overran the deadline still leaves SIGTERM this long to work.
 MIN_TERM_GRACE = 2.0
+#: Waiting reason of a container the launcher could not set up (e.g. a missing mount source).
+CREATE_CONTAINER_ERROR = "CreateContainerError"
 
 
 class PodHost(Protocol):
@@ -108,19 +110,31 @@ class ContainerRunner:
                 probing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await probing
-                self.record.terminate(exit_code, sig, self.host.now())
-                self.host.changed()
                 kind = self.plan.kind
-                if self._stopping or not should_restart(kind, self.host.restart_policy, exit_code):
-                    break
                 crashes = self.host.backoff.crashes_after(crashes, loop.time() - began)
                 delay = self.host.backoff.delay(crashes)
-                self.record.wait("CrashLoopBackOff", f"back-off {delay:g}s restarting {kind.value}")
-                self.host.changed()
+                failure = run.proc.setup_error()
+                if failure:
+                    # Never ran (a mount failed): retried with back-off whatever the
+                    # restart policy, as the kubelet retries a container it cannot create.
+                    self.record.wait(CREATE_CONTAINER_ERROR, failure)
+                    self.host.changed()
+                    if self._stopping:
+                        break
+                else:
+                    self.record.terminate(exit_code, sig, self.host.now())
+                    self.host.changed()
+                    policy = self.host.restart_policy
+                    if self._stopping or not should_restart(kind, policy, exit_code):
+                        break
+                    self.record.wait(
+                        "CrashLoopBackOff", f"back-off {delay:g}s restarting {kind.value}"
+                    )
+                    self.host.changed()
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
-                if not self._stopping:
+                if not self._stopping and not failure:
                     self.record.restart_count += 1
         finally:
             self.finished.set()

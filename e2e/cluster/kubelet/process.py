@@ -67,9 +67,11 @@ class LaunchSpec:
     hostname: str
     mounts: Sequence[BindMount]
 
-    def to_json(self) -> str:
+    def to_json(self, scratch: str = "", error_file: str = "") -> str:
         return json.dumps(
             {
+                "scratch": scratch,
+                "error_file": error_file,
                 "argv": list(self.argv),
                 "env": dict(self.env),
                 "cwd": self.cwd,
@@ -82,9 +84,17 @@ class LaunchSpec:
         )
 
 
+def setup_paths(spec_file: Path) -> tuple[Path, Path]:
+    """(scratch directory, error file) of the launcher that runs ``spec_file``."""
+    return spec_file.with_suffix(".root"), spec_file.with_suffix(".error")
+
+
 def _prepare(spec: LaunchSpec, spec_file: Path, log_file: Path) -> BinaryIO:
     """Write the launcher's spec (private: it holds the environment); open the log."""
-    spec_file.write_text(spec.to_json())
+    scratch, error_file = setup_paths(spec_file)
+    scratch.mkdir(parents=True, exist_ok=True)
+    error_file.unlink(missing_ok=True)
+    spec_file.write_text(spec.to_json(str(scratch), str(error_file)))
     spec_file.chmod(0o600)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     return open(log_file, "ab")
@@ -98,10 +108,13 @@ def missing_tools() -> list[str]:
 class ContainerProcess:
     """One started container run."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, container_id: str) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, container_id: str, spec_file: Path
+    ) -> None:
         self._proc = proc
         self.container_id = container_id
         self.pid = proc.pid
+        self._error_file = setup_paths(spec_file)[1]
 
     @classmethod
     async def start(
@@ -121,7 +134,7 @@ class ContainerProcess:
                 start_new_session=True,
                 preexec_fn=_die_with_parent(),
             )
-        return cls(proc, f"backdial-proc://{os.getpid()}-{next(_ids)}")
+        return cls(proc, f"backdial-proc://{os.getpid()}-{next(_ids)}", spec_file)
 
     @property
     def exited(self) -> bool:
@@ -141,6 +154,15 @@ class ContainerProcess:
             return 128 - code, -code
         return code, code - 128 if code > 128 else 0
 
+    def setup_error(self) -> str:
+        """Why the launcher could not set the container up ("" if it did, or still runs)."""
+        if not self.exited:
+            return ""
+        try:
+            return self._error_file.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
     def init_pid(self) -> int | None:
         """Host pid of the launcher (PID 1 inside), to enter the container's namespaces."""
         path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
@@ -155,4 +177,5 @@ class ContainerProcess:
         pid = self.init_pid()
         if pid is None:
             raise ProcessLookupError("container is not running")
-        return ["nsenter", f"--target={pid}", "--mount", "--uts", "--", *command]
+        # --root and --wd: the container may have a root of its own (launcher.Mounts).
+        return ["nsenter", f"--target={pid}", "--mount", "--uts", "--root", "--wd", "--", *command]
