@@ -8,6 +8,10 @@ it recalls them, when they sit idle longer than ``leaseIdleRelease``, or when
 they broke or were retired.  If the control connection drops, leases in use
 finish their request and are then closed (the acceptor has reclaimed them),
 and the pool reconnects with backoff.
+
+Which session serves which request (take, settle, the per-key FIFO, recalls) is
+decided by the pure ``LeaseBook`` (leasebook.py); this module is its shell: the
+control connection, the queue timer, WANT coalescing and hand-off delivery.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from backdial.policy import Policy, PolicyError, Slice, policy_from_data
 from backdial.sdk.backoff import StateLog
 from backdial.sidecar.idlering import IdleRing
 from backdial.sidecar.lease import Lease, LeasedConn, Ticket, Waiter
+from backdial.sidecar.leasebook import LeaseBook, Settle
 
 log = logging.getLogger("backdial.sidecar")
 
@@ -116,16 +121,11 @@ class LeasePool:
         self.workers = 1
         self.index = 0
         self.worker_id = 0
-        self.idle: dict[WantKey, IdleRing[LeasedConn]] = collections.defaultdict(IdleRing)
-        self.waiters: dict[WantKey, collections.deque[Ticket]] = collections.defaultdict(
-            collections.deque
-        )
+        # held / busy / idle / waiters / recall: the pure bookkeeping (leasebook.py)
+        self.book: LeaseBook[LeasedConn] = LeaseBook()
         self._timer: asyncio.TimerHandle | None = None  # fires at the earliest queue deadline
         self._timer_at = 0.0
         self._handoffs: list[tuple[Ticket, LeasedConn]] = []
-        self.held: dict[int, LeasedConn] = {}  # every session this worker holds, by id
-        self.busy: set[int] = set()
-        self.recall: collections.Counter[str] = collections.Counter()  # by actual service
         self.stats: dict[str, SliceStats] = collections.defaultdict(SliceStats)
         self.registered = 0  # sessions registered at the acceptor, as last announced
         self.closing = False
@@ -157,15 +157,7 @@ class LeasePool:
         Synchronous, so the proxy needs no task per request at steady state.  It
         never jumps a queue: with waiters for the key, idle sessions go to them.
         """
-        key = (service, slice_name)
-        idle = self.idle.get(key)
-        if not idle or self.waiters.get(key):
-            return None
-        while (conn := idle.take()) is not None:
-            if conn.lease.session in self.held:
-                self.busy.add(conn.lease.session)
-                return conn
-        return None
+        return self.book.take((service, slice_name))
 
     async def acquire(self, service: str, slice_name: str) -> LeasedConn:
         """``try_acquire``, else wait in the slice's queue (raises the 503 exceptions)."""
@@ -182,10 +174,11 @@ class LeasePool:
 
     def release(self, conn: LeasedConn, state: ReleaseState) -> None:
         lease = conn.lease
-        self.busy.discard(lease.session)
-        if self.closing and not self.busy:
+        book = self.book
+        book.busy.discard(lease.session)
+        if self.closing and not book.busy:
             self._drained.set()
-        if lease.session not in self.held:
+        if lease.session not in book.held:
             conn.close()
             return
         if state != _IDLE or lease.epoch != self._epoch or self.closing:
@@ -195,28 +188,50 @@ class LeasePool:
         self._settle(conn)
 
     def _settle(self, conn: LeasedConn) -> None:
-        """A clean session is free: honour a pending recall first, else reuse it here."""
-        service = conn.lease.service
-        if self.recall[service] > 0:
-            self.recall[service] -= 1
+        """A clean session is free: a pending recall, else the oldest waiter, else idle."""
+        now = time.monotonic()
+        how, ticket = self.book.settle(conn, now)
+        if how is Settle.GIVE_BACK:
             self._give_back(conn, ReleaseState.IDLE)
-        else:
-            self._offer(conn)
+        elif ticket is not None:
+            self.stats[ticket.key[1]].wait.observe(now - ticket.started)
+            self._mark_want()
+            # Hand-offs are delivered together at the end of this loop iteration: writing
+            # a queued request onto the session right here would wake its service in the
+            # middle of our own callback and, on a shared core, preempt us once per request.
+            if not self._handoffs:
+                self._loop.call_soon(self._deliver)
+            self._handoffs.append((ticket, conn))
 
     def lost(self, conn: LeasedConn, state: ReleaseState) -> None:
         """An idle held session died or was retired by its service."""
-        lease = conn.lease
-        if lease.session not in self.held:
-            return
-        self.idle[lease.key].remove(conn)
-        self._give_back(conn, state)
+        if self.book.forget_idle(conn):
+            self._give_back(conn, state)
+
+    # The book's state, as the worker's admin, metrics and tests read it.
+    @property
+    def held(self) -> dict[int, LeasedConn]:
+        return self.book.held
+
+    @property
+    def busy(self) -> set[int]:
+        return self.book.busy
+
+    @property
+    def idle(self) -> dict[WantKey, IdleRing[LeasedConn]]:
+        return self.book.idle
+
+    @property
+    def waiters(self) -> dict[WantKey, collections.deque[Ticket]]:
+        return self.book.waiters
+
+    @property
+    def recall(self) -> collections.Counter[str]:
+        return self.book.recall
 
     @property
     def waiting(self) -> int:
-        return sum(len(q) for q in self.waiters.values())
-
-    def _waiting_in(self, slice_name: str) -> int:
-        return sum(len(q) for (_, name), q in self.waiters.items() if name == slice_name)
+        return self.book.waiting
 
     def _split_queues(self) -> None:
         """Per slice: its spec and this worker's exact share of ``maxWaiting``, computed
@@ -239,16 +254,14 @@ class LeasePool:
         if self.closing:
             stats.rejected[Rejection.DRAINING] += 1
             raise Draining(retry_after)
-        queue = self.waiters[key]
         # maxWaiting bounds the slice, whatever service its requests are for: memory stays
         # bounded by the policy, not by how many services register (docs/configuration.md).
         # Only requests that must wait get here, so the sum over a few keys is cheap.
-        if entry is None or self._waiting_in(slice_name) >= entry[1]:
+        if entry is None or self.book.waiting_in(slice_name) >= entry[1]:
             stats.rejected[Rejection.QUEUE_FULL] += 1
             raise QueueFull(retry_after)
         now = time.monotonic()
-        ticket = Ticket(waiter, key, now, now + entry[0].queue.timeout)
-        queue.append(ticket)
+        ticket = self.book.enqueue(key, waiter, now, entry[0].queue.timeout)
         # A key the acceptor does not know to be waiting is told at once; later count
         # changes on a waiting key are coalesced (the acceptor is already serving it).
         self._mark_want(urgent=key not in self._reported)
@@ -264,10 +277,7 @@ class LeasePool:
 
     def cancel(self, ticket: Ticket) -> None:
         """The client went away: leave the queue (no-op when already served)."""
-        if ticket.active:
-            ticket.active = False
-            with contextlib.suppress(ValueError):
-                self.waiters[ticket.key].remove(ticket)
+        if self.book.cancel(ticket):
             self._mark_want()
 
     def _expire(self) -> None:
@@ -275,40 +285,15 @@ class LeasePool:
         self._timer = None
         now = time.monotonic()
         retry_after = self.policy.limits.retry_after
-        earliest = 0.0
-        for queue in self.waiters.values():
-            while queue and queue[0].deadline <= now:
-                ticket = queue.popleft()
-                ticket.active = False
-                stats = self.stats[ticket.key[1]]
-                stats.rejected[Rejection.TIMEOUT] += 1
-                stats.wait.observe(now - ticket.started)
-                self._mark_want()
-                ticket.waiter.lease_refused(Rejection.TIMEOUT, retry_after)
-            if queue and (not earliest or queue[0].deadline < earliest):
-                earliest = queue[0].deadline
+        expired, earliest = self.book.expire(now)
+        for ticket in expired:  # told after the books are settled: a callback may wait again
+            stats = self.stats[ticket.key[1]]
+            stats.rejected[Rejection.TIMEOUT] += 1
+            stats.wait.observe(now - ticket.started)
+            self._mark_want()
+            ticket.waiter.lease_refused(Rejection.TIMEOUT, retry_after)
         if earliest:
             self._arm(earliest, now)
-
-    def _offer(self, conn: LeasedConn) -> None:
-        """Hand a clean session to this key's oldest waiter, else keep it idle (sticky)."""
-        lease = conn.lease
-        queue = self.waiters.get(lease.key)
-        if queue:
-            ticket = queue.popleft()
-            ticket.active = False
-            self.busy.add(lease.session)
-            self.stats[lease.key[1]].wait.observe(time.monotonic() - ticket.started)
-            self._mark_want()
-            # Hand-offs are delivered together at the end of this loop iteration: writing
-            # a queued request onto the session right here would wake its service in the
-            # middle of our own callback and, on a shared core, preempt us once per request.
-            if not self._handoffs:
-                self._loop.call_soon(self._deliver)
-            self._handoffs.append((ticket, conn))
-            return
-        lease.idle_since = time.monotonic()
-        self.idle[lease.key].append(conn)
 
     def _deliver(self) -> None:
         handoffs, self._handoffs = self._handoffs, []
@@ -352,7 +337,7 @@ class LeasePool:
 
     def _give_back(self, conn: LeasedConn, state: ReleaseState) -> None:
         lease = conn.lease
-        self.held.pop(lease.session, None)
+        self.book.held.pop(lease.session, None)
         conn.close()
         if lease.epoch == self._epoch and self._channel is not None:
             if not self._release_buf:
@@ -457,14 +442,8 @@ class LeasePool:
 
     def _orphan_leases(self) -> None:
         """The acceptor reclaimed our leases: close idle ones now, busy ones after their request."""
-        for ring in self.idle.values():
-            for conn in ring.drain():
-                self.held.pop(conn.lease.session, None)
-                conn.close()
-        for sid in list(self.held):
-            if sid not in self.busy:
-                self.held.pop(sid).close()
-        self.recall.clear()
+        for conn in self.book.orphans():
+            conn.close()
         for listener in self._listen_waiters.values():
             if not listener.done():
                 listener.set_exception(ConnectionError("acceptor connection lost"))
@@ -559,24 +538,15 @@ class LeasePool:
         self.configured.set()
 
     def _on_recall(self, service: str, n: int) -> None:
-        for ring in self.idle.values():
-            if n <= 0:
-                break
-            for conn in ring.take_if(lambda c: c.lease.service == service, n):
-                self._give_back(conn, ReleaseState.IDLE)
-                n -= 1
-        if n > 0:
-            self.recall[service] += n
+        for conn in self.book.recall_idle(service, n):
+            self._give_back(conn, ReleaseState.IDLE)
 
     async def _idle_sweeper(self) -> None:
         while True:
             limit = self.policy.limits.lease_idle_release
             await asyncio.sleep(max(0.05, min(limit / 2, 1.0)))
-            cutoff = time.monotonic() - limit
-            for ring in self.idle.values():
-                for conn in [c for c in ring if c.lease.idle_since < cutoff]:
-                    ring.remove(conn)
-                    self._give_back(conn, ReleaseState.IDLE)
+            for conn in self.book.idle_since_before(time.monotonic() - limit):
+                self._give_back(conn, ReleaseState.IDLE)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -1,0 +1,101 @@
+"""LeaseBook: the worker's pure decisions about its sessions and waiting requests."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from backdial.control import Rejection
+from backdial.sidecar.lease import Lease, LeasedConn
+from backdial.sidecar.leasebook import LeaseBook, Settle
+
+KEY = ("", "default")
+OTHER = ("", "mobile")
+
+
+class Conn:
+    def __init__(self, sid: int, registrant: int = 1, key: tuple[str, str] = KEY) -> None:
+        self.sock = socket.socket()
+        self.lease = Lease(sid, "svc", key[1], registrant, self.sock, key)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Waiting:
+    def lease_ready(self, conn: LeasedConn) -> None:
+        raise AssertionError("the book never calls its waiters")
+
+    def lease_refused(self, reason: Rejection, retry_after: int) -> None:
+        raise AssertionError("the book never calls its waiters")
+
+
+@pytest.fixture
+def book() -> Iterator[LeaseBook[Conn]]:
+    b: LeaseBook[Conn] = LeaseBook()
+    yield b
+    for conn in b.held.values():
+        conn.close()
+
+
+def hold(book: LeaseBook[Conn], conn: Conn) -> Conn:
+    book.held[conn.lease.session] = conn
+    book.busy.add(conn.lease.session)
+    return conn
+
+
+def free(book: LeaseBook[Conn], conn: Conn, now: float) -> tuple[Settle, object]:
+    """What LeasePool.release does with a clean session: not busy any more, then settle."""
+    book.busy.discard(conn.lease.session)
+    return book.settle(conn, now)
+
+
+def test_take_uses_idle_sessions_but_never_jumps_waiters(book: LeaseBook[Conn]) -> None:
+    a = hold(book, Conn(1))
+    assert free(book, a, 5.0) == (Settle.IDLE, None)
+    assert a.lease.idle_since == 5.0 and 1 not in book.busy
+    assert book.take(OTHER) is None  # another key's idle session is not ours
+    ticket = book.enqueue(KEY, Waiting(), 6.0, 1.0)
+    assert book.take(KEY) is None  # a request of this key already waits: it goes first
+    assert book.cancel(ticket) and not book.cancel(ticket)
+    assert book.take(KEY) is a and 1 in book.busy
+
+
+def test_settle_prefers_recall_then_oldest_waiter(book: LeaseBook[Conn]) -> None:
+    a, b, c = (hold(book, Conn(i)) for i in (1, 2, 3))
+    first = book.enqueue(KEY, Waiting(), 1.0, 1.0)
+    second = book.enqueue(KEY, Waiting(), 2.0, 1.0)
+    assert book.recall_idle("svc", 1) == []  # nothing idle: owed by the next one freed
+    assert free(book, a, 3.0) == (Settle.GIVE_BACK, None)
+    assert free(book, b, 3.0) == (Settle.HANDED, first)
+    assert not first.active and 2 in book.busy
+    assert free(book, c, 3.0) == (Settle.HANDED, second)
+    assert book.waiting == 0
+
+
+def test_expire_refuses_in_order_and_reports_the_next_deadline(book: LeaseBook[Conn]) -> None:
+    t1 = book.enqueue(KEY, Waiting(), 0.0, 1.0)
+    t2 = book.enqueue(OTHER, Waiting(), 0.5, 1.0)
+    t3 = book.enqueue(KEY, Waiting(), 0.7, 1.0)
+    assert book.waiting == 3 and book.waiting_in("default") == 2
+    expired, earliest = book.expire(1.6)
+    assert expired == [t1, t2] and earliest == 1.7
+    assert not t1.active and t3.active
+    assert book.expire(2.0) == ([t3], 0.0)
+
+
+def test_recall_idle_sweep_and_orphans(book: LeaseBook[Conn]) -> None:
+    a, b, _ = (hold(book, Conn(i, registrant=i)) for i in (1, 2, 3))
+    free(book, a, 1.0)
+    free(book, b, 9.0)
+    assert book.recall_idle("svc", 3) == [a, b] and book.recall["svc"] == 1
+    book.recall.clear()
+    free(book, a, 1.0)
+    free(book, b, 9.0)
+    assert book.idle_since_before(5.0) == [a]
+    assert book.forget_idle(b) and not book.forget_idle(Conn(99))
+    free(book, b, 9.0)
+    # c is busy: it stays held until its request ends; a and b are handed back
+    assert set(book.orphans()) == {a, b} and list(book.held) == [3]
