@@ -22,7 +22,7 @@ import re
 
 from backdial.control import ReleaseState
 from backdial.sidecar.classify import classifier_for
-from backdial.sidecar.lease import LeasedConn
+from backdial.sidecar.lease import DiscardingSink, LeasedConn
 from backdial.sidecar.leasepool import LeasePool, Refused
 from backdial.sidecar.sessionconn import SessionConn
 
@@ -31,7 +31,7 @@ _SAFE = re.compile(r"^[\x21-\x7e]{1,2048}$")
 USER_AGENT = "backdial-app-probe"
 
 
-class _Sink:
+class _Sink(DiscardingSink):
     """ResponseSink of one probe request: keeps the status, gives the session back."""
 
     def __init__(self, pool: LeasePool, conn: LeasedConn) -> None:
@@ -44,15 +44,6 @@ class _Sink:
     ) -> None:
         self.status = status
 
-    def resp_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
-        return None
-
-    def resp_body(self, data: bytes) -> None:
-        return None
-
-    def resp_flush(self) -> None:
-        return None
-
     def resp_done(self, state: ReleaseState) -> None:
         self.pool.release(self.conn, state)
         if not self.done.done():
@@ -62,9 +53,6 @@ class _Sink:
         self.pool.release(self.conn, ReleaseState.BROKEN)
         if not self.done.done():
             self.done.set_result(0)
-
-    def upstream_writable(self, writable: bool) -> None:
-        return None
 
 
 class AppProber:

@@ -103,3 +103,22 @@ class LeaseSource(LeaseOwner, Protocol):
     def wait(self, service: str, slice_name: str, waiter: Waiter) -> Ticket: ...
 
     def cancel(self, ticket: Ticket) -> None: ...
+
+
+class DiscardingSink:
+    """A ``ResponseSink`` base for owners that want only the outcome of a response (its
+    status, how it ended), not its bytes: interim heads, body and flushes are dropped."""
+
+    __slots__ = ()
+
+    def resp_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
+        return None
+
+    def resp_body(self, data: bytes) -> None:
+        return None
+
+    def resp_flush(self) -> None:
+        return None
+
+    def upstream_writable(self, writable: bool) -> None:
+        return None

@@ -30,7 +30,7 @@ import httptools
 
 from backdial.control import ReleaseState
 from backdial.http1 import CONNECTION_BUILTIN, FIELDS, Field, connection_tokens, drop_named
-from backdial.sidecar.lease import Lease, LeaseOwner, ResponseSink
+from backdial.sidecar.lease import DiscardingSink, Lease, LeaseOwner, ResponseSink
 from backdial.wire import RETIRE_LINE
 
 MAX_RESPONSE_HEAD: Final = 64 * 1024
@@ -411,7 +411,7 @@ class SessionConn(asyncio.Protocol):
         self._complete = True
 
 
-class DrainSink:
+class DrainSink(DiscardingSink):
     """Owns a session whose client went away mid-request: discard the response, release clean.
 
     Bounded by ``upstream_timeout`` in total; a session that does not finish by then
@@ -438,15 +438,6 @@ class DrainSink:
         if status == 101:
             self._expire()  # a tunnel nobody will use
 
-    def resp_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
-        return None
-
-    def resp_body(self, data: bytes) -> None:
-        return None
-
-    def resp_flush(self) -> None:
-        return None
-
     def resp_done(self, state: ReleaseState) -> None:
         self.handle.cancel()
         self.pool.release(self.conn, state)
@@ -454,9 +445,6 @@ class DrainSink:
     def resp_failed(self, started: bool) -> None:
         self.handle.cancel()
         self.pool.release(self.conn, BROKEN)
-
-    def upstream_writable(self, writable: bool) -> None:
-        return None
 
     def _expire(self) -> None:
         self.handle.cancel()
