@@ -99,6 +99,8 @@ def test_listen_addresses_are_explicit_in_args() -> None:
     acceptor, sidecar = pod["spec"]["initContainers"][:2]
     assert acceptor["args"][:1] == ["acceptor"]
     assert "--admin" in acceptor["args"] and "0.0.0.0:9901" in acceptor["args"]
+    uids = acceptor["args"].index("--register-uids")  # app containers run as other uids
+    assert acceptor["args"][uids + 1] == "any" and "--control-uids" not in acceptor["args"]
     args = sidecar["args"]
     assert args[args.index("--listen") + 1] == "0.0.0.0:8080"
     assert args[args.index("--admin") + 1] == "0.0.0.0:9902"

@@ -126,7 +126,13 @@ def _acceptor(s: InjectSettings, with_ca: bool) -> dict[str, Any]:
         "image": s.image,
         "imagePullPolicy": s.image_pull_policy.value,
         "restartPolicy": "Always",
-        "args": ["acceptor", "--run-dir", RUN_DIR, "--admin", f"0.0.0.0:{port}"],
+        # App containers may run as any uid; the run-dir emptyDir is the pod's own, so
+        # register.sock admits every process of the pod (control.sock stays the
+        # acceptor's own uid: the sidecar runs as it; docs/security.md).
+        "args": [
+            *("acceptor", "--run-dir", RUN_DIR, "--admin", f"0.0.0.0:{port}"),
+            *("--register-uids", "any"),
+        ],
         "env": env,
         "ports": [{"name": "acceptor-admin", "containerPort": port, "protocol": "TCP"}],
         # The app must not start before register.sock exists: native sidecars count as
