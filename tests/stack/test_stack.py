@@ -368,8 +368,18 @@ def test_acceptor_restart_then_automatic_reregistration(stack: Stack, sig: int) 
     stack.start(sessions=4)
     assert request(stack.port, "/")[0] == 200
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(request, stack.port, "/delay?ms=1000")
-        wait_for(lambda: stack.leased() == 1, what="the request on a leased session")
+        running = pool.submit(request, stack.port, "/delay?ms=1000&group=held")
+
+        def in_app() -> bool:
+            groups = json.loads(request(stack.port, "/stats")[1])["groups"]
+            return bool(groups.get("held", {}).get("in_flight"))
+
+        # The app serves it, so it is on a leased session. (The acceptor's leased count
+        # proves nothing here: the warm-up request's session stays leased to the worker,
+        # so a slow client thread could still be on its way; a request that reaches the
+        # sidecar after the acceptor stopped waits for a session and gets 503 when its
+        # queue timeout passes, as invariant 3 says.)
+        wait_for(in_app, what="the request served by the app")
         stack.acceptor.stop(sig=sig)
         # A request already on a leased session finishes: leases outlive the acceptor.
         assert running.result()[0] == 200
