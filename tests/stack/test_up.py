@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,7 @@ def test_up_serves_through_leased_sessions_and_stops_cleanly(run_dir) -> None:  
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     lines: list[str] = []
+    children: list[int] = []
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
@@ -83,5 +85,14 @@ def test_up_serves_through_leased_sessions_and_stops_cleanly(run_dir) -> None:  
             )
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            # SIGINT stops the three in order; killing `up` alone would orphan them (each
+            # runs in a session of its own), so a failed test stops them itself.
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
