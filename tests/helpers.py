@@ -125,7 +125,8 @@ class Proc:
         return self.p.returncode
 
     def output(self) -> str:
-        self._fh.flush()
+        if not self._fh.closed:  # closed once stopped
+            self._fh.flush()
         return self.log.read_text(errors="replace")
 
 

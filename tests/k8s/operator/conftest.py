@@ -33,7 +33,7 @@ def ops(operator_session: OperatorEnv, request: pytest.FixtureRequest) -> Iterat
     """The session's operator (restarted if a test stopped it); pods' processes stop after."""
     env = operator_session
     failed_before = request.session.testsfailed
-    if env.operator.proc is None or not env.operator.proc.alive():
+    if not env.operator.alive():
         env.operator.start()
     yield env
     if request.session.testsfailed > failed_before:

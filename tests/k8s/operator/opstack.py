@@ -104,18 +104,35 @@ def operator_kubeconfig(cluster: harness.Cluster, path: Path) -> Path:
 
 
 class Operator:
-    """One ``backdial operator`` process (restartable)."""
+    """One ``backdial operator`` process (restartable).
+
+    Every listener is explicit and on a free loopback port: a default (``0.0.0.0:9443``...)
+    would collide with any other operator on the machine, e.g. another test session's.
+    """
 
     def __init__(
-        self, env: OperatorEnv, name: str, *extra: str, config_port: int | None = None
+        self,
+        env: OperatorEnv,
+        name: str,
+        *extra: str,
+        config_port: int | None = None,
+        webhook_port: int | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.env, self.name, self.extra = env, name, list(extra)
         self.health = f"127.0.0.1:{free_port()}"
         self.config_port = config_port or env.config_port
+        self.webhook_port = webhook_port or free_port()
+        self.metrics_port = metrics_port or free_port()
         self.proc: Proc | None = None
         self.starts = 0
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
     def start(self, wait_ready: bool = True) -> Operator:
+        # A second process would fail to bind and orphan the first (which keeps acting).
+        assert not self.alive(), f"{self.name} is already running"
         self.starts += 1
         args = [
             "operator",
@@ -123,6 +140,10 @@ class Operator:
             self.health,
             "--config-listen",
             f"{OPERATOR_IP}:{self.config_port}",
+            "--webhook-listen",
+            f"127.0.0.1:{self.webhook_port}",
+            "--metrics-api-listen",
+            f"127.0.0.1:{self.metrics_port}",
             "--namespace",
             OPERATOR_NS,
             "--tls-san",
@@ -234,12 +255,10 @@ class OperatorEnv:
             "operator",
             "--peering-lifetime",
             "10",
-            "--webhook-listen",
-            f"127.0.0.1:{self.webhook_port}",
-            "--metrics-api-listen",
-            f"127.0.0.1:{self.metrics_port}",
             "--inject-config",
             str(self.inject_config),
+            webhook_port=self.webhook_port,
+            metrics_port=self.metrics_port,
         )
         self.ca = workdir / "ca.crt"
         self._pods: list[PodStack] = []

@@ -47,6 +47,7 @@ def test_only_one_replica_acts_and_the_other_takes_over(
         assert open_stream(ops, ns, "web-0", token, port=second.config_port)[0] == 101
     finally:
         # Hand back to the session's replica for the other tests.
-        first.start(wait_ready=False)
+        if not first.alive():
+            first.start(wait_ready=False)
         second.stop()
         first.wait_ready(timeout=60)
