@@ -13,7 +13,6 @@ from backdial.operator.aggregatorauth import (
     authenticate,
     requestheader_config,
 )
-from backdial.operator.hpa import HpaAction, desired_hpa, hpa_action, scaling_condition
 from backdial.operator.metricsapi import (
     ApiError,
     MetricName,
@@ -217,69 +216,3 @@ def test_access_review_and_cache() -> None:
     for i in range(5):
         cache.put(("k", i), False, 20)
     assert len(cache._entries) <= 2
-
-
-# -- the HPA ---------------------------------------------------------------------------------
-AUTOSCALING = {
-    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
-    "minReplicas": 2,
-    "maxReplicas": 6,
-    "target": {"metric": "requestsWaiting", "averageValue": 4},
-    "behavior": {"scaleUp": {"stabilizationWindowSeconds": 0}},
-}
-
-
-def hpa(autoscaling: dict[str, Any] | None = AUTOSCALING) -> dict[str, Any] | None:
-    return desired_hpa("shop", "web", "uid-1", "backdial.dev/v1alpha1", autoscaling)
-
-
-def test_desired_hpa() -> None:
-    h = hpa()
-    assert h is not None
-    assert h["apiVersion"] == "autoscaling/v2" and h["metadata"]["name"] == "web"
-    assert h["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-    assert h["spec"]["minReplicas"] == 2 and h["spec"]["maxReplicas"] == 6
-    assert h["spec"]["metrics"] == [
-        {
-            "type": "Pods",
-            "pods": {
-                "metric": {"name": "backdial_requests_waiting"},
-                "target": {"type": "AverageValue", "averageValue": "4"},
-            },
-        }
-    ]
-    assert h["spec"]["behavior"] == AUTOSCALING["behavior"]
-    util = hpa({**AUTOSCALING, "target": {"metric": "sessionUtilization", "averageValue": 80}})
-    assert util is not None
-    assert util["spec"]["metrics"][0]["pods"]["metric"]["name"] == "backdial_session_utilization"
-    assert hpa(None) is None
-
-
-def test_hpa_actions() -> None:
-    want = hpa()
-    assert want is not None
-    live = {
-        **want,
-        "spec": {
-            **want["spec"],
-            "behavior": {
-                "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max"},
-                "scaleDown": {"selectPolicy": "Max"},
-            },
-        },
-        "status": {},
-    }
-    assert hpa_action(want, None, "uid-1") is HpaAction.CREATE
-    assert hpa_action(want, live, "uid-1") is HpaAction.NONE  # API-server defaults ignored
-    changed = hpa({**AUTOSCALING, "maxReplicas": 9})
-    assert hpa_action(changed, live, "uid-1") is HpaAction.UPDATE
-    no_behavior = hpa({k: v for k, v in AUTOSCALING.items() if k != "behavior"})
-    assert hpa_action(no_behavior, live, "uid-1") is HpaAction.UPDATE
-    assert hpa_action(None, live, "uid-1") is HpaAction.DELETE
-    assert hpa_action(None, None, "uid-1") is HpaAction.NONE
-    foreign = {**live, "metadata": {"name": "web", "ownerReferences": []}}
-    assert hpa_action(want, foreign, "uid-1") is HpaAction.CONFLICT
-    assert hpa_action(None, foreign, "uid-1") is HpaAction.NONE
-    assert scaling_condition(HpaAction.CONFLICT, want)["reason"] == "HPAConflict"
-    assert scaling_condition(HpaAction.NONE, want)["status"] == "True"
-    assert scaling_condition(HpaAction.NONE, None)["reason"] == "NoAutoscaling"

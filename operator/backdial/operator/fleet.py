@@ -108,8 +108,12 @@ def _condition(
     }
 
 
-def slice_status(plan: Plan, fleet: Fleet) -> dict[str, Any]:
-    """The status a SessionSlice should have (conditions without transition times)."""
+def slice_status(
+    plan: Plan, fleet: Fleet, scaling: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The status a SessionSlice should have (conditions without transition times);
+    *scaling* is its ``ScalingActive`` condition (``hpa.scaling_condition``), None while
+    the HPA was not looked at yet."""
     info = plan.slice
     gen = info.generation
     status: dict[str, Any] = {
@@ -128,6 +132,7 @@ def slice_status(plan: Plan, fleet: Fleet) -> dict[str, Any]:
             _condition(ConditionType.READY, False, "InvalidSpec", msg, gen),
             _condition(ConditionType.CONFIG_APPLIED, False, "InvalidSpec", msg, gen),
             _condition(ConditionType.DEGRADED, True, "InvalidSpec", msg, gen),
+            _condition(ConditionType.SCALING_ACTIVE, False, "InvalidSpec", msg, gen),
         ]
         return status
     pending: list[str] = []
@@ -171,6 +176,8 @@ def slice_status(plan: Plan, fleet: Fleet) -> dict[str, Any]:
         ),
         _degraded(plan),
     ]
+    if scaling is not None:
+        status["conditions"].append({**scaling, "observedGeneration": gen})
     return status
 
 

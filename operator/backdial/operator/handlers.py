@@ -1,15 +1,19 @@
 """The kopf shell: thin handlers that feed the pure reconcile core and write status.
 
-* Two kopf *indexes* hold the pods (server-side label selector ``backdial.dev/injected``
-  unless ``--all-pods``) and the SessionSlices, by namespace.  kopf runs no other handler
-  before both are fully listed, so no plan is ever made from a partial view.
-* Every pod or SessionSlice event only marks its namespace changed (``Hub.touch``).
+* Three kopf *indexes* hold the pods (server-side label selector ``backdial.dev/injected``
+  unless ``--all-pods``), the SessionSlices and the HorizontalPodAutoscalers, by namespace.
+  kopf runs no other handler before all are fully listed, so no plan is ever made from a
+  partial view.
+* Every pod or SessionSlice event only marks its namespace changed (``Hub.touch``); an HPA
+  event only wakes the namespace's workers to look at their HPA (``Hub.hpas_changed``), so
+  an HPA deleted by hand comes back at once and the ``ScalingActive`` condition follows
+  what the HPA controller reports, without recomputing any pod's config.
 * One *worker* task per SessionSlice (started by its first event, so never before the
   indexes are complete; not a kopf daemon, which would need a finalizer) recomputes its
   plan when its namespace changed (bursts coalesce into one recompute), publishes per-pod
   configs to the hub (streams deliver them), and writes the status at most once per
   second, only when it changed.  Events are posted when a conflict with another
-  SessionSlice appears or a spec turns invalid.
+  SessionSlice or with an HPA it does not own appears, or a spec turns invalid.
   A deleted SessionSlice's pods are told to go back to their local config.
 
 No handler writes to pods and nothing writes per pod: a spec change costs one status
@@ -27,16 +31,19 @@ from typing import Any
 
 import kopf
 
-from backdial.operator import models
+from backdial.operator import hpa, models
 from backdial.operator.fleet import Fleet, slice_status, stamp_conditions
 from backdial.operator.hub import Hub
 from backdial.operator.kube import Kube, KubeError, in_cluster_info
 from backdial.operator.reconcile import Plan, PodInfo, SliceInfo, plan
-from backdial.operator.scaling import kube_request, sync_hpa
+from backdial.operator.scaling import apply_hpa, kube_request
 
 log = logging.getLogger("backdial.operator")
 DEBOUNCE = 0.05  # seconds: pod events arriving together become one recompute
 STATUS_INTERVAL = 1.0  # at most one status write per SessionSlice per second
+MAX_HPA_UPDATES = 5  # replacements in a row that did not converge: stop, log (no write loop)
+HPA_RETRY = 5.0  # seconds before an HPA write the API server refused is tried again
+HPA = ("autoscaling", "v2", "horizontalpodautoscalers")
 
 
 @dataclass(slots=True)
@@ -52,18 +59,12 @@ class Shared:
     events_posted: int = 0
     recomputes: int = 0  # plans made (each after a burst of changes)
 
-    def start_worker(
-        self,
-        namespace: str,
-        name: str,
-        pods: kopf.Index[str, PodInfo],
-        slices: kopf.Index[str, SliceInfo],
-    ) -> None:
+    def start_worker(self, namespace: str, name: str, indexes: Indexes) -> None:
         key = f"{namespace}/{name}"
         task = self.workers.get(key)
         if task is None or task.done():
             worker = SliceWorker(self, namespace, name)
-            self.workers[key] = asyncio.ensure_future(worker.run(pods, slices))
+            self.workers[key] = asyncio.ensure_future(worker.run(indexes))
 
     def stop_worker(self, namespace: str, name: str, revert: bool) -> None:
         """The SessionSlice is gone: its pods go back to their local config (*revert*)."""
@@ -106,6 +107,24 @@ def slice_info(
         created=str(meta.get("creationTimestamp") or ""),
         spec=_plain(spec),
     )
+
+
+def hpa_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the operator keeps of an HPA: identity, owners, spec and the controller's status."""
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    return {
+        "metadata": _plain(
+            {k: meta.get(k) for k in ("name", "namespace", "uid", "resourceVersion")}
+            | {"labels": meta.get("labels") or {}}
+            | {"ownerReferences": meta.get("ownerReferences") or []}
+        ),
+        "spec": _plain(body.get("spec") or {}),
+        "status": _plain(
+            {k: status.get(k) for k in ("currentReplicas", "desiredReplicas")}
+            | {"conditions": status.get("conditions") or []}
+        ),
+    }
 
 
 def _plain(value: Any) -> Any:
@@ -153,9 +172,19 @@ def make_registry(pod_selector: str | None, peering_lifetime: int = 60) -> kopf.
         ns = namespace or ""
         return {ns: slice_info(ns, name, meta, spec)}
 
+    @kopf.index(*HPA, registry=registry, id="backdial_hpas")
+    async def backdial_hpas(
+        *, namespace: str | None, body: kopf.Body, **_: Any
+    ) -> dict[str, dict[str, Any]]:
+        return {namespace or "": hpa_view(body)}
+
     @kopf.on.event("v1", "pods", registry=registry)
     async def _pod_event(*, namespace: str | None, memo: Any, **_: Any) -> None:
         memo["shared"].hub.touch(namespace or "")
+
+    @kopf.on.event(*HPA, registry=registry)
+    async def _hpa_event(*, namespace: str | None, memo: Any, **_: Any) -> None:
+        memo["shared"].hub.hpas_changed(namespace or "")
 
     @kopf.on.event(models.GROUP, models.VERSION, models.PLURAL, registry=registry)
     async def _slice_event(
@@ -167,20 +196,30 @@ def make_registry(pod_selector: str | None, peering_lifetime: int = 60) -> kopf.
         **kwargs: Any,
     ) -> None:
         namespace = namespace or ""
-        pods: kopf.Index[str, PodInfo] = kwargs["backdial_pods"]
-        slices: kopf.Index[str, SliceInfo] = kwargs["backdial_slices"]
+        indexes = Indexes(
+            kwargs["backdial_pods"], kwargs["backdial_slices"], kwargs["backdial_hpas"]
+        )
         shared: Shared = memo["shared"]
         shared.hub.touch(namespace)
         if event.get("type") == "DELETED":
             shared.stop_worker(namespace, name, revert=True)
         else:
-            shared.start_worker(namespace, name, pods, slices)
+            shared.start_worker(namespace, name, indexes)
 
     return registry
 
 
+@dataclass(frozen=True, slots=True)
+class Indexes:
+    """kopf's indexes, by namespace: pods, SessionSlices, HPAs (``hpa_view``)."""
+
+    pods: kopf.Index[str, PodInfo]
+    slices: kopf.Index[str, SliceInfo]
+    hpas: kopf.Index[str, dict[str, Any]]
+
+
 class SliceWorker:
-    """One SessionSlice's loop: plan on change, publish, write status."""
+    """One SessionSlice's loop: plan on change, publish, keep its HPA, write status."""
 
     def __init__(self, shared: Shared, namespace: str, name: str) -> None:
         self.shared, self.namespace, self.name = shared, namespace, name
@@ -189,19 +228,19 @@ class SliceWorker:
         self.conditions: list[dict[str, Any]] = []
         self.written_at = float("-inf")
         self.reported: tuple[list[str], str] = ([], "")  # conflicts, error already announced
-        self.hpa_synced: tuple[str, int] = ("", 0)  # (uid, generation) the HPA matches
+        self.scaling: dict[str, str] | None = None  # the ScalingActive condition
+        self.hpa_conflicts: tuple[str, ...] = ()  # already announced
+        self.hpa_updates = (0, 0)  # (generation, replacements in a row without converging)
 
-    async def run(self, pods: kopf.Index[str, PodInfo], slices: kopf.Index[str, SliceInfo]) -> None:
+    async def run(self, indexes: Indexes) -> None:
         hub = self.shared.hub
-        spec_changed, figures_changed = hub.subscribe(self.namespace)
+        events = hub.subscribe(self.namespace)
+        spec_changed, figures_changed, hpas_changed = events
         loop = asyncio.get_running_loop()
         current: Plan | None = None
         try:
             while True:
-                waits = {
-                    asyncio.ensure_future(spec_changed.wait()),
-                    asyncio.ensure_future(figures_changed.wait()),
-                }
+                waits = {asyncio.ensure_future(e.wait()) for e in events}
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -210,48 +249,68 @@ class SliceWorker:
                 if spec_changed.is_set():
                     await asyncio.sleep(DEBOUNCE)
                     spec_changed.clear()
-                    info = _find(slices, self.namespace, self.name)
+                    info = _find(indexes.slices, self.namespace, self.name)
                     if info is None:
                         continue  # deleted: the DELETED event stops this worker
                     current = plan(
-                        info, _store(pods, self.namespace), _store(slices, self.namespace)
+                        info,
+                        _store(indexes.pods, self.namespace),
+                        _store(indexes.slices, self.namespace),
                     )
                     self.shared.plans[self.key] = current
                     self.shared.recomputes += 1
                     hub.publish(current)
                     await self._announce(current)
-                    await self._sync_hpa(current)
+                    hpas_changed.set()
                 figures_changed.clear()
+                if hpas_changed.is_set() and current is not None:
+                    hpas_changed.clear()
+                    await self._sync_hpa(current, _store(indexes.hpas, self.namespace))
                 if current is not None:
                     wait = self.written_at + STATUS_INTERVAL - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
                     await self._write_status(current)
         finally:
-            hub.unsubscribe(self.namespace, (spec_changed, figures_changed))
+            hub.unsubscribe(self.namespace, events)
             self.shared.plans.pop(self.key, None)
 
-    async def _sync_hpa(self, current: Plan) -> None:
-        """The HPA follows ``spec.autoscaling`` (once per generation; docs/autoscaling.md)."""
+    async def _sync_hpa(self, current: Plan, live: Iterable[Mapping[str, Any]]) -> None:
+        """The HPA follows ``spec.autoscaling`` and comes back when deleted; its state (as
+        the HPA controller reports it) becomes ``ScalingActive`` (docs/autoscaling.md)."""
         info = current.slice
-        if not current.valid or self.hpa_synced == (info.uid, info.generation):
-            return
+        if not current.valid:
+            return  # the HPA stays as it is until the spec is valid again
+        desired = hpa.desired_hpa(
+            info.namespace, info.name, info.uid, models.API_VERSION, info.spec.get("autoscaling")
+        )
+        decision = hpa.decide(desired, live, info.uid)
+        self.scaling = hpa.scaling_condition(decision, desired)
+        if decision.conflicts != self.hpa_conflicts:
+            self.hpa_conflicts = decision.conflicts
+            if decision.conflicts:
+                await self._event("HPAConflict", self.scaling["message"], info)
+        generation, updates = self.hpa_updates
+        updates = updates if generation == info.generation else 0
+        if decision.action is hpa.HpaAction.UPDATE:
+            if updates >= MAX_HPA_UPDATES:
+                return  # logged once below; a spec change starts over
+            updates += 1
+            if updates == MAX_HPA_UPDATES:
+                log.warning("HPA of %s: its spec does not converge; not replaced again", self.key)
+        elif decision.action is hpa.HpaAction.NONE:
+            updates = 0
+        self.hpa_updates = (info.generation, updates)
         try:
-            await sync_hpa(
-                kube_request(self.shared.kube),
-                info.namespace,
-                info.name,
-                info.uid,
-                models.API_VERSION,
-                info.spec.get("autoscaling"),
-            )
+            await apply_hpa(kube_request(self.shared.kube), decision, desired)
         except KubeError as exc:
-            log.warning("HPA of %s not synced: %s", self.key, exc)
-            return
-        self.hpa_synced = (info.uid, info.generation)
+            log.warning("HPA of %s not synced: %s; retrying", self.key, exc)
+            asyncio.get_running_loop().call_later(
+                HPA_RETRY, self.shared.hub.hpas_changed, self.namespace
+            )
 
     async def _write_status(self, current: Plan) -> None:
-        status = slice_status(current, self.shared.fleet)
+        status = slice_status(current, self.shared.fleet, self.scaling)
         if status == self.written:
             return
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -2,16 +2,19 @@
 
 Pure: :func:`desired_hpa` builds the ``autoscaling/v2`` HorizontalPodAutoscaler
 (one ``Pods`` metric served by the operator's custom metrics API, owned by the
-SessionSlice so deleting the SessionSlice deletes it), and :func:`hpa_action`
-compares it with what exists.  Removing ``spec.autoscaling`` deletes the HPA;
-an HPA of that name that the SessionSlice does not own is never touched (the
-action is ``CONFLICT``, surfaced in the SessionSlice's status).
+SessionSlice so deleting the SessionSlice deletes it), :func:`decide` compares it
+with the namespace's live HPAs (create, update, delete, or nothing; conflicts with
+HPAs someone else owns), and :func:`scaling_condition` turns the live HPA's
+conditions, as the HPA controller reports them, into the SessionSlice's
+``ScalingActive`` condition.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from backdial.operator.metricsapi import MetricName, quantity
@@ -30,7 +33,6 @@ class HpaAction(enum.Enum):
     CREATE = "create"
     UPDATE = "update"
     DELETE = "delete"
-    CONFLICT = "conflict"  # an HPA of that name exists and is not ours
 
 
 def hpa_name(slice_name: str) -> str:
@@ -112,45 +114,115 @@ def _subset(want: Any, have: Any) -> bool:
     return bool(want == have)
 
 
-def hpa_action(
-    desired: Mapping[str, Any] | None, existing: Mapping[str, Any] | None, slice_uid: str
-) -> HpaAction:
-    if existing is not None and not owned_by(existing, slice_uid):
-        return HpaAction.CONFLICT if desired is not None else HpaAction.NONE
+def _target(hpa: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(API group, kind, name) of an HPA's scale target (the version does not matter)."""
+    ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+    group = str(ref.get("apiVersion", "")).rpartition("/")[0]
+    return group, str(ref.get("kind", "")), str(ref.get("name", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class HpaDecision:
+    """What to do about a SessionSlice's HPA, given every HPA of its namespace."""
+
+    action: HpaAction
+    existing: Mapping[str, Any] | None  # the HPA of the SessionSlice's name, if any
+    conflicts: tuple[str, ...] = ()  # HPAs not ours that stand in the way, by name
+
+    @property
+    def ours(self) -> Mapping[str, Any] | None:
+        return self.existing if self.existing is not None and not self.conflicts else None
+
+
+def decide(
+    desired: Mapping[str, Any] | None, live: Iterable[Mapping[str, Any]], slice_uid: str
+) -> HpaDecision:
+    """The action that makes the namespace's HPAs match *desired* (None: no autoscaling).
+
+    An HPA the SessionSlice does not own is never touched. One that has the SessionSlice's
+    name, or scales the same target (two HPAs on one target fight, and the HPA controller
+    stops both), is a conflict: the operator then keeps no HPA of its own, so the other
+    one works, and creates its own again once the other is gone.
+    """
+    hpas = list(live)
+    name = desired["metadata"]["name"] if desired is not None else None
+    existing = next((h for h in hpas if (h.get("metadata") or {}).get("name") == name), None)
     if desired is None:
-        return HpaAction.DELETE if existing is not None else HpaAction.NONE
+        existing = next((h for h in hpas if owned_by(h, slice_uid)), None)
+        return HpaDecision(HpaAction.DELETE if existing else HpaAction.NONE, existing)
+    target = _target(desired)
+    conflicts = tuple(
+        sorted(
+            str(h["metadata"]["name"])
+            for h in hpas
+            if not owned_by(h, slice_uid)
+            and (h["metadata"].get("name") == name or _target(h) == target)
+        )
+    )
+    if conflicts:
+        ours = existing is not None and owned_by(existing, slice_uid)
+        return HpaDecision(HpaAction.DELETE if ours else HpaAction.NONE, existing, conflicts)
     if existing is None:
-        return HpaAction.CREATE
-    spec, live = desired["spec"], existing.get("spec") or {}
-    same = _subset(spec, live) and ("behavior" in spec or not live.get("behavior"))
+        return HpaDecision(HpaAction.CREATE, None)
+    spec, have = desired["spec"], existing.get("spec") or {}
+    same = _subset(spec, have) and ("behavior" in spec or not have.get("behavior"))
     labels = (existing.get("metadata") or {}).get("labels") or {}
     same = same and _subset(desired["metadata"]["labels"], labels)
-    return HpaAction.NONE if same else HpaAction.UPDATE
+    return HpaDecision(HpaAction.NONE if same else HpaAction.UPDATE, existing)
 
 
-def scaling_condition(action: HpaAction, desired: Mapping[str, Any] | None) -> dict[str, str]:
-    """Type/status/reason/message of the SessionSlice's ``ScalingActive`` condition."""
-    if action is HpaAction.CONFLICT:
-        return {
-            "type": "ScalingActive",
-            "status": "False",
-            "reason": "HPAConflict",
-            "message": "a HorizontalPodAutoscaler of this name exists and is not owned by "
-            "this SessionSlice; it is left alone",
-        }
+_REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")  # a condition reason
+
+
+def _condition(status: str, reason: str, message: str) -> dict[str, str]:
+    if not _REASON.match(reason):
+        reason = "HPAReported"
+    return {"type": "ScalingActive", "status": status, "reason": reason, "message": message}
+
+
+def scaling_condition(decision: HpaDecision, desired: Mapping[str, Any] | None) -> dict[str, str]:
+    """Type/status/reason/message of the SessionSlice's ``ScalingActive`` condition: what
+    the real HPA controller says about the HPA the operator owns (its ``AbleToScale``,
+    ``ScalingActive`` and ``ScalingLimited`` conditions), or why there is none."""
     if desired is None:
-        return {
-            "type": "ScalingActive",
-            "status": "False",
-            "reason": "NoAutoscaling",
-            "message": "spec.autoscaling is not set",
-        }
+        return _condition("False", "NoAutoscaling", "spec.autoscaling is not set")
+    name = desired["metadata"]["name"]
+    ref = desired["spec"]["scaleTargetRef"]
+    target = f"{ref['kind']} {ref['name']}"
+    if decision.conflicts:
+        return _condition(
+            "False",
+            "HPAConflict",
+            f"HorizontalPodAutoscaler {', '.join(decision.conflicts)} is not owned by this "
+            f"SessionSlice and has its name or scales {target}; it is left alone and this "
+            "SessionSlice keeps no HPA until it is gone",
+        )
+    hpa = decision.ours
+    if hpa is None or decision.action is HpaAction.CREATE:
+        return _condition("Unknown", "HPAPending", f"creating HorizontalPodAutoscaler {name}")
+    status = hpa.get("status") or {}
+    found = {c.get("type"): c for c in status.get("conditions") or []}
+    able, active, limited = (found.get(t) or {} for t in _HPA_CONDITIONS)
+    for cond in (able, active):
+        if cond and cond.get("status") != "True":
+            return _condition(
+                "False" if cond.get("status") == "False" else "Unknown",
+                str(cond.get("reason") or "HPAReported"),
+                f"HPA {name}: {cond.get('message', '')}",
+            )
+    if not active:
+        return _condition(
+            "Unknown", "HPAPending", f"HPA {name} created; the HPA controller has not reported yet"
+        )
     metric = desired["spec"]["metrics"][0]["pods"]
-    return {
-        "type": "ScalingActive",
-        "status": "True",
-        "reason": "HPAManaged",
-        "message": f"HPA {desired['metadata']['name']} scales "
-        f"{desired['spec']['scaleTargetRef']['name']} on {metric['metric']['name']} "
-        f"(average {metric['target']['averageValue']} per pod)",
-    }
+    message = (
+        f"HPA {name} scales {target} on {metric['metric']['name']} (average "
+        f"{metric['target']['averageValue']} per pod): {status.get('currentReplicas', 0)} "
+        f"replicas, {status.get('desiredReplicas', 0)} desired"
+    )
+    if limited.get("status") == "True":
+        message += f"; limited ({limited.get('reason')}): {limited.get('message', '')}"
+    return _condition("True", str(active.get("reason") or "HPAManaged"), message)
+
+
+_HPA_CONDITIONS = ("AbleToScale", "ScalingActive", "ScalingLimited")

@@ -51,20 +51,22 @@ class Hub:
         self.streams: dict[PodKey, Stream] = {}
         self._specs: dict[str, Signal] = {}  # pods or SessionSlices changed
         self._figures: dict[str, Signal] = {}  # pod reports changed
+        self._hpas: dict[str, Signal] = {}  # HorizontalPodAutoscalers changed
         self.pushes = 0  # desired configs offered to connected streams
 
     # -- signals ---------------------------------------------------------------------------
 
-    def subscribe(self, namespace: str) -> tuple[asyncio.Event, asyncio.Event]:
-        """(spec changed, figures changed) events for a worker of *namespace*."""
-        spec, figures = asyncio.Event(), asyncio.Event()
+    def subscribe(self, namespace: str) -> tuple[asyncio.Event, asyncio.Event, asyncio.Event]:
+        """(spec changed, figures changed, HPAs changed) events for a worker of *namespace*."""
+        spec, figures, hpas = asyncio.Event(), asyncio.Event(), asyncio.Event()
         spec.set()  # compute once at start
         self._specs.setdefault(namespace, Signal()).events.add(spec)
         self._figures.setdefault(namespace, Signal()).events.add(figures)
-        return spec, figures
+        self._hpas.setdefault(namespace, Signal()).events.add(hpas)
+        return spec, figures, hpas
 
     def unsubscribe(self, namespace: str, events: Iterable[asyncio.Event]) -> None:
-        for table in (self._specs, self._figures):
+        for table in (self._specs, self._figures, self._hpas):
             signal = table.get(namespace)
             if signal is not None:
                 signal.events.difference_update(events)
@@ -79,6 +81,12 @@ class Hub:
 
     def figures_changed(self, namespace: str) -> None:
         signal = self._figures.get(namespace)
+        if signal is not None:
+            signal.set()
+
+    def hpas_changed(self, namespace: str) -> None:
+        """An HPA of *namespace* was created, changed (its status too) or deleted."""
+        signal = self._hpas.get(namespace)
         if signal is not None:
             signal.set()
 

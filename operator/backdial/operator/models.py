@@ -178,6 +178,7 @@ class ConditionType(StrEnum):
     READY = "Ready"
     CONFIG_APPLIED = "ConfigApplied"
     DEGRADED = "Degraded"
+    SCALING_ACTIVE = "ScalingActive"  # the HPA of spec.autoscaling, as its controller says
 
 
 class ConditionStatus(StrEnum):

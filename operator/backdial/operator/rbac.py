@@ -42,8 +42,13 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     _rule(["authentication.k8s.io"], ["tokenreviews"], ["create"]),
     # kopf peering between replicas; the operator creates the object if it is missing.
     _rule(["kopf.dev"], ["clusterkopfpeerings"], ["get", "list", "watch", "patch", "create"]),
-    # The HPA a SessionSlice's spec.autoscaling asks for (scaling.sync_hpa).
-    _rule(["autoscaling"], ["horizontalpodautoscalers"], ["get", "create", "update", "delete"]),
+    # The HPA a SessionSlice's spec.autoscaling asks for (scaling.apply_hpa), and kopf's
+    # HPA index: an HPA deleted by hand comes back, others' HPAs on the target are seen.
+    _rule(
+        ["autoscaling"],
+        ["horizontalpodautoscalers"],
+        ["get", "list", "watch", "create", "update", "delete"],
+    ),
     # The metrics API asks whether the aggregator's caller may read a metric.
     _rule(["authorization.k8s.io"], ["subjectaccessreviews"], ["create"]),
 ]

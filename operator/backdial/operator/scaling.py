@@ -2,10 +2,10 @@
 the fleet's reports turned into metric samples.
 
 ``kube_request`` adapts ``Kube.request`` to the ``Request`` callable used here and
-by ``cabundle.py``.  ``sync_hpa`` reads the HPA of the SessionSlice's name, asks ``hpa.hpa_action``
-what to do and does it (create, replace with the live ``resourceVersion``,
-delete, or nothing).  ``samples`` adapts ``fleet.PodState`` to the metrics
-API's ``PodSample``.
+by ``cabundle.py``.  ``apply_hpa`` carries out what ``hpa.decide`` chose from the
+namespace's HPAs as the operator's index sees them (create, replace with the live
+``resourceVersion``, delete, or nothing).  ``samples`` adapts ``fleet.PodState``
+to the metrics API's ``PodSample``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from backdial.operator.fleet import Fleet
-from backdial.operator.hpa import HpaAction, desired_hpa, hpa_action, hpa_name
+from backdial.operator.hpa import HpaAction, HpaDecision
 from backdial.operator.kube import Kube
 from backdial.operator.metricsapi import PodSample
 
@@ -41,44 +41,33 @@ def _hpa_path(namespace: str, name: str = "") -> str:
     return f"{base}/{name}" if name else base
 
 
-async def sync_hpa(
-    request: Request,
-    namespace: str,
-    slice_name: str,
-    slice_uid: str,
-    slice_api_version: str,
-    autoscaling: Mapping[str, Any] | None,
-) -> HpaAction:
-    """Make the live HPA match ``spec.autoscaling``; returns what was done."""
-    desired = desired_hpa(namespace, slice_name, slice_uid, slice_api_version, autoscaling)
-    path = _hpa_path(namespace, hpa_name(slice_name))
+async def apply_hpa(
+    request: Request, decision: HpaDecision, desired: Mapping[str, Any] | None
+) -> None:
+    """Carry out *decision* (from ``hpa.decide``); a 409 means the namespace changed
+    meanwhile, and the next HPA event decides again."""
+    action, existing = decision.action, decision.existing
+    if action is HpaAction.NONE:
+        return
+    target = existing if action is HpaAction.DELETE else desired
+    assert target is not None
+    namespace, name = target["metadata"]["namespace"], target["metadata"]["name"]
     try:
-        existing = await request("GET", path, None)
+        if action is HpaAction.CREATE:
+            assert desired is not None
+            await request("POST", _hpa_path(namespace), desired)
+        elif action is HpaAction.UPDATE:
+            assert desired is not None and existing is not None
+            version = existing["metadata"]["resourceVersion"]
+            body = {**desired, "metadata": {**desired["metadata"], "resourceVersion": version}}
+            await request("PUT", _hpa_path(namespace, name), body)
+        else:
+            await request("DELETE", _hpa_path(namespace, name), None)
     except Exception as exc:
-        if getattr(exc, "status", None) != 404:
+        if getattr(exc, "status", None) not in (404, 409):
             raise
-        existing = None
-    action = hpa_action(desired, existing, slice_uid)
-    if action is HpaAction.CREATE:
-        assert desired is not None
-        await request("POST", _hpa_path(namespace), desired)
-    elif action is HpaAction.UPDATE:
-        assert desired is not None and existing is not None
-        body = {
-            **desired,
-            "metadata": {
-                **desired["metadata"],
-                "resourceVersion": existing["metadata"]["resourceVersion"],
-            },
-        }
-        await request("PUT", path, body)
-    elif action is HpaAction.DELETE:
-        await request("DELETE", path, None)
-    elif action is HpaAction.CONFLICT:
-        log.warning("HPA %s/%s exists and is not owned by its SessionSlice", namespace, slice_name)
-    if action not in (HpaAction.NONE, HpaAction.CONFLICT):
-        log.info("HPA %s/%s: %s", namespace, slice_name, action.value)
-    return action
+        return
+    log.info("HPA %s/%s: %s", namespace, name, action.value)
 
 
 def samples(fleet: Fleet, namespace: str) -> dict[str, PodSample]:

@@ -27,7 +27,7 @@ import pytest
 from backdial.operator.cabundle import WEBHOOK_CONFIG_PATH, patch_bundles
 from tests.helpers import wait_for
 from tests.k8s.operator import wiring
-from tests.k8s.operator.opstack import OperatorEnv
+from tests.k8s.operator.opstack import OperatorEnv, condition, slice_status
 from tests.stack.test_stack import Load
 
 IMAGE = f"{harness.DEFAULT_PROJECT_IMAGE}:0.1.0"
@@ -414,6 +414,16 @@ def test_hpa_scales_up_on_queued_requests_and_back_down(
             "status"
         ]
         assert status["selectedPods"] == 4 and status["perPodSessions"] == 2
+        # The HPA controller found the metric; the SessionSlice says so (ScalingActive).
+        wait_for(
+            lambda: (
+                condition(slice_status(crds, ns, "scale"), "ScalingActive").get("reason")
+                == "ValidMetricFound"
+            ),
+            timeout=20,
+            what="ScalingActive True (ValidMetricFound)",
+        )
+        assert condition(slice_status(crds, ns, "scale"), "ScalingActive")["status"] == "True"
         hpa = crds.get_json(hpa_path)
         assert hpa["status"]["desiredReplicas"] == 4
         current = hpa["status"]["currentMetrics"][0]["pods"]
