@@ -232,6 +232,8 @@ class Clients:
         self.ok: dict[str, str] = {}  # id -> method, answered correctly
         self.failed: collections.Counter[str] = collections.Counter()
         self.failures: list[tuple[float, str]] = []  # (monotonic time, cause)
+        # Each failure: id, method, path, body size, sent and failed at (monotonic), cause.
+        self.failure_detail: list[dict[str, Any]] = []
         self.bad: list[str] = []  # answers with a wrong id or body
         self.pending: set[str] = set()
         self.threads = [
@@ -277,6 +279,7 @@ class Clients:
                 self.sent += 1
                 self.pending.add(rid)
             outcome = "ok"
+            sent_at = time.monotonic()
             try:
                 if conn is None or rng.random() < 0.05:  # some requests on new connections
                     if conn is not None:
@@ -311,7 +314,12 @@ class Clients:
                     self.bad.append(rid)
                 else:
                     self.failed[outcome] += 1
-                    self.failures.append((time.monotonic(), outcome))
+                    now = time.monotonic()
+                    self.failures.append((now, outcome))
+                    self.failure_detail.append(
+                        {"id": rid, "method": method, "path": path, "size": size, "ms": ms,
+                         "sent": sent_at, "failed": now, "cause": outcome}
+                    )  # fmt: skip
         if conn is not None:
             conn.close()
 
@@ -345,7 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while (now := time.monotonic()) < start + args.duration:
             cluster.sample_starts(args.warmup)
             if now >= next_fault:
-                name = FAULTS[index % len(FAULTS)]
+                name = args.faults[index % len(args.faults)]
                 index += 1
                 log(f"fault {index}: {name} (sent {clients.sent}, ok {len(clients.ok)})")
                 cluster.fault(name)
@@ -370,6 +378,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for t, cause in clients.failures:
         before = [f for f in faults if f["t"] <= t and t - f["t"] < args.fault_interval]
         by_fault[before[-1]["fault"] if before else "no fault"][cause] += 1
+    failures = []
+    for d in clients.failure_detail:  # times relative to the start and to the fault before
+        before = [f for f in faults if f["t"] <= d["sent"]]
+        failures.append(
+            dict(
+                d,
+                sent=round(d["sent"] - start, 3),
+                failed=round(d["failed"] - start, 3),
+                after=before[-1]["fault"] if before else "",
+                after_s=round(d["sent"] - before[-1]["t"], 3) if before else None,
+            )
+        )
     for f in faults:
         del f["t"]
     result = {
@@ -392,6 +412,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "no_outcome": sorted(clients.pending)[:20],
         },
         "faults": faults,
+        "failures": failures,
         "processes": [
             {
                 "role": inc.role,
@@ -441,6 +462,14 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _faults(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in FAULTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"faults are {', '.join(FAULTS)}")
+    return names
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=1800, help="seconds of load (default 1800)")
@@ -449,6 +478,12 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=200, help="requests per second, all clients")
     p.add_argument("--sessions", type=int, default=8, help="sessions per service instance")
     p.add_argument("--warmup", type=float, default=5, help="seconds before a start sample")
+    p.add_argument(
+        "--faults",
+        type=_faults,
+        default=FAULTS,
+        help="comma-separated faults to cycle through (default: all, in the documented order)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", help="result file stem (default bench/results/<time>-soak)")
     p.add_argument("--keep", action="store_true", help="keep the workspace (logs)")

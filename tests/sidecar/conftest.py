@@ -159,6 +159,10 @@ class Backend:
                 method, target, _ = lines[0].split(" ", 2)
                 headers = [tuple(x.split(": ", 1)) for x in lines[1:]]
                 req = Received(session, method, target, headers, b"", head)  # type: ignore[arg-type]
+                if target.startswith("/die-unread"):
+                    # Reads none of the body, waits for the gate, then dies (kill -9 mid-request).
+                    self.gate.wait(TIMEOUT * 2)
+                    return
                 length = req.header("content-length")
                 if req.header("transfer-encoding") == "chunked":
                     body, buf = self._read_chunked(sock, buf)

@@ -12,6 +12,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from backdial.sidecar.proxy import FEED_CHUNK
+from backdial.sidecar.sessionconn import SessionConn
 from tests.sidecar.conftest import ProxyRunner, RawClient
 
 Raw = Callable[[int], RawClient]
@@ -162,3 +164,60 @@ def test_a_body_that_keeps_the_rate_outlives_request_timeout(
     assert time.monotonic() - start > 0.9
     assert c.read_response().json()["body"] == "k" * 20000
     assert proxy.stats.slow_bodies == 0
+
+
+def _upstream_full(proxy: ProxyRunner) -> bool:
+    return any(getattr(c, "_upstream_full", False) for c in proxy.state.connections)
+
+
+def test_spooled_body_is_fed_at_the_session_pace(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    """The file part of a body goes to the session only as fast as the service reads it.
+
+    Found while reproducing the soak timeouts: when the in-memory part alone filled the
+    session (it is written with the head), the feed forgot that the session was full and
+    moved the whole spool file into the session's write buffer, in memory."""
+    proxy = make_proxy(max_request_body_stream=16 << 20)  # 1 MiB of it in memory
+    proxy.backend.gate.clear()
+    body = b"b" * (8 << 20)
+    c = raw_client(proxy.port)
+    c.send(b"POST /die-unread HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body))
+    c.send(body)
+    assert proxy.wait_for(lambda: _upstream_full(proxy))
+    # What the service has not read waits in the spool file, not in the session's buffer.
+    assert proxy.call(lambda: proxy.stats.request_disk.used) > len(body) // 2
+    in_buffers = proxy.call(
+        lambda: sum(
+            conn.transport.get_write_buffer_size()
+            for conn in proxy.pool.held.values()
+            if isinstance(conn, SessionConn) and conn.transport is not None
+        )
+    )
+    assert in_buffers <= (1 << 20) + 2 * FEED_CHUNK
+    proxy.backend.gate.set()
+    assert c.read_response().status == 502
+    assert proxy.wait_for(lambda: _gauges(proxy) == (0, 0))
+
+
+def test_service_dying_while_a_spooled_body_is_fed_leaves_the_connection_usable(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Raw
+) -> None:
+    """Soak finding (issue 12): a service killed while a spooled body was being written to
+    its session got the client a 502, but the full session had paused reading the client,
+    and nothing resumed it: the next request on that keep-alive connection hung until the
+    client gave up (the 20 s timeouts after service kills in the 30-minute run)."""
+    proxy = make_proxy(max_request_body=1000, max_request_body_stream=16 << 20)
+    proxy.backend.gate.clear()
+    body = b"b" * (8 << 20)  # far beyond what the session's socket buffers take
+    c = raw_client(proxy.port)
+    c.send(b"POST /die-unread HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body))
+    c.send(body)
+    # The service reads none of it: the session's write buffer fills up.
+    assert proxy.wait_for(lambda: _upstream_full(proxy))
+    proxy.backend.gate.set()  # ... and then it dies
+    resp = c.read_response()
+    assert resp.status == 502 and resp.header("connection") != "close"
+    c.send(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert c.read_response().json()["target"] == "/after"
+    assert proxy.wait_for(lambda: _gauges(proxy) == (0, 0))

@@ -742,7 +742,8 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self._set_deadline(_T_UPSTREAM, self.settings.upstream_timeout)
             if r.spool is not None:
-                self._upstream_full = False
+                # Not reset here: start() may have filled the session already (the memory
+                # part of the body), and then no further pause_writing would tell us.
                 self._feed()
 
     def _feed(self) -> None:
@@ -800,8 +801,17 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 self.transport.write(data)
 
-    def _abandon_upstream(self) -> None:
+    def _detach(self) -> SessionConn | None:
+        """Take the session off this connection; what it paused of the client resumes."""
         conn, self._conn = self._conn, None
+        # A full session may have paused reading the client (upstream_writable); once it is
+        # gone nothing else would resume it, and the next request would hang.
+        self._upstream_full = False
+        self._resume(_P_UPSTREAM)
+        return conn
+
+    def _abandon_upstream(self) -> None:
+        conn = self._detach()
         if conn is not None:
             conn.abort()
             self.pool.release(conn, _BROKEN)
@@ -872,7 +882,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def resp_done(self, state: ReleaseState) -> None:
         r = self._active
-        conn, self._conn = self._conn, None
+        conn = self._detach()
         assert r is not None and conn is not None
         if _unsent(r):
             state = _BROKEN  # the service answered before the whole body: the session is dirty
@@ -888,7 +898,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def resp_failed(self, started: bool) -> None:
         r = self._active
-        conn, self._conn = self._conn, None
+        conn = self._detach()
         if conn is not None:
             self.pool.release(conn, _BROKEN)
         if r is not None:
