@@ -1,4 +1,4 @@
-"""``backdial sidecar``: settings, the worker process, admin and graceful stop.
+"""``backdial sidecar``: settings, the worker process and its graceful stop.
 
 A worker connects to the acceptor's control socket, takes the shared client
 listening socket from it, and serves clients with the proxy protocol.  On
@@ -16,28 +16,23 @@ trusted by its file permissions.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
 
-from prometheus_client.metrics_core import Metric
-
-from backdial.adminhttp import AdminRequest, AdminResponse, start_admin
-from backdial.metrics import gauge, registry
+from backdial.adminhttp import start_admin
 from backdial.options import load
 from backdial.runtime import ConfigError, fail, run, setup_logging
-from backdial.sidecar.appprobe import AppProber
 from backdial.sidecar.config import SidecarSettings
-from backdial.sidecar.drain import Drainer, drain_allowed
+from backdial.sidecar.drain import Drainer
 from backdial.sidecar.leasepool import LeasePool
 from backdial.sidecar.liveness import Liveness
 from backdial.sidecar.proxy import make_protocol_factory
 from backdial.sidecar.sessionconn import wrap_lease
 from backdial.sidecar.stats import ProxyStats
 from backdial.sidecar.supervisor import Supervisor
+from backdial.sidecar.workeradmin import WorkerAdmin
 
 log = logging.getLogger("backdial.sidecar")
 
@@ -52,108 +47,6 @@ def settings_from(argv: list[str]) -> SidecarSettings:
         "a flag wins over the variable.",
     )
     return settings.named()
-
-
-class WorkerAdmin:
-    def __init__(
-        self,
-        pool: LeasePool,
-        stats: ProxyStats,
-        name: str,
-        token: str = "",
-        tcp: bool = True,
-        liveness: Liveness | None = None,
-    ) -> None:
-        self.pool, self.stats, self.name = pool, stats, name
-        self.token, self.tcp = token, tcp
-        self.liveness = liveness or Liveness(pool, None, float("inf"), float("inf"))
-        self.draining = False
-        self.drainer: Drainer | None = None
-        self.prober = AppProber(pool)
-        self.metrics = registry(self.families)
-
-    def families(self) -> Iterator[Metric]:
-        yield from self.stats.families()
-        yield from self.liveness.families()
-        pool = self.pool
-        yield gauge(
-            "backdial_sidecar_leases_held",
-            "Sessions this worker holds (busy + idle).",
-            [({}, float(len(pool.held)))],
-        )
-        yield gauge(
-            "backdial_sidecar_leases_busy",
-            "Sessions carrying a request now.",
-            [({}, len(pool.busy))],
-        )
-        waiting: collections.Counter[str] = collections.Counter()
-        for (_, slice_name), queue in pool.waiters.items():
-            waiting[slice_name] += len(queue)
-        yield gauge(
-            "backdial_sidecar_requests_waiting",
-            "Requests waiting in this worker for a session, by slice.",
-            [({"slice": name}, float(n)) for name, n in sorted(waiting.items())],
-        )
-
-    def ready(self) -> bool:
-        return (
-            not self.draining
-            and not (self.drainer is not None and self.drainer.started)
-            and self.pool.connected.is_set()
-            and (self.pool.registered > 0 or bool(self.pool.held))
-            and self.liveness.unready() is None
-        )
-
-    async def __call__(self, req: AdminRequest) -> AdminResponse:
-        if req.path == "/metrics":
-            return AdminResponse.exposition(self.metrics, req)
-        if req.path == "/healthz":
-            wedged = self.liveness.health()
-            return (
-                AdminResponse.text(503, wedged + "\n")
-                if wedged
-                else AdminResponse.text(200, "ok\n")
-            )
-        if req.path == "/readyz":
-            ok = self.ready()
-            return AdminResponse.text(200 if ok else 503, "ready\n" if ok else "not ready\n")
-        if req.path == "/v1/app-probe":
-            q = {k: v[-1] for k, v in req.query.items()}
-            ok, why = await self.prober.check(q.get("path", "/"), q.get("host", ""), "tcp" in q)
-            return AdminResponse.text(200 if ok else 503, why + "\n")
-        if req.path == "/v1/drain":
-            if req.method not in ("GET", "POST"):
-                return AdminResponse.text(405, "use GET or POST\n")
-            if not drain_allowed(req, self.token, self.tcp):
-                return AdminResponse.text(403, "drain needs the pod's drain token\n")
-            if self.drainer is None:
-                return AdminResponse.text(503, "not serving yet\n")
-            result = await self.drainer.run()
-            return AdminResponse.of_json(200, result.as_dict())
-        if req.path == "/v1/state":
-            pool = self.pool
-            return AdminResponse.of_json(
-                200,
-                {
-                    "worker": self.name,
-                    "pid": os.getpid(),
-                    "acceptor_worker_id": pool.worker_id,
-                    "connected": pool.connected.is_set(),
-                    "drain": self.drainer.phase.value if self.drainer else "serving",
-                    "registered": pool.registered,
-                    "generation": pool.generation,
-                    "held": len(pool.held),
-                    "held_by_registrant": dict(
-                        collections.Counter(str(c.lease.registrant) for c in pool.held.values())
-                    ),
-                    "busy": len(pool.busy),
-                    "idle": {f"{k[0] or '(default)'}/{k[1]}": len(q) for k, q in pool.idle.items()},
-                    "waiting": {
-                        f"{k[0] or '(default)'}/{k[1]}": len(q) for k, q in pool.waiters.items()
-                    },
-                },
-            )
-        return AdminResponse.text(404, "not found\n")
 
 
 async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
