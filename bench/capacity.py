@@ -10,7 +10,11 @@
   for S sessions; the measured rate against ``S / T`` with the error in %.
 * **slicing**: a protected slice (header ``X-Class: api``, 4 clients, 5 ms) alone
   and while a bulk slice floods (200 clients, 50 ms); its p99 should move by at
-  most 10 %.  The same with one slice for everyone shows what slicing buys.
+  most 10 %.  The flood runs alone first for longer than ``leaseIdleRelease``, so
+  the protected slice's sticky leases idle out and the bulk slice (which may
+  borrow) holds every session: the protected class must get its quota back from a
+  borrower under load.  The same with one slice for everyone shows what slicing
+  buys.
 """
 
 from __future__ import annotations
@@ -335,6 +339,24 @@ PROTECTED = [
 ]
 
 
+# The flood runs alone this long before the protected load: leaseIdleRelease (2 s by
+# default) plus the worker's idle sweep period (1 s) plus a margin, so the protected
+# slice's leases are back at the acceptor and borrowed by the flood when it returns.
+IDLE_OUT = 3.5
+
+
+def slice_leases(stack: Stack) -> dict[str, int]:
+    """Sessions leased per slice now (the acceptor's count, every service summed)."""
+    status, body = http_get(stack.extra["acceptor_admin"] + "/v1/state", timeout=5)
+    if status != 200:
+        raise BenchError(f"{stack.name}: acceptor /v1/state answered {status}")
+    out: dict[str, int] = {}
+    for service in json.loads(body)["services"].values():
+        for name, sl in service["slices"].items():
+            out[name] = out.get(name, 0) + int(sl["leased"])
+    return out
+
+
 def slicing(
     ws: Workspace,
     server_cpus: str | None,
@@ -352,9 +374,12 @@ def slicing(
             header = ["X-Class: api"]
             wrk(protected, 4, 1.0, 1, wrk_cpus, header)
             alone = wrk(protected, 4, seconds, 1, wrk_cpus, header)
-            flood = _background_wrk(stack.url_for("/delay?ms=50"), 200, seconds + 3, wrk_cpus)
+            flood = _background_wrk(
+                stack.url_for("/delay?ms=50"), 200, seconds + IDLE_OUT + 2, wrk_cpus
+            )
             try:
-                time.sleep(1.5)  # the flood fills every queue first
+                time.sleep(IDLE_OUT)  # the flood fills every queue; protected leases idle out
+                leases = slice_leases(stack)
                 loaded = wrk(protected, 4, seconds, 1, wrk_cpus, header)
                 flood_out, _ = flood.communicate(timeout=seconds + 30)
             finally:
@@ -374,10 +399,12 @@ def slicing(
                 "protected_errors": alone.errors + loaded.errors,
                 "bulk_rps": bulk.rps,
                 "bulk_errors": bulk.errors,
+                "leased_when_protected_returns": leases,
             }
             log(
                 f"slicing {label}: protected p99 {alone.p99_ms:.2f} -> {loaded.p99_ms:.2f} ms "
-                f"({row['p99_change_pct']:+.1f}%), bulk {bulk.rps:,.0f} req/s"
+                f"({row['p99_change_pct']:+.1f}%), {alone.rps:,.0f} -> {loaded.rps:,.0f} req/s; "
+                f"bulk {bulk.rps:,.0f} req/s; leased when it returned {leases}"
             )
             out.append(row)
         finally:

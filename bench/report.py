@@ -340,7 +340,9 @@ def _slicing(result: dict[str, Any], h: str) -> list[str]:
         "",
         "Protected class: `X-Class: api`, wrk -c4 `/delay?ms=5`; bulk flood: wrk -c200 "
         "`/delay?ms=50`; 16 sessions. `slices`: protected 50 %, bulk 50 % (both may borrow); "
-        "`one-slice`: everyone shares one queue.",
+        "`one-slice`: everyone shares one queue. The flood runs alone for 3.5 s first, longer "
+        "than `leaseIdleRelease`, so the protected slice's leases idle out and the bulk slice "
+        "borrows every session; the protected class then needs its quota back under load.",
         "",
         "| layout | protected p99 alone | with flood | change | protected req/s alone / flood | "
         "bulk req/s | errors |",

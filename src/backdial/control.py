@@ -16,6 +16,9 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 VERSION = 1
+# Backwards-compatible additions within VERSION 1, announced in HELLO (docs/protocol.md):
+# 2 = a RECALL names the slice whose sessions must come back.
+REVISION = 2
 MAX_RECORD = 1 << 20  # CONFIG carries the slice table; everything else is tiny
 MAX_FDS = 64  # sessions per GRANT record (well under the kernel's SCM_MAX_FD)
 MAX_WANT = 1_000_000  # a WANT count can never exceed the largest queue.maxWaiting
@@ -29,7 +32,7 @@ class Kind(IntEnum):
     WANT = 3  # w->a  absolute number of local waiters per (service, slice)
     GRANT = 4  # a->w  leases, one fd per entry
     RELEASE = 5  # w->a  give leases back: idle (reusable), broken or retired
-    RECALL = 6  # a->w  please give back n sessions of a service when idle
+    RECALL = 6  # a->w  please give back n sessions of a service (and slice) when idle
     LISTEN = 7  # w->a  ask for the shared client listening socket
     LISTENER = 8  # a->w  the listening socket (one fd)
     ERROR = 9  # a->w  a request could not be served
@@ -71,6 +74,7 @@ WantKey = tuple[str, str]
 class Hello:
     pid: int
     name: str = ""
+    revision: int = 1  # the worker's REVISION; absent = 1 (a worker older than the field)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,7 @@ class Release:
 class Recall:
     service: str
     n: int
+    slice: str = ""  # the slice the sessions are leased for; "" = any (revision 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +218,14 @@ def _build(kind: Kind, data: dict[str, Any]) -> Message:
             raise ValueError(f"want n must be 0..{MAX_WANT}")
         if len(msg.service) > MAX_NAME or len(msg.slice) > MAX_NAME:
             raise ValueError(f"want names longer than {MAX_NAME}")
+    elif isinstance(msg, Recall):
+        if not 0 < msg.n <= MAX_WANT:
+            raise ValueError(f"recall n must be 1..{MAX_WANT}")
+        if len(msg.service) > MAX_NAME or len(msg.slice) > MAX_NAME:
+            raise ValueError(f"recall names longer than {MAX_NAME}")
+    elif isinstance(msg, Hello):
+        if msg.revision < 1:
+            raise ValueError("hello revision must be >= 1")
     elif isinstance(msg, Stats):
         _check_counters(msg.counters)
     return msg

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from backdial.acceptor import capacity
-from backdial.acceptor.ledger import Ledger
+from backdial.acceptor.ledger import Ledger, RecallAction
 from backdial.policy import Limits, Policy
 
 
@@ -43,6 +43,9 @@ def test_leased_sessions_are_recalled_not_touched() -> None:
     assert len(grants) == 3
     # One idle session can go now; two of the three leased ones must come back first.
     assert [s.worker for s in capacity.idle_victims(ledger, 3)] == [0]
-    assert capacity.recall_plan(ledger, 2) == [(7, "svc", 2)]
-    ledger.recalls[(7, "svc")] += 2  # what the shell does when it sends the RECALL
+    # Any slice's sessions will do (""); the plan counts them as asked for.
+    assert capacity.recall_plan(ledger, 2) == [RecallAction(7, "svc", "", 2)]
+    assert ledger.recalls[(7, "svc", "")] == 2
     assert capacity.recall_plan(ledger, 2) == []  # already asked
+    sid = next(s.id for s in ledger.sessions.values() if s.worker == 7)
+    assert ledger.give_back(sid, 7) and ledger.recalls[(7, "svc", "")] == 1

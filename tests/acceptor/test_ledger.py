@@ -1,4 +1,5 @@
-"""The acceptor's accounting, without IO: quotas, borrowing, FIFO, fairness ring, recalls."""
+"""The acceptor's accounting, without IO: quotas, borrowing, FIFO, fairness ring, recalls
+(``lending.recall_plan``: borrowed sessions come back to the slices they were lent from)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import random
 
 import pytest
 
-from backdial.acceptor.ledger import Ledger, apportion
+from backdial.acceptor.ledger import Ledger, RecallAction, apportion
+from backdial.acceptor.lending import recall_plan
 from backdial.policy import policy_from_data
 
 TWO_SLICES = {
@@ -164,10 +166,111 @@ def test_recall_only_for_waiters_a_worker_cannot_serve_itself() -> None:
     ledger.set_want(1, ("", "default"), 2)
     ledger.pump()
     ledger.set_want(1, ("", "default"), 3)  # worker 1 saturated: its own sessions will do
-    assert ledger.recall_plan() == []
+    assert recall_plan(ledger) == []
     ledger.set_want(2, ("", "default"), 1)  # another worker waits: ask worker 1
-    assert ledger.recall_plan() == [(1, "svc", 1)]
-    assert ledger.recall_plan() == []  # already asked
+    assert recall_plan(ledger) == [RecallAction(1, "svc", "default", 1)]
+    assert recall_plan(ledger) == []  # already asked
+
+
+# The slicing part of bench/suite.py: a protected slice and a flooding bulk slice, both
+# allowed to borrow, 50 % each (quotas 2 + 2 of 4 sessions).
+LENDING = {
+    "slices": [
+        {"name": "protected", "match": {"pathPrefixes": ["/api"]}, "share": 50},
+        {"name": "bulk", "share": 50},
+    ]
+}
+
+
+def borrowed_everything() -> tuple[Ledger, list[int]]:
+    """One worker; the protected slice's leases idled out while bulk flooded, so bulk
+    borrowed all 4 sessions.  Returns the ledger and bulk's sessions."""
+    ledger = make(LENDING, sessions=4)
+    ledger.set_want(1, ("", "protected"), 2)
+    protected = [g.session.id for g in ledger.pump()]
+    ledger.set_want(1, ("", "bulk"), 50)
+    bulk = [g.session.id for g in ledger.pump()]
+    for sid in protected:  # idle for leaseIdleRelease: the worker gives them back
+        assert ledger.give_back(sid, 1)
+    bulk += [g.session.id for g in ledger.pump()]
+    assert ledger.services["svc"].leased == {"protected": 0, "bulk": 4}
+    return ledger, bulk
+
+
+def test_borrowed_sessions_come_back_although_the_worker_holds_the_lenders_own() -> None:
+    ledger, bulk = borrowed_everything()
+    ledger.set_want(1, ("", "protected"), 1)  # the first protected request waits
+    assert ledger.pump() == []
+    assert recall_plan(ledger) == [RecallAction(1, "svc", "bulk", 1)]
+    assert ledger.give_back(bulk.pop(), 1)  # the borrowed session's request ended
+    assert [g.session.slice for g in ledger.pump()] == ["protected"]
+    # A second protected request waits.  The worker now holds one protected session,
+    # but protected is still under its quota while bulk borrows: bulk must give back.
+    ledger.set_want(1, ("", "protected"), 1)
+    assert ledger.pump() == []
+    assert recall_plan(ledger) == [RecallAction(1, "svc", "bulk", 1)]
+    assert ledger.give_back(bulk.pop(), 1)
+    assert [g.session.slice for g in ledger.pump()] == ["protected"]
+    assert ledger.services["svc"].leased == {"protected": 2, "bulk": 2}
+    # At its quota the protected slice's own worker serves its queue; bulk keeps its 2.
+    ledger.set_want(1, ("", "protected"), 3)
+    assert recall_plan(ledger) == [] and ledger.recalls == {}
+
+
+def test_owed_sessions_are_recalled_at_once_and_only_from_the_borrower() -> None:
+    ledger, _ = borrowed_everything()
+    ledger.set_want(1, ("", "protected"), 5)  # more than its quota of 2 waits
+    assert recall_plan(ledger) == [RecallAction(1, "svc", "bulk", 2)]  # owed: its quota
+    assert recall_plan(ledger) == []  # asked already
+    # A borrower is never asked for more than it borrowed, whoever else waits.
+    ledger.set_want(2, ("", "protected"), 5)
+    assert recall_plan(ledger) == []
+
+
+def test_borrowers_are_levelled_down_largest_excess_first() -> None:
+    policy = {
+        "slices": [
+            {"name": "a", "match": {"pathPrefixes": ["/a"]}, "share": 50},
+            {"name": "b", "match": {"pathPrefixes": ["/b"]}, "share": 25},
+            {"name": "default", "share": 25},
+        ]
+    }
+    ledger = make(policy, sessions=8)  # quotas: a 4, b 2, default 2
+    ledger.set_want(1, ("", "b"), 5)
+    ledger.set_want(2, ("", "default"), 3)
+    ledger.pump()
+    assert ledger.services["svc"].leased == {"b": 5, "default": 3}  # excess 3 and 1
+    ledger.set_want(1, ("", "a"), 3)
+    # b gives until it is no further above its quota than default (ties: the slice
+    # listed last gives first, as apportion gives spare sessions to the first).
+    assert recall_plan(ledger) == [
+        RecallAction(1, "svc", "b", 2),
+        RecallAction(2, "svc", "default", 1),
+    ]
+    ledger.set_want(1, ("", "a"), 4)  # a 4th waiter: b gives its last borrowed one
+    assert recall_plan(ledger) == [RecallAction(1, "svc", "b", 1)]
+
+
+def test_a_worker_without_sliced_recalls_may_answer_with_any_slice() -> None:
+    ledger = make(LENDING, sessions=4)
+    ledger.add_worker(3, sliced_recalls=False)  # HELLO without revision 2
+    ledger.set_want(3, ("", "protected"), 1)
+    ledger.set_want(3, ("", "bulk"), 50)
+    granted = ledger.pump()
+    own = next(g.session.id for g in granted if g.session.slice == "protected")
+    ledger.set_want(1, ("", "protected"), 1)  # another worker's protected request waits
+    assert recall_plan(ledger) == [RecallAction(3, "svc", "bulk", 1)]
+    # The old worker ignores the slice and returns its protected session: the recall
+    # is answered all the same (it is not left outstanding for good) ...
+    assert ledger.give_back(own, 3) and ledger.recalls == {}
+    # ... and a worker that honours slices answers only with the slice it was asked for.
+    ledger, bulk = borrowed_everything()
+    ledger.set_want(1, ("", "protected"), 1)
+    recall_plan(ledger)
+    ledger.set_want(1, ("", "protected"), 0)
+    ledger.set_want(2, ("", "bulk"), 1)
+    assert ledger.recalls == {(1, "svc", "bulk"): 1}
+    assert ledger.give_back(bulk[0], 1) and ledger.recalls == {}
 
 
 def test_policy_change_moves_waiters_of_removed_slice_to_default() -> None:
@@ -180,12 +283,14 @@ def test_policy_change_moves_waiters_of_removed_slice_to_default() -> None:
 def test_random_operations_keep_books_consistent() -> None:
     rng = random.Random(7)
     ledger = make(TWO_SLICES, registrants=3, sessions=4)
+    ledger.add_worker(3, sliced_recalls=False)
+    workers = [1, 2, 3]
     leased: dict[int, int] = {}
     for _ in range(3000):
         op = rng.random()
         if op < 0.4:
             ledger.set_want(
-                rng.choice([1, 2]), ("", rng.choice(["mobile", "default"])), rng.randrange(0, 6)
+                rng.choice(workers), ("", rng.choice(["mobile", "default"])), rng.randrange(0, 6)
             )
         elif op < 0.7 and leased:
             sid = rng.choice(list(leased))
@@ -194,6 +299,18 @@ def test_random_operations_keep_books_consistent() -> None:
             sid = rng.choice(list(leased))
             leased.pop(sid)
             ledger.drop_session(sid)
+        elif op < 0.8 and leased:  # a worker answers one of its recalls with that slice
+            key = rng.choice(sorted(ledger.recalls)) if ledger.recalls else None
+            sid = next(
+                (
+                    s.id
+                    for s in ledger.sessions.values()
+                    if key and s.worker == key[0] and s.slice in (key[2], "")
+                ),
+                None,
+            )
+            if sid is not None:
+                ledger.give_back(sid, leased.pop(sid))
         grants = ledger.pump(prefetch=rng.randrange(3))
         for g in grants:
             assert g.session.id not in leased
@@ -205,3 +322,35 @@ def test_random_operations_keep_books_consistent() -> None:
             # Dropped sessions can shrink a quota below running leases (nothing is
             # preempted), but a grant never takes mobile (no borrowing) past it.
             assert book.leased["mobile"] <= ledger.quotas("svc")["mobile"]
+        check_recalls(ledger, recall_plan(ledger))
+
+
+def check_recalls(ledger: Ledger, plan: list[RecallAction]) -> None:
+    """What a recall plan must do: only slices at or over their quota give back, nobody
+    is asked for more than it holds, and what under-quota waiters are owed is on its way
+    (up to what the slices over quota borrowed)."""
+    book = ledger.services["svc"]
+    quotas = ledger.quotas("svc")
+    held: collections.Counter[tuple[int, str]] = collections.Counter(
+        (s.worker, s.slice) for s in ledger.sessions.values() if s.worker
+    )
+    for action in plan:
+        assert action.service == "svc"
+        assert 0 < action.n <= held[(action.worker, action.slice)], action
+        assert book.leased[action.slice] >= quotas.get(action.slice, 0), action
+    assert all(n > 0 for n in ledger.recalls.values())
+    waiting = ledger.waiting()
+    owed = sum(
+        min(q - book.leased[s], waiting[("svc", s)])
+        for s, q in quotas.items()
+        if book.leased[s] < q
+    )
+    excess = {s: n - quotas.get(s, 0) for s, n in book.leased.items() if n > quotas.get(s, 0)}
+    coming = sum(
+        min(
+            excess[s],
+            sum(min(n, held[(w, s)]) for (w, _, name), n in ledger.recalls.items() if name == s),
+        )
+        for s in excess
+    )
+    assert coming >= min(owed - book.idle_count, sum(excess.values())), (owed, excess, coming)

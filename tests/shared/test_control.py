@@ -18,11 +18,13 @@ def _record(kind: int, body: object, version: int = control.VERSION) -> bytes:
     "msg",
     [
         control.Hello(41, "w"),
+        control.Hello(41, "w", control.REVISION),
         control.ConfigMsg(3, {"version": 1}, 2, 4, 1),
         control.Want("", "default", 7),
         control.Grant([control.Granted(1, "svc", "default", 9, "", prefetch=True)]),
         control.Release([control.Released(1, ReleaseState.RETIRED)]),
         control.Recall("svc", 2),
+        control.Recall("svc", 2, "bulk"),
         control.Listen("0.0.0.0:8080"),
         control.Listener("0.0.0.0:8080"),
         control.Error(control.ErrorCode.LISTEN, "address in use"),
@@ -79,6 +81,9 @@ def test_unknown_fields_are_ignored() -> None:
             "RELEASE: bad fields: 'lost' is not a valid ReleaseState",
         ),
         (_record(Kind.RELEASE, {"sessions": [{"session": 1}]}), "RELEASE: bad fields"),
+        (_record(Kind.RECALL, {"service": "s", "n": 0}), "RECALL: bad fields: recall n"),
+        (_record(Kind.RECALL, {"service": "s", "n": 1, "slice": 3}), "slice must be str"),
+        (_record(Kind.HELLO, {"pid": 1, "revision": 0}), "HELLO: bad fields: hello revision"),
     ],
 )
 def test_decode_refuses_with_a_reason(record: bytes, reason: str) -> None:
@@ -90,3 +95,23 @@ def test_decode_refuses_with_a_reason(record: bytes, reason: str) -> None:
 def test_encode_refuses_an_oversized_record() -> None:
     with pytest.raises(ValueError, match="too large"):
         control.encode(control.ConfigMsg(1, {"x": "y" * control.MAX_RECORD}, 1, 1, 0))
+
+
+def test_revision_2_fields_are_optional_both_ways() -> None:
+    """A revision-1 peer's records decode as before; a revision-2 record to a revision-1
+    peer only adds a field it ignores (docs/protocol.md, 2.5)."""
+    assert control.decode(_record(Kind.HELLO, {"pid": 7, "name": "w"})) == control.Hello(7, "w")
+    assert control.Hello(7, "w").revision == 1
+    old = control.decode(_record(Kind.RECALL, {"service": "demo", "n": 1}))
+    assert old == control.Recall("demo", 1) and old.slice == ""
+
+
+def test_recall_record_bytes_as_documented() -> None:
+    record = control.encode(control.Recall("demo", 1, "bulk"))
+    assert record == b'\x01\x06{"service":"demo","n":1,"slice":"bulk"}'
+    assert record.hex(" ") == (
+        "01 06 7b 22 73 65 72 76 69 63 65 22 3a 22 64 65 6d 6f 22 2c 22 6e 22 3a 31 2c 22 73 "
+        "6c 69 63 65 22 3a 22 62 75 6c 6b 22 7d"
+    )
+    hello = control.encode(control.Hello(4242, "w0", control.REVISION))
+    assert hello == b'\x01\x01{"pid":4242,"name":"w0","revision":2}'

@@ -67,7 +67,7 @@ def test_settle_prefers_recall_then_oldest_waiter(book: LeaseBook[Conn]) -> None
     a, b, c = (hold(book, Conn(i)) for i in (1, 2, 3))
     first = book.enqueue(KEY, Waiting(), 1.0, 1.0)
     second = book.enqueue(KEY, Waiting(), 2.0, 1.0)
-    assert book.recall_idle("svc", 1) == []  # nothing idle: owed by the next one freed
+    assert book.recall_idle("svc", "", 1) == []  # nothing idle: owed by the next one freed
     assert free(book, a, 3.0) == (Settle.GIVE_BACK, None)
     assert free(book, b, 3.0) == (Settle.HANDED, first)
     assert not first.active and 2 in book.busy
@@ -90,7 +90,7 @@ def test_recall_idle_sweep_and_orphans(book: LeaseBook[Conn]) -> None:
     a, b, _ = (hold(book, Conn(i, registrant=i)) for i in (1, 2, 3))
     free(book, a, 1.0)
     free(book, b, 9.0)
-    assert book.recall_idle("svc", 3) == [a, b] and book.recall["svc"] == 1
+    assert book.recall_idle("svc", "", 3) == [a, b] and book.recall[("svc", "")] == 1
     book.recall.clear()
     free(book, a, 1.0)
     free(book, b, 9.0)
@@ -99,3 +99,39 @@ def test_recall_idle_sweep_and_orphans(book: LeaseBook[Conn]) -> None:
     free(book, b, 9.0)
     # c is busy: it stays held until its request ends; a and b are handed back
     assert set(book.orphans()) == {a, b} and list(book.held) == [3]
+
+
+def test_a_sliced_recall_takes_back_the_borrowers_sessions_not_the_lenders(
+    book: LeaseBook[Conn],
+) -> None:
+    """RECALL (svc, slice "default"): the worker also holds the lender's ("mobile")
+    sessions, idle and busy; only "default" ones go back, the lender keeps its own."""
+    lender_idle, lender_busy = hold(book, Conn(1, key=OTHER)), hold(book, Conn(2, key=OTHER))
+    borrowed_idle, borrowed_busy = hold(book, Conn(3, key=KEY)), hold(book, Conn(4, key=KEY))
+    free(book, lender_idle, 1.0)
+    free(book, borrowed_idle, 1.0)
+    assert book.recall_idle("svc", "default", 2) == [borrowed_idle]  # the idle one: now
+    assert book.recall == {("svc", "default"): 1}  # the other: when it comes free
+    waiter = book.enqueue(OTHER, Waiting(), 2.0, 1.0)
+    # The lender's own session is handed to the lender's waiter, not given back ...
+    assert free(book, lender_busy, 3.0) == (Settle.HANDED, waiter)
+    # ... while the borrowed one goes back even though its own slice has waiters.
+    book.enqueue(KEY, Waiting(), 2.0, 1.0)
+    assert free(book, borrowed_busy, 3.0) == (Settle.GIVE_BACK, None)
+    assert book.recall == {}
+    assert book.take(OTHER) is lender_idle
+
+
+def test_an_idle_session_returned_unasked_still_answers_a_pending_recall(
+    book: LeaseBook[Conn],
+) -> None:
+    a, b = hold(book, Conn(1)), hold(book, Conn(2, key=OTHER))
+    assert book.recall_idle("svc", "default", 1) == []
+    assert book.recall_idle("svc", "", 1) == []
+    free(book, a, 1.0)  # a recall of its slice was pending: back it goes
+    assert book.recall == {("svc", ""): 1}
+    free(book, b, 1.0)  # "mobile": only the any-slice recall fits
+    assert book.recall == {}
+    # A session given back by the idle sweep answers a recall as the acceptor counts it.
+    assert book.recall_idle("svc", "mobile", 1) == []
+    assert not book.returned(a.lease) and book.returned(b.lease) and book.recall == {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 
-from backdial.acceptor.ledger import Ledger, Session
+from backdial.acceptor.ledger import Ledger, RecallAction, Session
 
 
 def surplus(ledger: Ledger) -> int:
@@ -42,20 +42,22 @@ def idle_victims(ledger: Ledger, n: int) -> list[Session]:
     return victims
 
 
-def recall_plan(ledger: Ledger, n: int) -> list[tuple[int, str, int]]:
-    """(worker, service, count) RECALLs for *n* leased sessions, beyond recalls already
-    outstanding; the workers holding the most of a service are asked first."""
+def recall_plan(ledger: Ledger, n: int) -> list[RecallAction]:
+    """RECALLs (of any slice) for *n* leased sessions, beyond recalls already outstanding;
+    the workers holding the most of a service are asked first.  They are recorded in
+    ``ledger.recalls``."""
     n -= sum(ledger.recalls.values())
     held: collections.Counter[tuple[int, str]] = collections.Counter()
     for sess in ledger.sessions.values():
         if sess.worker:
             held[(sess.worker, sess.service)] += 1
-    plan: list[tuple[int, str, int]] = []
+    plan: list[RecallAction] = []
     for (worker, service), count in held.most_common():
         if n <= 0:
             break
-        ask = min(count - ledger.recalls[(worker, service)], n)
+        ask = min(count - ledger.recalling(worker, service), n)
         if ask > 0:
-            plan.append((worker, service, ask))
+            plan.append(RecallAction(worker, service, "", ask))
+            ledger.recalls[(worker, service, "")] += ask
             n -= ask
     return plan

@@ -7,7 +7,7 @@ under-quota slice is waiting for; waiters are served in arrival order; the
 idle session handed out next comes from the next registrant on a ring.
 
 The IO shell (``server.py``) feeds events in and carries out the returned
-grants and recalls.
+grants and recalls (which sessions to recall is planned in ``lending.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from backdial.control import WantKey
-from backdial.policy import Policy
+from backdial.policy import Policy, Slice
 
 
 class DropReason(StrEnum):
@@ -60,6 +60,20 @@ class GrantAction:
     session: Session
     requested: str  # the service key the worker asked under
     prefetch: bool = False  # not counted against the worker's WANT
+
+
+@dataclass(frozen=True, slots=True)
+class RecallAction:
+    """Ask *worker* to give back *n* sessions of *service* leased for *slice* ("" = any)."""
+
+    worker: int
+    service: str
+    slice: str
+    n: int
+
+
+# Outstanding recalls: (worker, service, slice the sessions are leased for; "" = any).
+RecallKey = tuple[int, str, str]
 
 
 @dataclass(slots=True)
@@ -104,7 +118,9 @@ class Ledger:
         self._seq = itertools.count(1)
         self._sid = itertools.count(1)
         self._rid = itertools.count(1)
-        self.recalls: collections.Counter[tuple[int, str]] = collections.Counter()
+        self.recalls: collections.Counter[RecallKey] = collections.Counter()
+        # Workers that predate sliced RECALLs: they give back any session of the service.
+        self.unsliced: set[int] = set()
         self._quota_cache: dict[str, dict[str, int]] = {}
         self.held_by: collections.Counter[tuple[int, int]] = collections.Counter()
 
@@ -117,6 +133,9 @@ class Ledger:
         for seq, (worker, key) in list(self.queue.items()):
             if key[1] not in valid:
                 self.queue[seq] = (worker, (key[0], policy.default_slice))
+
+    def slice_spec(self, name: str) -> Slice | None:
+        return next((s for s in self.policy.slices if s.name == name), None)
 
     def quotas(self, service: str) -> dict[str, int]:
         cached = self._quota_cache.get(service)
@@ -226,14 +245,18 @@ class Ledger:
             del self.recalls[rkey]
 
     # -- workers ----------------------------------------------------------------
-    def add_worker(self, worker: int) -> None:
+    def add_worker(self, worker: int, sliced_recalls: bool = True) -> None:
+        """A worker joined; *sliced_recalls*: it honours the slice a RECALL names."""
         self.wants[worker] = collections.Counter()
+        if not sliced_recalls:
+            self.unsliced.add(worker)
 
     def remove_worker(self, worker: int) -> list[Session]:
         """Forget a worker; returns the sessions it held, which the shell must close."""
         for key in list(self.wants.get(worker, ())):
             self.set_want(worker, key, 0)
         self.wants.pop(worker, None)
+        self.unsliced.discard(worker)
         for rkey in [k for k in self.recalls if k[0] == worker]:
             del self.recalls[rkey]
         for hkey in [k for k in self.held_by if k[0] == worker]:
@@ -280,7 +303,7 @@ class Ledger:
         quotas = self.quotas(service)
         if book.leased[slice_name] < quotas.get(slice_name, 0):
             return True
-        spec = next((s for s in self.policy.slices if s.name == slice_name), None)
+        spec = self.slice_spec(slice_name)
         if spec is None or not spec.borrow:
             return False
         # Borrow only sessions that no under-quota slice is waiting for.
@@ -379,58 +402,30 @@ class Ledger:
         if sess is None or sess.worker != worker:
             return False
         book = self.services[sess.service]
-        book.leased[sess.slice] -= 1
+        slice_name = sess.slice
+        book.leased[slice_name] -= 1
         book.idle_count += 1
         self.held_by[(worker, sess.registrant)] -= 1
         sess.worker = 0
         sess.slice = ""
         self.registrants[sess.registrant].idle.append(sid)
-        rkey = (worker, sess.service)
-        if self.recalls[rkey] > 0:
-            self.recalls[rkey] -= 1
+        self._settle_recall(worker, sess.service, slice_name)
         return True
 
-    def recall_plan(self) -> list[tuple[int, str, int]]:
-        """Which workers to ask for sessions back: (worker, service, n).
+    def _settle_recall(self, worker: int, service: str, slice_name: str) -> None:
+        """An idle session came back: it answers a recall of its own slice first, else an
+        any-slice one (the worker's ``LeaseBook.settle`` decides in the same order). A
+        worker that ignores a RECALL's slice may answer any of that service's recalls."""
+        keys = [(worker, service, slice_name), (worker, service, "")]
+        if worker in self.unsliced:
+            keys += [k for k in self.recalls if k[:2] == (worker, service)]
+        for key in keys:
+            if self.recalls[key] > 0:
+                self.recalls[key] -= 1
+                if not self.recalls[key]:
+                    del self.recalls[key]
+                return
 
-        Only waiters whose worker holds no session of their slice count, so a
-        lone busy worker is never asked to hand sessions back just to receive
-        them again.
-        """
-        need: collections.Counter[str] = collections.Counter()
-        held: dict[tuple[int, str, str], int] = collections.Counter()
-        for sess in self.sessions.values():
-            if sess.worker:
-                held[(sess.worker, sess.service, sess.slice)] += 1
-        for worker, wants in self.wants.items():
-            for (requested, slice_name), n in wants.items():
-                service = self.resolve(requested)
-                if service is None:
-                    continue
-                book = self.services[service]
-                quota = self.quotas(service).get(slice_name, 0)
-                spec = next((s for s in self.policy.slices if s.name == slice_name), None)
-                if book.leased[slice_name] >= quota and not (spec and spec.borrow):
-                    continue  # more sessions would not be allowed to this slice anyway
-                if not held[(worker, service, slice_name)]:
-                    # A worker holding sessions of this slice serves its own waiters as
-                    # those finish; recalling would only bounce sessions through here.
-                    need[service] += n
-        plan: list[tuple[int, str, int]] = []
-        for service, n in need.items():
-            n -= self.services[service].idle_count
-            n -= sum(c for (w, s), c in self.recalls.items() if s == service)
-            if n <= 0:
-                continue
-            holders: collections.Counter[int] = collections.Counter()
-            for (w, s, _), c in held.items():
-                if s == service:
-                    holders[w] += c
-            for worker, count in holders.most_common():
-                ask = min(count, n)
-                if ask <= 0:
-                    break
-                plan.append((worker, service, ask))
-                self.recalls[(worker, service)] += ask
-                n -= ask
-        return plan
+    def recalling(self, worker: int, service: str) -> int:
+        """Sessions of *service* that *worker* was asked for and has not given back yet."""
+        return sum(n for (w, s, _), n in self.recalls.items() if w == worker and s == service)

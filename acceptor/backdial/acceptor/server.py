@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from backdial import control, fdpass, wire
-from backdial.acceptor import capacity
-from backdial.acceptor.ledger import DropReason, GrantAction, Ledger, Session
+from backdial.acceptor import capacity, lending
+from backdial.acceptor.ledger import DropReason, GrantAction, Ledger, RecallAction, Session
 from backdial.control import ErrorCode, ReleaseState
 from backdial.policy import Policy
 from backdial.sdk.backoff import StateLog
@@ -345,7 +345,8 @@ class Acceptor:
                 return
             worker.helloed = True
             worker.pid, worker.name = msg.pid, msg.name
-            self.ledger.add_worker(wid)
+            # A worker of revision 1 ignores the slice a RECALL names (docs/protocol.md).
+            self.ledger.add_worker(wid, sliced_recalls=msg.revision >= 2)
             log.info("worker %d connected (pid %d %s)", wid, msg.pid, msg.name)
             self.schedule_config()
             worker.channel.send(control.Stats({"registered": float(len(self.ledger.sessions))}))
@@ -552,10 +553,8 @@ class Acceptor:
             with contextlib.suppress(OSError):
                 os.write(sess.fd, wire.RETIRE_LINE)
             self._close_session(sess, DropReason.CAPPED)
-        for wid, service, n in capacity.recall_plan(self.ledger, capacity.surplus(self.ledger)):
-            self.workers[wid].channel.send(control.Recall(service, n))
-            self.ledger.recalls[(wid, service)] += n
-            self.counters.recalls += n
+        for action in capacity.recall_plan(self.ledger, capacity.surplus(self.ledger)):
+            self._recall(action)
 
     # -- granting -----------------------------------------------------------------------
     def schedule_pump(self) -> None:
@@ -591,13 +590,18 @@ class Acceptor:
                 ]
                 channel.send(control.Grant(leases), [g.session.fd for g in batch])
             self.counters.grants += len(actions)
-        for wid, service, n in self.ledger.recall_plan():
-            if wid in self.workers:
-                self.workers[wid].channel.send(control.Recall(service, n))
-                self.counters.recalls += n
+        for action in lending.recall_plan(self.ledger):
+            self._recall(action)
         registered = len(self.ledger.sessions)
         if registered != self._announced:
             self.announce(registered)
+
+    def _recall(self, action: RecallAction) -> None:
+        """Send a planned RECALL (the plan already counted it in ``ledger.recalls``)."""
+        worker = self.workers.get(action.worker)
+        if worker is not None:
+            worker.channel.send(control.Recall(action.service, action.n, action.slice))
+            self.counters.recalls += action.n
 
     def announce(self, registered: int) -> None:
         """Tell workers how many sessions are registered (their /readyz depends on it)."""

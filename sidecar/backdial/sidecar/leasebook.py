@@ -10,9 +10,12 @@ the one queue timer and delivers hand-offs at the end of a loop iteration.
 * ``take``: an idle session of the key, never jumping the key's waiters;
 * ``enqueue`` / ``cancel`` / ``expire``: the per-key FIFO of waiting requests;
 * ``settle``: where a clean, freed session goes — back to the acceptor when it
-  asked for one of the service's sessions (a pending recall), else to the
-  key's oldest waiter, else idle (sticky), rotated fairly by registrant
-  (``IdleRing``, invariant 8).
+  asked for one of the service's sessions leased for that slice (a pending
+  recall), else to the key's oldest waiter, else idle (sticky), rotated fairly
+  by registrant (``IdleRing``, invariant 8);
+* ``recall_idle`` / ``returned``: a RECALL names the slice whose sessions must
+  come back (the one that borrowed), so the lender's own sessions stay here;
+  what is not idle now is owed by the next session of that slice to come free.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Generic, TypeVar
 
 from backdial.control import WantKey
 from backdial.sidecar.idlering import IdleRing
-from backdial.sidecar.lease import LeasedConn, Ticket, Waiter
+from backdial.sidecar.lease import Lease, LeasedConn, Ticket, Waiter
 
 C = TypeVar("C", bound=LeasedConn)
 
@@ -32,7 +35,7 @@ C = TypeVar("C", bound=LeasedConn)
 class Settle(Enum):
     """Where ``LeaseBook.settle`` put a freed session."""
 
-    GIVE_BACK = "give_back"  # a recall was pending: return it to the acceptor
+    GIVE_BACK = "give_back"  # a recall of its slice was pending: return it to the acceptor
     HANDED = "handed"  # to the key's oldest waiter (the ticket comes with it)
     IDLE = "idle"  # kept idle for the next request of its key
 
@@ -47,7 +50,8 @@ class LeaseBook(Generic[C]):
         self.waiters: dict[WantKey, collections.deque[Ticket]] = collections.defaultdict(
             collections.deque
         )
-        self.recall: collections.Counter[str] = collections.Counter()  # by actual service
+        # Pending recalls by (actual service, slice the sessions are leased for; "" = any).
+        self.recall: collections.Counter[tuple[str, str]] = collections.Counter()
 
     # -- sessions -----------------------------------------------------------------------
     def take(self, key: WantKey) -> C | None:
@@ -63,11 +67,10 @@ class LeaseBook(Generic[C]):
         return None
 
     def settle(self, conn: C, now: float) -> tuple[Settle, Ticket | None]:
-        """A clean session is free: a pending recall first, else the oldest waiter of its key
-        (the session stays busy for it), else idle."""
+        """A clean session is free: a pending recall of its slice first, else the oldest
+        waiter of its key (the session stays busy for it), else idle."""
         lease = conn.lease
-        if self.recall[lease.service] > 0:
-            self.recall[lease.service] -= 1
+        if self.recall and self.returned(lease):
             return Settle.GIVE_BACK, None
         queue = self.waiters.get(lease.key)
         if queue:
@@ -86,17 +89,30 @@ class LeaseBook(Generic[C]):
         self.idle[conn.lease.key].remove(conn)
         return True
 
-    def recall_idle(self, service: str, n: int) -> list[C]:
-        """Up to *n* idle sessions of *service* to return now; the rest of *n* is owed by
-        the next ones of that service to come free."""
+    def recall_idle(self, service: str, slice_name: str, n: int) -> list[C]:
+        """Up to *n* idle sessions of *service* leased for *slice_name* ("" = any slice) to
+        return now; the rest of *n* is owed by the next such sessions to come free."""
         out: list[C] = []
-        for ring in self.idle.values():
+        for (_, key_slice), ring in self.idle.items():
             if len(out) >= n:
                 break
+            if slice_name and key_slice != slice_name:
+                continue  # a ring holds one key's sessions, all leased for its slice
             out += ring.take_if(lambda c: c.lease.service == service, n - len(out))
         if len(out) < n:
-            self.recall[service] += n - len(out)
+            self.recall[(service, slice_name)] += n - len(out)
         return out
+
+    def returned(self, lease: Lease) -> bool:
+        """An idle session goes back to the acceptor: count it against a pending recall of
+        its slice, else of any slice, as the acceptor does (False: none was pending)."""
+        for key in ((lease.service, lease.slice), (lease.service, "")):
+            if self.recall[key] > 0:
+                self.recall[key] -= 1
+                if not self.recall[key]:
+                    del self.recall[key]
+                return True
+        return False
 
     def idle_since_before(self, cutoff: float) -> list[C]:
         """Idle sessions unused since *cutoff*, taken out of their rings."""

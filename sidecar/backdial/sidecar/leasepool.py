@@ -226,7 +226,7 @@ class LeasePool:
         return self.book.waiters
 
     @property
-    def recall(self) -> collections.Counter[str]:
+    def recall(self) -> collections.Counter[tuple[str, str]]:
         return self.book.recall
 
     @property
@@ -344,6 +344,12 @@ class LeasePool:
                 self._loop.call_soon(self._flush_release)
             self._release_buf.append(control.Released(lease.session, state))
 
+    def _return_idle(self, conn: LeasedConn) -> None:
+        """Give an idle session back unasked: it still answers a pending recall of its
+        slice, as the acceptor counts it (so neither side keeps a stale recall)."""
+        self.book.returned(conn.lease)
+        self._give_back(conn, ReleaseState.IDLE)
+
     def _flush_release(self) -> None:
         items, self._release_buf = self._release_buf, []
         if items and self._channel is not None:
@@ -398,7 +404,7 @@ class LeasePool:
                 self._on_record,
                 functools.partial(_resolve, closed),
             )
-            self._channel.send(control.Hello(os.getpid(), self.name))
+            self._channel.send(control.Hello(os.getpid(), self.name, control.REVISION))
             for address, listener in self._listeners.items():
                 # A new acceptor does not hold our listening socket yet: hand it a copy.
                 self._channel.send(control.Listen(address), [listener.fileno()])
@@ -484,7 +490,8 @@ class LeasePool:
         elif isinstance(msg, control.Stats):
             self.registered = int(msg.counters.get("registered", self.registered))
         elif isinstance(msg, control.Recall):
-            self._on_recall(msg.service, msg.n)
+            for conn in self.book.recall_idle(msg.service, msg.slice, msg.n):
+                self._give_back(conn, ReleaseState.IDLE)
         elif isinstance(msg, control.Listener):
             self._resolve_listener(msg.address, fds)
         elif isinstance(msg, control.Error):
@@ -534,19 +541,15 @@ class LeasePool:
         for key, ring in list(self.idle.items()):
             if key[1] not in valid:
                 for conn in ring.drain():
-                    self._give_back(conn, ReleaseState.IDLE)
+                    self._return_idle(conn)
         self.configured.set()
-
-    def _on_recall(self, service: str, n: int) -> None:
-        for conn in self.book.recall_idle(service, n):
-            self._give_back(conn, ReleaseState.IDLE)
 
     async def _idle_sweeper(self) -> None:
         while True:
             limit = self.policy.limits.lease_idle_release
             await asyncio.sleep(max(0.05, min(limit / 2, 1.0)))
             for conn in self.book.idle_since_before(time.monotonic() - limit):
-                self._give_back(conn, ReleaseState.IDLE)
+                self._return_idle(conn)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
