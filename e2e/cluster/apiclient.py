@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from certs import CertPair
 from kubernetes import client as k8s
 
@@ -63,7 +64,8 @@ class ApiClient:
         timeout: float = 30.0,
     ) -> ApiResponse:
         """Send one request to *path* (query string included); a JSON body may be given as
-        an object, or as text/bytes in its content type.
+        an object, or as text/bytes in its content type. A transport failure raises
+        :class:`ConnectionError` (an ``OSError``), never urllib3's own exceptions.
 
         ``impersonate_user`` sets ``Impersonate-User``, so the request is authorized as
         that user (the admin identity is allowed to impersonate).
@@ -76,14 +78,19 @@ class ApiClient:
         if impersonate_user:
             header_params["Impersonate-User"] = impersonate_user
         header_params.update(headers or {})
-        # RESTResponse's methods carry no annotations.
-        response: Any = self.client.call_api(
-            method,
-            self.client.configuration.host + path,
-            header_params=header_params,
-            body=body,
-            _request_timeout=timeout,
-        )
+        try:
+            # RESTResponse's methods carry no annotations.
+            response: Any = self.client.call_api(
+                method,
+                self.client.configuration.host + path,
+                header_params=header_params,
+                body=body,
+                _request_timeout=timeout,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            # Transport failures (refused, reset, timed out) stay OSErrors, as callers that
+            # poll a starting API server expect; urllib3 would raise its own hierarchy.
+            raise ConnectionError(f"{method} {path}: {exc}") from exc
         try:
             data = response.read()
             return ApiResponse(response.status, data, dict(response.getheaders()))
