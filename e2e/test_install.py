@@ -178,9 +178,10 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--values", str(values_file),
     )  # fmt: skip
     try:
-        # Only the acting replica reports ready (kopf peering; docs/operator.md), so wait for
-        # one ready pod rather than `helm install --wait`.
-        wait(lambda: len(_ready(_pods(SYSTEM_NS, OPERATOR_PODS))) >= 1, 180, "an operator")
+        # Every replica reports ready, the standby too (it serves the webhook), so this is
+        # what `helm install --wait` and `kubectl rollout status` wait for.
+        wait(lambda: deployment_ready("backdial-operator", SYSTEM_NS, 2), 180, "the operator")
+        kubectl("rollout", "status", "-n", SYSTEM_NS, "deployment/backdial-operator")
         yield RELEASE
     finally:
         run("helm", "uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", check=False)
@@ -200,12 +201,13 @@ def demo(release: str) -> Iterator[str]:
 
 
 def _pods(namespace: str, selector: str) -> list[dict[str, Any]]:
+    """Pods (not terminating) with every label of *selector* (``k=v,k2=v2``)."""
     pods = get("pods", namespace=namespace) or {"items": []}
-    key, _, value = selector.partition("=")
+    wanted = dict(term.partition("=")[::2] for term in selector.split(","))
     return [
         p
         for p in pods["items"]
-        if p["metadata"].get("labels", {}).get(key) == value
+        if wanted.items() <= p["metadata"].get("labels", {}).items()
         and not p["metadata"].get("deletionTimestamp")
     ]
 
@@ -228,7 +230,13 @@ def test_operator_runs_where_the_values_place_it(release: str) -> None:
         return pods if ok else None
 
     pods = wait(running, 120, "two operator pods running")
-    assert len(_ready(pods)) >= 1  # the acting replica
+    assert len(_ready(pods)) == 2  # both serve the webhook
+    # The one that acts carries the label the config and metrics Services select.
+    wait(
+        lambda: len(_pods(SYSTEM_NS, OPERATOR_PODS + ",backdial.dev/operator-role=active")) == 1,
+        60,
+        "one operator pod labelled as acting",
+    )
     for pod in pods:
         container = pod["spec"]["containers"][0]
         assert container["image"] == IMAGE

@@ -11,9 +11,11 @@ node (SHAPES §1): every pod of the scenario really runs, and all traffic stays 
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,12 +23,13 @@ import harness
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, get_json
 
 pytestmark = pytest.mark.k8s
 
 MANIFESTS = ROOT / "manifests"
 SYSTEM_NS = "backdial-system"
+ROLE_LABEL = "backdial.dev/operator-role"
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +52,74 @@ def _placed(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return objs
 
 
-def _operator_ready(cluster: harness.Cluster) -> Any:
+def _operator_ready(cluster: harness.Cluster, count: int = 1) -> Any:
+    """The operator pods that are Ready, once there are *count* of them."""
     pods = cluster.get_json(f"/api/v1/namespaces/{SYSTEM_NS}/pods")["items"]
     ready = [
         p
         for p in pods
         if p["spec"].get("nodeName") == harness.PROCESS_NODE_NAME
+        and not p["metadata"].get("deletionTimestamp")
         and any(
             c["type"] == "Ready" and c["status"] == "True"
             for c in p.get("status", {}).get("conditions", [])
         )
     ]
-    return ready or None
+    return ready if len(ready) >= count else None
+
+
+def _endpoints(cluster: harness.Cluster, service: str) -> list[str]:
+    """Ready addresses of *service*'s EndpointSlices (where the API server sends calls)."""
+    query = urllib.parse.quote(f"kubernetes.io/service-name={service}")
+    slices = cluster.get_json(
+        f"/apis/discovery.k8s.io/v1/namespaces/{SYSTEM_NS}/endpointslices?labelSelector={query}"
+    )["items"]
+    return sorted(
+        a
+        for s in slices
+        for e in s.get("endpoints") or []
+        if (e.get("conditions") or {}).get("ready")
+        for a in e["addresses"]
+    )
+
+
+def _state(pod: dict[str, Any]) -> Any:
+    """The operator replica's /v1/state (its pod IP is on loopback: the process node)."""
+    return get_json(f"http://{pod['status']['podIP']}:8080/v1/state")
+
+
+def _one_acting(cluster: harness.Cluster) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(acting, standby) once both replicas are ready and exactly one acts. (Started at the
+    same moment, both may act for a second before one sees the other and restarts as a
+    standby: docs/operator.md, "High availability".)"""
+    pods = _operator_ready(cluster, 2)
+    if not pods or len(pods) != 2:
+        return None
+    try:
+        acting = [p for p in pods if _state(p)["acting"]]
+    except OSError:  # restarting
+        return None
+    if len(acting) != 1:
+        return None
+    (standby,) = [p for p in pods if p is not acting[0]]
+    return acting[0], standby
+
+
+def _keep_peer_alive(cluster: harness.Cluster, pod_name: str) -> None:
+    """Refresh the killed replica's keepalive in the peering object, as if it had died right
+    after writing it: the standby then waits a whole peering lifetime (60 s) before it acts
+    (a kill at a random moment leaves 5 to 60 s, kopf renews 5 to 10 s before the end)."""
+    path = "/apis/kopf.dev/v1/clusterkopfpeerings/backdial"
+    status = cluster.get_json(path).get("status") or {}
+    (identity,) = [i for i in status if i.startswith(pod_name + "/")]
+    fresh = datetime.datetime.now(datetime.UTC).isoformat()
+    resp = cluster.api.request(
+        "PATCH",
+        path,
+        {"status": {identity: {**status[identity], "lastseen": fresh}}},
+        content_type="application/merge-patch+json",
+    )
+    assert resp.status == 200, resp.text
 
 
 @pytest.mark.timeout(600)
@@ -105,6 +164,37 @@ def test_kubectl_apply_manifests_installs_a_working_operator(
 
         names = harness.poll(injected, timeout=90, what="the webhook to inject a pod")
         assert names[:2] == ["backdial-acceptor", "backdial-sidecar"]
+
+        # Both replicas are Ready, the standby too: the webhook's Service routes to both,
+        # config streams (and the metrics API) only to the acting one, by its pod label.
+        active, standby = harness.poll(
+            lambda: _one_acting(cluster), timeout=180, what="2 ready replicas, one acting"
+        )
+        ips = sorted(p["status"]["podIP"] for p in (active, standby))
+        harness.poll(
+            lambda: (
+                _endpoints(cluster, "backdial-operator") == [active["status"]["podIP"]]
+                and _endpoints(cluster, "backdial-webhook") == ips
+            ),
+            timeout=60,
+            what="config endpoints = the acting replica, webhook endpoints = both",
+        )
+        fresh = cluster.get_json(
+            f"/api/v1/namespaces/{SYSTEM_NS}/pods/{active['metadata']['name']}"
+        )
+        assert fresh["metadata"]["labels"].get(ROLE_LABEL) == "active"
+
+        # A standby-only period: the acting replica dies without a word (SIGKILL), so its
+        # keepalive makes the standby wait. Opted-in pods are still injected meanwhile.
+        cluster.kubectl(
+            "delete", "pod", "-n", SYSTEM_NS, active["metadata"]["name"],
+            "--grace-period=0", "--force",
+        )  # fmt: skip
+        _keep_peer_alive(cluster, active["metadata"]["name"])
+        assert not _state(standby)["acting"]
+        names = harness.poll(injected, timeout=30, what="the standby to inject a pod")
+        assert names[:2] == ["backdial-acceptor", "backdial-sidecar"]
+        assert not _state(standby)["acting"]  # still no replica acting: the standby did it
     finally:
         # Uninstall completely (CRDs too), so the helm scenario starts from an empty cluster.
         cluster.kubectl("delete", "namespace", "manifests-check", "--wait=false", check=False)

@@ -1,10 +1,11 @@
-"""kopf's peering rule, as the operator evaluates it."""
+"""kopf's peering rule, as the operator evaluates it, and the acting replica's pod label."""
 
 from __future__ import annotations
 
 import datetime
 
 from backdial.operator.peering import default_priority, is_active
+from backdial.operator.role import ACTIVE, ROLE_LABEL, role_patch
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
 
@@ -27,3 +28,10 @@ def test_older_processes_get_higher_priorities() -> None:
     older = default_priority(1_000.0, rng=lambda: 0.0)
     newer = default_priority(1_001.0, rng=lambda: 0.999)
     assert older > newer > 0
+
+
+def test_role_label_patch_sets_or_removes_the_label() -> None:
+    """The acting replica's pod carries the label the config and metrics Services select; a
+    merge patch with null removes it (idempotent: no read of the pod first)."""
+    assert role_patch(True) == {"metadata": {"labels": {ROLE_LABEL: ACTIVE}}}
+    assert role_patch(False) == {"metadata": {"labels": {ROLE_LABEL: None}}}

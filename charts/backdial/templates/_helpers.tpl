@@ -33,6 +33,11 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/* repository:tag or repository@digest of the operator's image. */}}
+{{- /* Set by the acting operator replica on its own pod (operator/backdial/operator/role.py). */}}
+{{- define "backdial.activeLabel" -}}
+backdial.dev/operator-role: active
+{{- end }}
+
 {{- define "backdial.image" -}}
 {{- if .Values.image.digest -}}
 {{ .Values.image.repository }}@{{ .Values.image.digest }}

@@ -4,9 +4,11 @@ The process runs:
 
 * kopf (``handlers.py``): indexes, events, one worker per SessionSlice, peering;
 * the config endpoint (``configserver.py``, TLS) where acceptors hold their streams;
-* the health endpoint (plain HTTP): ``/healthz``, ``/readyz`` (200 only on the replica that
-  acts, so Services route acceptors there), ``/metrics``;
-* TLS upkeep (``certs.py``) and the peering watch (``peering.py``);
+* the health endpoint (plain HTTP): ``/healthz``, ``/readyz`` (200 on every replica that
+  can serve the webhook, acting or standby), ``/metrics``;
+* TLS upkeep (``certs.py``), the peering watch (``peering.py``) and the role label of this
+  replica's pod (``role.py``: the Services send config streams and metric queries to the
+  acting replica, admission reviews to any ready one);
 * the mutating webhook and the custom metrics API, with CA bundle upkeep
   (``injectservices.py``; docs/injection.md, docs/autoscaling.md).
 
@@ -44,6 +46,7 @@ from backdial.operator.injectservices import InjectServices, ServicesSettings
 from backdial.operator.kube import SA_DIR, Kube, KubeError
 from backdial.operator.models import INJECTED_LABEL
 from backdial.operator.peering import PEERING_NAME, PeeringWatch, default_priority
+from backdial.operator.role import RoleLabel
 from backdial.operator.scaling import kube_request
 from backdial.options import group, hostport, integer, load, log_level, option
 from backdial.runtime import ConfigError, fail, run, setup_logging
@@ -123,6 +126,13 @@ class OperatorSettings:
         switch=True,
         help=f"watch every pod, not only those labelled {INJECTED_LABEL}=true",
     )
+    pod_name: str = option(
+        "--pod-name",
+        default="",
+        help="this replica's pod (the chart sets it from the downward API): while acting, "
+        "the pod is labelled backdial.dev/operator-role=active, which the Services of the "
+        "config streams and the metrics API select (empty: no label)",
+    )
     services: ServicesSettings = group(ServicesSettings)
     log_level: str = log_level()
 
@@ -162,6 +172,8 @@ class App:
     peering: PeeringWatch | None = None
     config: ConfigServer | None = None
     inject: InjectServices | None = None
+    role: RoleLabel | None = None
+    serving: bool = False  # every listener started
     shared: Shared | None = None
     kopf_ready: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: CollectorRegistry = field(init=False)
@@ -183,14 +195,24 @@ class App:
         """This replica acts (standalone, or kopf peering says no peer outranks it)."""
         return self.peering is None or self.peering.active
 
+    def acting(self) -> bool:
+        """Active and kopf is up: what the pod's role label says (``role.py``)."""
+        return self.active() and self.kopf_ready.is_set()
+
     def ready(self) -> tuple[bool, str]:
-        if not self.kopf_ready.is_set():
-            return False, "starting"
-        if not self.active():
-            return False, "standby (another replica acts)"
+        """Ready to serve the webhook, which every replica does (standbys too)."""
         if self.tls.material is None:
             return False, "no TLS certificate yet"
-        return True, "ready"
+        if not self.serving:
+            return False, "starting"
+        if self.role is not None and self.role.applied is None:
+            # A restarted container may still carry the label: not before it is right.
+            return False, "role label not set yet" + (
+                f": {self.role.error}" if self.role.error else ""
+            )
+        if self.acting():
+            return True, "ready (acting)"
+        return True, "ready (standby: serves the webhook)"
 
     async def admin(self, req: AdminRequest) -> AdminResponse:
         if req.path == "/healthz":
@@ -209,8 +231,11 @@ class App:
         return {
             "identity": self.identity,
             "active": self.active(),
+            "acting": self.acting(),
             "priority": self.settings.priority,
             "peering_checked": self.peering is None or self.peering.known,
+            "ready": self.ready()[0],
+            "role_label": None if self.role is None else self.role.applied,
             "sessionslices": {
                 key: {"pods": len(p.owned), "error": p.error, "conflicts": p.conflicts}
                 for key, p in sorted(plans.items())
@@ -322,6 +347,10 @@ async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:
             manage_bundles=cfg.tls_dir is None,
         )
         await app.inject.start(app.tls.context(), app.tls.context())
+        app.serving = True
+        if cfg.pod_name:
+            app.role = RoleLabel(kube, cfg.namespace, cfg.pod_name)
+            app.role.start(app.acting)
     except (OSError, KubeError) as exc:
         for task in background:
             task.cancel()
@@ -362,6 +391,8 @@ async def serve(cfg: OperatorSettings, stop: asyncio.Event) -> int:
         app.shared.stop_all()
         app.config.close()
         await app.inject.close()
+        if app.role is not None:
+            await app.role.stop()
         health.close()
         for task in background:
             task.cancel()

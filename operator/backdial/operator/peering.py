@@ -8,8 +8,8 @@ rollout, a restart) waits as a standby instead of taking over; a random tail bre
 
 The operator reads the same object with the same rule (:func:`is_active`) to decide what
 only the acting replica may do outside kopf's handlers: serve config streams (a standby
-answers 503 and reports not ready, so Services route to the active one), write status and
-Events, renew certificates.  A replica that acted and is told to pause (a higher-priority
+answers 503; the acting replica's pod label routes the Services there: ``role.py``), write
+status and Events, renew certificates.  A replica that acted and is told to pause (a higher-priority
 operator appeared, e.g. a developer's) exits, and restarts as a standby with a fresh index:
 kopf's indexes could otherwise keep pods deleted during the pause.
 """

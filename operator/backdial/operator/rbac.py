@@ -1,11 +1,13 @@
 """The operator's least-privilege RBAC: exactly the verbs its code uses, and why.
 
-``CLUSTER_RULES`` go into the ClusterRole ``backdial-operator``; ``NAMESPACE_RULES`` into
-a Role in the operator's own namespace (the TLS Secret is the only Secret it touches, so
-it cannot read Secrets anywhere else).  The chart takes the generated copies in
-``charts/backdial/files/`` (``backdial crd --rbac-dir``); a test impersonates the
-operator's ServiceAccount with these rules and checks that what it needs is allowed and
-that a Secret elsewhere is forbidden, and the end-to-end tests run the operator with them.
+``CLUSTER_RULES`` go into the ClusterRole ``backdial-operator``; ``NAMESPACE_RULES`` (and
+``SECRET_RULES`` with the self-managed CA) into a Role in the operator's own namespace
+(the TLS Secret is the only Secret it touches, so it cannot read Secrets anywhere else,
+and the only pods it writes are its own, to label the acting one).  The chart takes the
+generated copies in ``charts/backdial/files/`` (``backdial crd --rbac-dir``); a test
+impersonates the operator's ServiceAccount with these rules and checks that what it needs
+is allowed and that a Secret elsewhere is forbidden, and the end-to-end tests run the
+operator with them.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ CA_BUNDLE_RULES: list[dict[str, Any]] = [
 ]
 
 NAMESPACE_RULES: list[dict[str, Any]] = [
+    # The acting replica labels its own pod (role.py): the Services of the config streams
+    # and the metrics API select that label (a merge patch: no read needed).
+    _rule([""], ["pods"], ["patch"]),
+]
+
+# Only with the self-managed CA (with cert-manager the TLS files are mounted).
+SECRET_RULES: list[dict[str, Any]] = [
     # The self-managed TLS Secret: read and rotate it ...
     _rule([""], ["secrets"], ["get", "update"], resourceNames=[SECRET_NAME]),
     # ... and create it the first time (create cannot be limited by name).
@@ -107,7 +116,7 @@ def objects(namespace: str) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": {**meta, "namespace": namespace},
-            "rules": NAMESPACE_RULES,
+            "rules": NAMESPACE_RULES + SECRET_RULES,
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -141,5 +150,6 @@ def chart_files() -> dict[str, str]:
     return {
         "operator-clusterrole-rules.yaml": head + yaml.safe_dump(CLUSTER_RULES, sort_keys=False),
         "operator-role-rules.yaml": head + yaml.safe_dump(NAMESPACE_RULES, sort_keys=False),
+        "operator-secret-rules.yaml": head + yaml.safe_dump(SECRET_RULES, sort_keys=False),
         "operator-cabundle-rules.yaml": head + yaml.safe_dump(CA_BUNDLE_RULES, sort_keys=False),
     }

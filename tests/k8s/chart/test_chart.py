@@ -14,6 +14,7 @@ import yaml
 
 from backdial.operator import rbac
 from backdial.operator.injectsettings import InjectSettings, settings_from_data
+from backdial.operator.role import ACTIVE, ROLE_LABEL
 from backdial.operator.webhookconfig import api_services, webhook_configuration
 from tests.k8s.chart.certmanager_crds import CRDS as CERT_MANAGER_CRDS
 from tests.k8s.chart.chartlib import CHART, COMBOS, KUBE_VERSION, find, render, values_file
@@ -128,7 +129,8 @@ def test_switches_render_the_right_objects(k8s_cluster: harness.Cluster) -> None
     names = _kinds(managed)
     for kind in ("Issuer/backdial-selfsigned", "Certificate/backdial-ca", "Issuer/backdial-ca"):
         assert kind in names
-    assert "Role/backdial-operator" not in names  # no Secret access: the TLS files are mounted
+    # No Secret access (the TLS files are mounted); the acting replica still labels its pod.
+    assert find(managed, "Role", "backdial-operator")["rules"] == rbac.NAMESPACE_RULES
     cert = find(managed, "Certificate", "backdial-operator-tls")
     assert set(cert["spec"]["dnsNames"]) == {
         f"{svc}.{ns}.svc{suffix}"
@@ -173,10 +175,27 @@ def test_rbac_is_the_operators(k8s_cluster: harness.Cluster) -> None:
     assert find(objs, "ClusterRole", "backdial-operator")["rules"] == (
         rbac.CLUSTER_RULES + rbac.CA_BUNDLE_RULES
     )
-    assert find(objs, "Role", "backdial-operator")["rules"] == rbac.NAMESPACE_RULES
+    assert find(objs, "Role", "backdial-operator")["rules"] == (
+        rbac.NAMESPACE_RULES + rbac.SECRET_RULES
+    )
     subject = {"kind": "ServiceAccount", "name": rbac.SERVICE_ACCOUNT, "namespace": "ops"}
     for kind in ("ClusterRoleBinding", "RoleBinding"):
         assert find(objs, kind, "backdial-operator")["subjects"] == [subject]
+
+
+def test_services_route_the_webhook_to_every_replica_the_rest_to_the_acting_one(
+    k8s_cluster: harness.Cluster,
+) -> None:
+    objs = render(k8s_cluster, {}, "ops")
+    pods = find(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    services = [o for o in objs if o["kind"] == "Service"]
+    selectors = {o["metadata"]["name"]: o["spec"]["selector"] for o in services}
+    assert selectors["backdial-webhook"] == pods
+    acting = {**pods, ROLE_LABEL: ACTIVE}
+    assert selectors["backdial-operator"] == acting == selectors["backdial-metrics-api"]
+    env = find(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    pod_name = {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert {"name": "BACKDIAL_POD_NAME", "valueFrom": pod_name} in env  # --pod-name
 
 
 def _inject_settings(objs: list[dict[str, Any]]) -> InjectSettings:

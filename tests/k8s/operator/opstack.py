@@ -130,7 +130,7 @@ class Operator:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.alive()
 
-    def start(self, wait_ready: bool = True) -> Operator:
+    def start(self, wait_acting: bool = True) -> Operator:
         # A second process would fail to bind and orphan the first (which keeps acting).
         assert not self.alive(), f"{self.name} is already running"
         self.starts += 1
@@ -155,8 +155,8 @@ class Operator:
             self.env.logs / f"{self.name}-{self.starts}.log",
             {"KUBECONFIG": str(self.env.kubeconfig), "BACKDIAL_LOG_LEVEL": "info"},
         )
-        if wait_ready:
-            self.wait_ready()
+        if wait_acting:
+            self.wait_acting()
         return self
 
     def url(self, path: str) -> str:
@@ -165,12 +165,14 @@ class Operator:
     def ready(self) -> bool:
         return http_get(self.url("/readyz"))[0] == 200
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_acting(self, timeout: float = 60.0) -> None:
+        """Ready, and the replica that acts (kopf up, no peer outranks it)."""
+
         def check() -> bool:
             assert self.proc is not None and self.proc.alive(), self.output()[-3000:]
-            return self.ready()
+            return self.ready() and bool(self.state()["acting"])
 
-        wait_for(check, timeout=timeout, what=f"{self.name} ready")
+        wait_for(check, timeout=timeout, what=f"{self.name} acting")
 
     def state(self) -> Any:
         return get_json(self.url("/v1/state"))

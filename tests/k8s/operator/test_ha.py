@@ -1,4 +1,6 @@
-"""Two replicas with kopf peering: only one acts; the other takes over when it stops."""
+"""Two replicas with kopf peering: only one acts; the other takes over when it stops.
+Both are ready, so both serve the webhook (the chart's Services route config streams and
+the metrics API by the acting replica's pod label; tests/k8s/test_e2e_install.py)."""
 
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ def test_only_one_replica_acts_and_the_other_takes_over(
     (pod,) = ops.create_pods(ns, ["web-0"], {"app": "web"})
     token = token_request(ops.cluster, ns, "default", pod=pod)
     try:
-        second.start(wait_ready=False)
+        second.start(wait_acting=False)
         wait_for(lambda: second.state()["peering_checked"], what="second replica up")
-        # The younger replica is a standby: not ready, and it refuses config streams.
+        # The younger replica is a standby: ready (for the webhook), not acting, and it
+        # refuses config streams.
         assert second.state()["priority"] < first.state()["priority"]
-        assert not second.state()["active"] and first.state()["active"]
-        assert first.ready() and not second.ready()
+        wait_for(second.ready, what="the standby ready")
+        assert not second.state()["acting"] and first.state()["acting"]
+        assert first.ready()
         ops.cluster.apply(
             sessionslice(
                 "web",
@@ -41,13 +45,12 @@ def test_only_one_replica_acts_and_the_other_takes_over(
 
         # The active replica stops (cleanly: its peering keepalive goes with it).
         first.stop()
-        second.wait_ready(timeout=30)
-        assert second.state()["active"]
+        second.wait_acting(timeout=30)
         wait_for(lambda: second.state()["sessionslices"].get(f"{ns}/web") is not None)
         assert open_stream(ops, ns, "web-0", token, port=second.config_port)[0] == 101
     finally:
         # Hand back to the session's replica for the other tests.
         if not first.alive():
-            first.start(wait_ready=False)
+            first.start(wait_acting=False)
         second.stop()
-        first.wait_ready(timeout=60)
+        first.wait_acting(timeout=60)

@@ -64,6 +64,12 @@ def test_operator_rbac_is_least_privilege(ops: OperatorEnv, k8s_namespace: str) 
         ),
     }
     assert {k: v for k, v in allowed.items() if v not in (200, 201)} == {}
+    # The acting replica labels its own pod: patching pods at home passes authorization
+    # (404: no such pod here), anywhere else it does not.
+    label = {"metadata": {"labels": {"backdial.dev/operator-role": "active"}}}
+    merge = "application/merge-patch+json"
+    home = f"/api/v1/namespaces/{OPERATOR_NS}/pods/no-such-pod"
+    assert call("PATCH", home, label, merge) == 404
 
     forbidden = {
         "a Secret elsewhere": call("GET", f"/api/v1/namespaces/{ns}/secrets"),
@@ -71,6 +77,9 @@ def test_operator_rbac_is_least_privilege(ops: OperatorEnv, k8s_namespace: str) 
             "GET", f"/api/v1/namespaces/{OPERATOR_NS}/secrets/something-else"
         ),
         "list Secrets at home": call("GET", f"/api/v1/namespaces/{OPERATOR_NS}/secrets"),
+        "label pods elsewhere": call(
+            "PATCH", f"/api/v1/namespaces/{ns}/pods/no-such-pod", label, merge
+        ),
         "write pods": call(
             "POST",
             f"/api/v1/namespaces/{ns}/pods",
