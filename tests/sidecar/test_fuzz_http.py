@@ -66,6 +66,9 @@ class _Transport:
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         return None
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # takes everything at once
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 40000) if name == "peername" else default
 
@@ -144,6 +147,7 @@ async def _drive(chunks: list[bytes], settings: ProxySettings) -> tuple[_Refusin
     proto.connection_lost(None)
     await state.shutdown(0)
     assert stats.request_memory.used == 0 and stats.request_disk.used == 0
+    assert stats.response_memory.used == 0
     assert stats.connections_active == 0 and stats.requests_active == 0
     return pool, bytes(transport.out)
 

@@ -278,3 +278,81 @@ def test_client_gone_with_a_parked_response_frees_the_spill(
     sock.close()
     assert proxy.wait_for(lambda: proxy.state.disk_budget.used == 0)
     assert proxy.wait_for(lambda: proxy.stats.connections_active == 0)
+
+
+# -- the worker's response memory budget (clientout.py) -------------------------------------------
+FLOOR = 16 * 1024  # clientout.MEMORY_FLOOR
+
+
+def _in_transports(proxy: ProxyRunner) -> int:
+    """Response bytes the client transports hold in memory now (what the budget bounds)."""
+    return int(
+        proxy.call(
+            lambda: sum(
+                c.transport.get_write_buffer_size()
+                for c in proxy.state.connections
+                if getattr(c, "transport", None) is not None
+            )
+        )
+    )
+
+
+def test_response_memory_is_shared_by_every_connection(
+    make_proxy: Callable[..., ProxyRunner],
+) -> None:
+    """Beyond the worker's budget response bytes go to spill files, not to more memory, and
+    a client that reads is still served while the stalled ones hold the budget."""
+    budget = 256 * 1024
+    proxy = make_proxy(response_buffer=256 * 1024, response_memory_total=budget)
+    n = 8 << 20
+    stalled = [_slow_reader(proxy.port) for _ in range(4)]
+    try:
+        for sock in stalled:
+            sock.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
+        # Every response left its session although nobody reads: parked, sessions idle.
+        assert proxy.wait_for(lambda: proxy.pool.states().count("idle") == 4)
+        assert proxy.stats.response_memory_full > 0
+        assert _in_transports(proxy) <= budget + 4 * FLOOR  # without the budget: 4 x 256 KiB
+        assert proxy.call(lambda: proxy.stats.response_memory.used) <= budget + 4 * FLOOR
+        assert proxy.call(lambda: proxy.state.disk_budget.used) > 0
+        # The budget is spent by clients that read nothing; one that reads is not starved.
+        fast = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        try:
+            fast.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % (4 << 20))
+            assert _read_response(fast, bytearray()) == b"x" * (4 << 20)
+        finally:
+            fast.close()
+        for sock in stalled:
+            assert _read_response(sock, bytearray()) == b"x" * n
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert proxy.wait_for(lambda: proxy.stats.response_memory.used == 0)
+    assert proxy.wait_for(lambda: proxy.state.disk_budget.used == 0)
+
+
+def test_response_memory_spent_without_spilling_pauses_the_session(
+    make_proxy: Callable[..., ProxyRunner],
+) -> None:
+    """With spilling off, a connection short of response memory holds at most one session
+    read more and pauses its session (back-pressure); the response is never failed."""
+    budget = 128 * 1024
+    proxy = make_proxy(
+        response_buffer=256 * 1024, response_spill_max=0, response_memory_total=budget
+    )
+    n = 8 << 20
+    readers = [_slow_reader(proxy.port) for _ in range(2)]
+    try:
+        for sock in readers:
+            sock.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
+        assert proxy.wait_for(lambda: proxy.stats.response_memory_full > 0)
+        assert proxy.wait_for(lambda: len(proxy.pool.busy) == 2)  # both sessions paused
+        read = 256 * 1024  # what one session read may bring (held behind the transport)
+        assert proxy.call(lambda: proxy.stats.response_memory.used) <= budget + 2 * (FLOOR + read)
+        for sock in readers:
+            assert _read_response(sock, bytearray()) == b"x" * n
+    finally:
+        for sock in readers:
+            sock.close()
+    assert proxy.wait_for(lambda: proxy.pool.states() == ["idle", "idle"])
+    assert proxy.wait_for(lambda: proxy.stats.response_memory.used == 0)

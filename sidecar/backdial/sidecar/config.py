@@ -121,6 +121,16 @@ class ProxySettings:
         default="1m",
         help="response bytes drained from a session before the client reads them",
     )
+    # Response bytes all connections of one worker hold in memory for their clients
+    # (transport buffers, clientout.py); beyond it they go to spill files, then the session
+    # waits.  A connection may always hold clientout.MEMORY_FLOOR (16 KiB) regardless.
+    response_memory_total: int = option(
+        "--response-memory-total",
+        parse=size,
+        default="64m",
+        help="response bytes all connections of a worker keep in memory for their clients; "
+        "beyond it they go to spill files (or the session waits)",
+    )
     # Beyond response_buffer, response bytes go to a temporary file (spool.SpoolFile) so the
     # session is released at session speed; 0 disables it (back-pressure holds the session).
     response_spill_max: int = option(

@@ -22,16 +22,27 @@ from backdial.sidecar.spool import Budget, SpoolFile
 from backdial.sidecar.stats import ProxyStats
 
 
+class Booked(Protocol):
+    """A connection's share of the worker's response memory (``clientout.ClientOutput``)."""
+
+    def account(self) -> None: ...
+
+
 class SweptConnection(Protocol):
     """What the listener needs of a client connection."""
 
     deadline: float  # loop time at which on_deadline is due; 0 = none
+
+    @property
+    def out(self) -> Booked: ...
 
     def on_deadline(self, now: float) -> None: ...
 
     def drain(self) -> None: ...
 
     def abort(self) -> None: ...
+
+    def memory_freed(self) -> None: ...
 
 
 class ListenerState:
@@ -43,6 +54,11 @@ class ListenerState:
         self.settings = settings
         self.stats = stats
         self.connections: set[SweptConnection] = set()
+        # Response memory (clientout.py): connections that hold bytes in it, and those
+        # waiting for room; transports drain silently, so the sweep re-books and wakes them.
+        stats.response_memory.limit = settings.response_memory_total
+        self.booked: set[SweptConnection] = set()
+        self.memory_waiters: set[SweptConnection] = set()
         self.draining = False
         # The worker's disk budget: response bytes parked for slow clients (proxy.py).
         self.disk_budget = disk = Budget(settings.response_spill_total)
@@ -72,6 +88,8 @@ class ListenerState:
             self._timer = loop.call_later(self.settings.tick, self._sweep)
 
     def remove(self, conn: SweptConnection) -> None:
+        self.booked.discard(conn)
+        self.memory_waiters.discard(conn)
         if conn in self.connections:
             self.connections.discard(conn)
             self.stats.connections_active -= 1
@@ -84,7 +102,19 @@ class ListenerState:
         for conn in list(self.connections):
             if conn.deadline and now >= conn.deadline:
                 conn.on_deadline(now)
+        self.recount_memory()
         self._timer = loop.call_later(self.settings.tick, self._sweep)
+
+    def recount_memory(self) -> None:
+        """Re-book the response memory of connections whose transports drained silently,
+        then let the ones waiting for room try again."""
+        for holder in list(self.booked):
+            holder.out.account()
+        if self.memory_waiters:
+            waiters = list(self.memory_waiters)
+            self.memory_waiters.clear()  # each one adds itself again if still short of room
+            for waiter in waiters:
+                waiter.memory_freed()
 
     async def shutdown(self, timeout: float) -> int:  # noqa: ASYNC109 (the worker's API)
         """Close idle connections, let in-flight requests finish within *timeout* seconds.

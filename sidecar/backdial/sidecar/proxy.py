@@ -12,10 +12,11 @@ One ``ClientProtocol`` per client connection.  Requests are parsed ahead
    in the slice's bounded FIFO, which ends in a lease or a 503 + Retry-After;
 3. the rewritten head and the body are written to the session in one write;
 4. the response is parsed (``sessionconn.py``) and written to the client as it
-   arrives; the client transport buffers up to ``response_buffer`` bytes, so the
-   session is released the moment the response is complete, before the client
-   has read it.  Only beyond that buffer does the proxy pause the session and
-   stream with back-pressure (counted in ``ProxyStats.responses_streamed``).
+   arrives; what the client has not read waits in its transport (up to
+   ``response_buffer``, within the worker's response memory budget), then in a
+   spill file (``clientout.py``), so the session is released the moment the
+   response is complete.  Only where nothing can take more does the proxy
+   pause the session (back-pressure; ``ProxyStats.responses_streamed``).
 
 With spooling off (``request_spool_total = 0``), bodies above
 ``max_request_body`` (up to ``max_request_body_stream``) are streamed: the
@@ -42,6 +43,8 @@ from backdial.control import Rejection, ReleaseState
 from backdial.http1 import BodyMode, ConnMode, body_mode, canned
 from backdial.sidecar.chunkscan import ChunkScan
 from backdial.sidecar.classify import Classifier, IPAddress, classifier_for, parse_ip
+from backdial.sidecar.clientout import MEMORY_FLOOR as FLOOR
+from backdial.sidecar.clientout import ClientOutput
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.connstate import Deadline, PauseReason
 from backdial.sidecar.lease import LeasedConn, LeaseSource, Ticket
@@ -57,7 +60,7 @@ from backdial.sidecar.request import (
     xff_line,
 )
 from backdial.sidecar.sessionconn import DrainSink, SessionConn
-from backdial.sidecar.spool import Spool, SpoolFile
+from backdial.sidecar.spool import Spool
 from backdial.sidecar.stats import ProxyStats
 
 # Enum members bound once (see connstate.py): these are compared per read and per request.
@@ -82,7 +85,6 @@ _CLOSE: Final = ConnMode.CLOSE
 _KEEP_10: Final = ConnMode.KEEP_10
 _IDLE: Final = ReleaseState.IDLE
 _BROKEN: Final = ReleaseState.BROKEN
-_SPILL_CHUNK: Final = 256 * 1024  # bytes moved from a spill file to the transport per write
 FEED_CHUNK: Final = 256 * 1024  # spooled body bytes written to a session per step
 
 
@@ -119,7 +121,6 @@ class ClientProtocol(asyncio.Protocol):
         self._conn: SessionConn | None = None  # the lease of the active request
         self._ticket: Ticket | None = None  # our place in the pool's queue while waiting
         self._pause_bits = 0  # PauseReason bits
-        self._write_paused = False
         self._closed = False
         self._dead = False  # no more parsing: after an error or an upgrade request
         self._eof = False  # the client half-closed
@@ -147,19 +148,17 @@ class ClientProtocol(asyncio.Protocol):
         self._scan: ChunkScan | None = None  # the framing of a chunked body being received
         self._cls: Classifier | None = None
         self._out: list[bytes] = []  # response bytes of the current session read
-        # Response bytes the client transport could not take (beyond response_buffer), in
-        # order: a spill file, then what did not fit in it (the session is paused for that).
-        self._spill: SpoolFile | None = None
-        self._held: list[bytes] = []
-        self._spill_paused = False  # the session is paused because the spill is full
-        self._close_after = False  # close once the spill is sent
-        self._sent = 0  # client write progress (drains), for the send deadline
-        self._sent_seen = 0
+        # What the client has not taken yet: transport, spill file, held (clientout.py).
+        self.out = ClientOutput(state, self)
+        self._memory = state.stats.response_memory  # the worker's, shared with ClientOutput
+        self._close_after = False  # close once the parked bytes are sent
+        self._sent_seen = 0  # self.out.sent at the last send-deadline check
 
     # -- connection lifecycle ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.out.transport = transport
         if not self.state.fd_guard.admit():
             # Near the descriptor limit: a clear answer now, rather than running out and
             # having libuv accept and drop connections silently (liveness.py).
@@ -182,10 +181,7 @@ class ClientProtocol(asyncio.Protocol):
         self._closed = True
         self.deadline = 0.0
         self.state.remove(self)
-        if self._spill is not None:
-            self._spill.close()
-            self._spill = None
-        self._held = []
+        self.out.close()
         self._leave_queue()
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -227,30 +223,33 @@ class ClientProtocol(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        out = self.out
+        out.paused = True
         conn = self._conn
-        if conn is not None and self._spill is None:
-            if not self._tunnel and self.settings.response_spill_max > 0:
-                # Park the rest of the response on disk and keep draining the session at
-                # its own speed: the lease is released when the response is complete.
-                self._spill = SpoolFile(
-                    self.state.disk_budget,
-                    self.settings.response_spill_max,
-                    self.settings.spill_dir,
-                )
-                self.stats.responses_spilled += 1
-            else:
-                conn.pause_reading()
-                if not self._streamed and not self._tunnel:
-                    self._streamed = True
-                    self.stats.responses_streamed += 1
+        # Park the rest of the response on disk and keep draining the session at its own
+        # speed (the lease is released when the response is complete); else back-pressure.
+        if conn is not None and out.spill is None and not out.open_spill():
+            conn.pause_reading()
+            if not self._streamed and not self._tunnel:
+                self._streamed = True
+                self.stats.responses_streamed += 1
         self._set_deadline(_T_SEND, self.settings.send_timeout)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        self._sent += 1
-        if self._spill is not None and not self._send_spilled():
-            return  # paused again with bytes still parked
+        out = self.out
+        out.paused = False
+        out.sent += 1
+        out.account()  # the transport drained to its low-water mark
+        self._output_resumed()
+
+    def memory_freed(self) -> None:
+        """The listener's tick: the worker's response memory may have room for parked bytes."""
+        if self.out.parked and not self.out.paused and not self._closed:
+            self._output_resumed()
+
+    def _output_resumed(self) -> None:
+        if self.out.parked and not self.out.send(self._conn):
+            return  # paused again, or out of memory, with bytes still parked
         conn = self._conn
         if conn is not None:
             conn.resume_reading()
@@ -262,45 +261,6 @@ class ClientProtocol(asyncio.Protocol):
             self._close()
         elif self._active is None:
             self._next()
-
-    def _send_spilled(self) -> bool:
-        """Feed parked bytes to the client until it pushes back; True once all are sent."""
-        spill, transport = self._spill, self.transport
-        assert spill is not None and transport is not None
-        while True:
-            while not self._write_paused and not self._closed:
-                data = spill.read(_SPILL_CHUNK)
-                if not data:
-                    break
-                transport.write(data)  # may call pause_writing at once
-            moved = False
-            while self._held and spill.write(self._held[0]):
-                del self._held[0]  # room again: what waited in memory goes behind the file
-                moved = True
-            if not moved or self._write_paused or self._closed:
-                break
-        if self._spill_paused and self._conn is not None and spill.room and not self._held:
-            self._spill_paused = False  # let the session run again
-            self._conn.resume_reading()
-        if spill.pending or self._write_paused or self._closed:
-            return False
-        spill.close()
-        self._spill = None
-        self._spill_paused = False
-        held, self._held = self._held, []
-        for data in held:
-            transport.write(data)
-        return not self._write_paused
-
-    def _park(self, data: bytes) -> None:
-        """Queue response bytes behind those already parked; bound what the session adds."""
-        spill = self._spill
-        assert spill is not None
-        if self._held or not spill.write(data):
-            self._held.append(data)  # over a limit: memory, one session read at most
-        if not self._spill_paused and (self._held or not spill.room) and self._conn is not None:
-            self._spill_paused = True  # full: back-pressure the session as without spilling
-            self._conn.pause_reading()
 
     def drain(self) -> None:
         """Graceful stop: an idle connection gets ``drain_idle_grace`` to send one more request.
@@ -318,7 +278,7 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def _close(self) -> None:
-        if self._spill is not None:
+        if self.out.parked:
             self._close_after = True  # the parked response goes out first
             return
         if not self._closed:
@@ -628,10 +588,11 @@ class ClientProtocol(asyncio.Protocol):
     # -- serving, one request at a time -----------------------------------------------------------
     def _next(self) -> None:
         """Start the next parsed request if nothing is being served."""
-        if self._active is not None or self._closed or self._spill is not None:
+        out = self.out
+        if self._active is not None or self._closed or out.spill is not None or out.held:
             return  # (resume_writing calls back once a parked response is sent)
         if self._queue:
-            if self._write_paused:
+            if out.paused:
                 return  # resume_writing calls back: no lease for a client that is not reading
             first = self._queue.popleft()
             if len(self._queue) < self.settings.max_pipeline:
@@ -795,11 +756,24 @@ class ClientProtocol(asyncio.Protocol):
             self._active = None
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self._closed:
-            if self._spill is not None:
-                self._park(data)
-            else:
-                self.transport.write(data)
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        out = self.out
+        budget = self._memory
+        if (
+            out.spill is None
+            and not out.held
+            and (budget.used + len(data) <= budget.limit or out.booked + len(data) <= FLOOR)
+        ):
+            # The common case, inlined (once per session read): nothing parked, room in the
+            # worker's response memory.  clientout.ClientOutput.write is the whole rule.
+            transport.write(data)
+            if out.booked or transport.get_write_buffer_size():
+                out.account()
+        elif out.write(data, self._conn):
+            # Out of response memory: the client must take what it has before more goes.
+            self._set_deadline(_T_SEND, self.settings.send_timeout)
 
     def _detach(self) -> SessionConn | None:
         """Take the session off this connection; what it paused of the client resumes."""
@@ -942,6 +916,7 @@ class ClientProtocol(asyncio.Protocol):
     def _open_tunnel(self, r: Request) -> None:
         self.resp_flush()
         self._tunnel = True
+        self.out.spill_off = True
         self.stats.tunnels += 1
         conn = self._conn
         if conn is not None and r.tunnel_pre:
@@ -958,12 +933,12 @@ class ClientProtocol(asyncio.Protocol):
         kind = self._kind
         if (
             kind == _T_SEND
-            and self._sent != self._sent_seen
+            and self.out.sent != self._sent_seen
             and (self._conn is None or self._progress != self._seen)
         ):
             # The client is reading (and the session, if any, still delivering): only a
             # client that takes nothing for send_timeout is cut.
-            self._sent_seen, self._seen = self._sent, self._progress
+            self._sent_seen, self._seen = self.out.sent, self._progress
             self.deadline = now + self.settings.send_timeout
             return
         flowing = kind in (_T_UPSTREAM, _T_TUNNEL)

@@ -48,6 +48,9 @@ class ProxyStats:
         self.responses_streamed = 0  # responses that outgrew response_buffer under a lease
         self.responses_spilled = 0  # responses parked in a spill file for a slow client
         self.spilled_bytes: Callable[[], int] = lambda: 0  # bytes in spill files now
+        # Response bytes in memory waiting for clients, all connections (clientout.py).
+        self.response_memory = Budget(0)
+        self.response_memory_full = 0  # writes that found it spent (spilled or waited)
         self.tunnels = 0
         self.client_aborts = 0  # client went away with a request in flight
         self.proxy_header_errors = 0
@@ -88,6 +91,11 @@ class ProxyStats:
             ("request_buffered_bytes", "Request body bytes in memory.", self.request_memory.used),
             ("request_spooled_bytes", "Request body bytes in spool files.", self.request_disk.used),
             ("response_spilled_bytes", "Response bytes in spill files.", self.spilled_bytes()),
+            (
+                "response_buffered_bytes",
+                "Response bytes in memory waiting for clients to read them.",
+                self.response_memory.used,
+            ),
         )
         for name, text, value in gauges:
             yield gauge(p + name, text, [({}, float(value))])
@@ -105,6 +113,12 @@ class ProxyStats:
                 "oversized_chunks_total",
                 "Chunked bodies refused (413) at a size line declaring more than the limit.",
                 self.chunk_refusals,
+            ),
+            (
+                "response_memory_full_total",
+                "Response writes that found the response memory budget spent (the rest went "
+                "to a spill file, or waited with the session paused).",
+                self.response_memory_full,
             ),
             (
                 "request_buffer_refusals_total",
