@@ -357,6 +357,22 @@ def slice_leases(stack: Stack) -> dict[str, int]:
     return out
 
 
+def queue_waits(stack: Stack, slice_name: str) -> tuple[float, float]:
+    """(requests that waited for a session, seconds they waited in all) in *slice_name* so
+    far: the acceptor's ``backdial_queue_wait_seconds``, from the workers' 1 s STATS."""
+    status, body = http_get(stack.extra["acceptor_admin"] + "/metrics", timeout=5)
+    if status != 200:
+        raise BenchError(f"{stack.name}: acceptor /metrics answered {status}")
+    count = total = 0.0
+    label = f'{{slice="{slice_name}"}}'
+    for line in body.decode().splitlines():
+        if line.startswith("backdial_queue_wait_seconds_count" + label):
+            count = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("backdial_queue_wait_seconds_sum" + label):
+            total = float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
 def slicing(
     ws: Workspace,
     server_cpus: str | None,
@@ -380,7 +396,11 @@ def slicing(
             try:
                 time.sleep(IDLE_OUT)  # the flood fills every queue; protected leases idle out
                 leases = slice_leases(stack)
+                first = queue_waits(stack, "protected")
                 loaded = wrk(protected, 4, seconds, 1, wrk_cpus, header)
+                time.sleep(1.2)  # the flood goes on; the worker's next STATS carries the waits
+                last = queue_waits(stack, "protected")
+                waits = last[0] - first[0]
                 flood_out, _ = flood.communicate(timeout=seconds + 30)
             finally:
                 if flood.poll() is None:
@@ -400,11 +420,24 @@ def slicing(
                 "bulk_rps": bulk.rps,
                 "bulk_errors": bulk.errors,
                 "leased_when_protected_returns": leases,
+                # Protected requests that waited for a session under the flood (the rest
+                # of their latency is the shared CPU), and their mean wait; one-slice
+                # counts everyone's waits together, so there it is not recorded.
+                "protected_waits_flood": waits if label == "slices" else None,
+                "protected_wait_mean_ms": (
+                    (last[1] - first[1]) / waits * 1e3 if waits and label == "slices" else None
+                ),
             }
+            waited = (
+                f"; {waits:.0f} protected requests waited for a session "
+                f"(mean {row['protected_wait_mean_ms'] or 0:.1f} ms)"
+                if label == "slices"
+                else ""
+            )
             log(
                 f"slicing {label}: protected p99 {alone.p99_ms:.2f} -> {loaded.p99_ms:.2f} ms "
                 f"({row['p99_change_pct']:+.1f}%), {alone.rps:,.0f} -> {loaded.rps:,.0f} req/s; "
-                f"bulk {bulk.rps:,.0f} req/s; leased when it returned {leases}"
+                f"bulk {bulk.rps:,.0f} req/s; leased when it returned {leases}{waited}"
             )
             out.append(row)
         finally:

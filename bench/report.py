@@ -342,17 +342,21 @@ def _slicing(result: dict[str, Any], h: str) -> list[str]:
         "`/delay?ms=50`; 16 sessions. `slices`: protected 50 %, bulk 50 % (both may borrow); "
         "`one-slice`: everyone shares one queue. The flood runs alone for 3.5 s first, longer "
         "than `leaseIdleRelease`, so the protected slice's leases idle out and the bulk slice "
-        "borrows every session; the protected class then needs its quota back under load.",
+        "borrows every session; the protected class then needs its quota back under load. "
+        "*Waited*: protected requests that waited for a session under the flood (mean wait); "
+        "the rest of the change is the CPU the flood takes on the shared core.",
         "",
         "| layout | protected p99 alone | with flood | change | protected req/s alone / flood | "
-        "bulk req/s | errors |",
-        "|---|---|---|---|---|---|---|",
+        "waited | bulk req/s | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        waits = r.get("protected_waits_flood")
+        waited = "—" if waits is None else f"{waits:.0f} ({_f(r['protected_wait_mean_ms'], 1)} ms)"
         out.append(
             f"| {r['layout']} | {_f(r['protected_alone_p99_ms'], 2)} ms | "
             f"{_f(r['protected_flood_p99_ms'], 2)} ms | {r['p99_change_pct']:+.1f}% | "
-            f"{_f(r['protected_rps_alone'])} / {_f(r['protected_rps_flood'])} | "
+            f"{_f(r['protected_rps_alone'])} / {_f(r['protected_rps_flood'])} | {waited} | "
             f"{_f(r['bulk_rps'])} | {r['protected_errors'] + r['bulk_errors']} |"
         )
     return [*out, ""]
