@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from kubelet import PROCESS_PLACEMENT, place_on_process_node
+from kubelet.addresses import AddressClaims
 from kubelet.hosts import render_hosts, service_map
 from kubelet.plan import (
     ConfigError,
@@ -242,6 +243,23 @@ def test_ip_pool_hands_out_distinct_addresses_and_reuses_late() -> None:
         pool.allocate("u9")
     pool.release("u1")
     assert pool.allocate("u9") == "127.42.0.3"
+
+
+def test_two_clusters_on_one_machine_never_share_a_pod_ip(tmp_path: Path) -> None:
+    """Each kubelet locks the addresses it hands out in a directory shared by the machine
+    (flock: the lock goes when the kubelet does), and skips those another one holds."""
+    mine, theirs = AddressClaims(tmp_path), AddressClaims(tmp_path)
+    pool = IpPool("127.42.0.0/29", mine.claim, mine.release)
+    other = IpPool("127.42.0.0/29", theirs.claim, theirs.release)
+    assert [pool.allocate("a"), pool.allocate("b")] == ["127.42.0.2", "127.42.0.3"]
+    assert [other.allocate("x"), other.allocate("y")] == ["127.42.0.4", "127.42.0.5"]
+    pool.release("a")
+    assert other.allocate("z") == "127.42.0.6"
+    assert other.allocate("w") == "127.42.0.2"  # released by the first cluster
+    with pytest.raises(ConfigError, match="other clusters"):
+        pool.allocate("c")  # .3 is its own; every other address is taken
+    theirs.close()  # the other kubelet exits: its addresses are free again
+    assert pool.allocate("c") in {"127.42.0.2", "127.42.0.4", "127.42.0.5", "127.42.0.6"}
 
 
 # -- volumes -------------------------------------------------------------------------------

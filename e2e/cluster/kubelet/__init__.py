@@ -10,9 +10,10 @@ Modules: ``plan`` (pod spec → what to run: argv, env, mounts; the loopback rew
 ``hosts`` (per-pod /etc/hosts), ``status`` (container and pod status, conditions, phase),
 ``probes`` (probe specs, thresholds, handlers), ``policy`` (restart decisions, back-off),
 ``launcher`` (runs inside each container's namespaces), ``process`` (one container
-process), ``informer`` (list+watch caches), ``node`` (Node and Lease), ``tokens``
-(TokenRequest), ``containers`` (one container's supervision), ``podworker`` (one pod's
-lifecycle), ``main`` (wiring, command line).
+process), ``addresses`` (pod IPs claimed machine-wide), ``informer`` (list+watch
+caches), ``node`` (Node and Lease), ``tokens`` (TokenRequest), ``containers`` (one
+container's supervision), ``podworker`` (one pod's lifecycle), ``main`` (wiring, command
+line).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from kubernetes_asyncio import client, config
 
 from . import DEFAULT_POD_CIDR, DEFAULT_PROJECT_IMAGE, NODE_NAME
+from .addresses import DEFAULT_CLAIMS_DIR, AddressClaims
 from .hosts import ServiceMap, service_map
 from .informer import ApiError, Informer, call
 from .node import NodeAgent
@@ -38,12 +39,14 @@ TERMINAL = ("Succeeded", "Failed")
 class Kubelet:
     """The node agent: informers in, pod workers out."""
 
-    def __init__(self, cfg: Config, api: client.ApiClient, pod_cidr: str) -> None:
+    def __init__(
+        self, cfg: Config, api: client.ApiClient, pod_cidr: str, claims: AddressClaims
+    ) -> None:
         self.config = cfg
         self.core = client.CoreV1Api(api)
         discovery = client.DiscoveryV1Api(api)
         self.node = NodeAgent(api, cfg.node_name, cfg.host_ip)
-        self.ips = IpPool(pod_cidr)
+        self.ips = IpPool(pod_cidr, claims.claim, claims.release)
         self.workers: dict[str, PodWorker] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._services: ServiceMap = {}
@@ -160,6 +163,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--host-ip", default="127.0.0.1", help="the node's InternalIP")
     parser.add_argument("--pod-cidr", default=DEFAULT_POD_CIDR)
     parser.add_argument(
+        "--address-claims",
+        type=Path,
+        default=DEFAULT_CLAIMS_DIR,
+        help="directory where every kubelet of the machine locks the pod IPs it hands out",
+    )
+    parser.add_argument(
         "--project-image",
         action="append",
         help=f"image repository that runs the project's code (default {DEFAULT_PROJECT_IMAGE})",
@@ -195,8 +204,12 @@ async def amain(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with client.ApiClient(configuration) as api:
-        await Kubelet(cfg, api, args.pod_cidr).run(stop)
+    claims = AddressClaims(args.address_claims)
+    try:
+        async with client.ApiClient(configuration) as api:
+            await Kubelet(cfg, api, args.pod_cidr, claims).run(stop)
+    finally:
+        claims.close()
     return 0
 
 

@@ -358,12 +358,19 @@ def map_command(words: Sequence[str], python: str) -> list[str]:
 
 class IpPool:
     """Pod IPs from a CIDR (first usable: .2), handed out round-robin so a released
-    address is reused as late as possible."""
+    address is reused as late as possible. ``claim`` may refuse an address (another
+    cluster on the machine has it: ``addresses.AddressClaims``); it is skipped."""
 
-    def __init__(self, cidr: str) -> None:
+    def __init__(
+        self,
+        cidr: str,
+        claim: Callable[[str], bool] = lambda _address: True,
+        unclaim: Callable[[str], None] = lambda _address: None,
+    ) -> None:
         self._network = ipaddress.ip_network(cidr)
         self._offset = 2
         self._by_uid: dict[str, str] = {}
+        self._claim, self._unclaim = claim, unclaim
 
     def allocate(self, uid: str) -> str:
         if uid in self._by_uid:
@@ -375,10 +382,14 @@ class IpPool:
             if self._offset >= size - 1:
                 self._offset = 2
             address = str(self._network[offset])
-            if address not in used:
+            if address not in used and self._claim(address):
                 self._by_uid[uid] = address
                 return address
-        raise ConfigError(f"no free pod IP left in {self._network}")
+        raise ConfigError(
+            f"no free pod IP left in {self._network} (other clusters on this machine may hold some)"
+        )
 
     def release(self, uid: str) -> None:
-        self._by_uid.pop(uid, None)
+        address = self._by_uid.pop(uid, None)
+        if address is not None:
+            self._unclaim(address)
