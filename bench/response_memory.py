@@ -1,12 +1,13 @@
 """Slow readers of large responses: what the sidecar holds in memory, with and without a budget.
 
-    python3 bench/response_memory.py                   # 128 readers of 2 MiB each
-    python3 bench/response_memory.py --clients 64 --mib 4
+    python3 bench/response_memory.py                   # 128 readers of 6 MiB each
+    python3 bench/response_memory.py --clients 64 --mib 8
 
 For each sidecar configuration, in the same run: an acceptor, ``backdial
 serve`` (the demo app, 4 sessions) and a one-worker sidecar on 127.0.0.1.
 ``--clients`` raw sockets (SO_RCVBUF 8 KiB) each send ``GET /stream`` for a
-``--mib`` MiB response and read nothing until the sidecar has finished every
+``--mib`` MiB response (more than the kernel's socket buffers take: loopback
+TCP send buffers grow to 4 MiB) and read nothing until the sidecar has finished every
 response (``backdial_sidecar_requests_total`` = clients: the sessions were not
 held by the slow readers).  Then the sidecar's RSS and gauges are sampled,
 and every client reads its response to the end (each must be complete).
@@ -90,7 +91,9 @@ def run_one(ws: Workspace, name: str, budget: str, args: argparse.Namespace) -> 
     run_dir = ws.path(f"run-{name}")
     run_dir.mkdir()
     config = run_dir / "config.yaml"
-    config.write_text("slices: [{name: default, share: 100, queue: {maxWaiting: 1000}}]\n")
+    config.write_text(
+        "slices: [{name: default, share: 100, queue: {maxWaiting: 1000, timeout: 120s}}]\n"
+    )
     port, admin = free_port(), f"{HOST}:{free_port()}"
     procs: list[Proc] = []
 
@@ -161,7 +164,7 @@ def run_one(ws: Workspace, name: str, budget: str, args: argparse.Namespace) -> 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=128, help="slow readers (default 128)")
-    p.add_argument("--mib", type=int, default=2, help="MiB per response (default 2)")
+    p.add_argument("--mib", type=int, default=6, help="MiB per response (default 6)")
     p.add_argument("--out", help="result file stem (default bench/results/<time>-respmem)")
     args = p.parse_args()
     raise_fd_limit()

@@ -70,7 +70,8 @@ def _read_body(sock: socket.socket) -> int:
 
 
 def test_slow_readers_of_large_responses_stay_within_the_memory_budget(stack: Stack) -> None:
-    stack.config_path.write_text("slices: [{name: default, share: 100}]\n")
+    # 16 requests share 2 sessions: they queue (for as long as the machine needs).
+    stack.config_path.write_text("slices: [{name: default, share: 100, queue: {timeout: 60s}}]\n")
     stack.restart_acceptor()
     stack.service("main", 2)
     wait_for(lambda: stack.registered() == 2, what="2 sessions")
