@@ -1,6 +1,6 @@
 """Tiny admin endpoint for a running ``Service`` (``serve --admin HOST:PORT``).
 
-``GET /v1/sessions`` returns ``{"target", "open", "in_flight"}``;
+``GET /v1/sessions`` returns ``{"target", "open", "in_flight", "dial_failures"}``;
 ``PUT /v1/sessions`` with a body holding an integer (or ``{"target": N}``)
 sets the target.  It runs on the SDK's own HTTP core, bound to loopback.
 Loopback is shared by every container of a pod and reachable from a browser, so

@@ -86,6 +86,7 @@ class Service:
         self._done = asyncio.Event()
         self._statelog = StateLog(log)
         self.registered_total = 0
+        self.dial_failures = 0  # registrations that failed and are retried (logged once)
 
     # --- observation ------------------------------------------------------------
 
@@ -112,7 +113,12 @@ class Service:
         return self._fatal
 
     def snapshot(self) -> dict[str, int]:
-        return {"target": self.target, "open": self.sessions, "in_flight": self.in_flight}
+        return {
+            "target": self.target,
+            "open": self.sessions,
+            "in_flight": self.in_flight,
+            "dial_failures": self.dial_failures,
+        }
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -323,6 +329,7 @@ class Service:
             self._dialing -= 1
 
     def _report_failure(self, exc: BaseException) -> None:
+        self.dial_failures += 1
         if isinstance(exc, RegistrationRefused):
             self._statelog.report(
                 f"refused:{exc.code}",

@@ -158,6 +158,8 @@ class PeerSession(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._resp is not None and self._parser is not None
         self._resp.status = self._parser.get_status_code()
+        self.peer.heads += 1
+        self.peer._changed.set()
         if self._head_request:
             self.on_message_complete()  # a HEAD response has no body, whatever it declares
 
@@ -235,6 +237,7 @@ class FakeAcceptor:
         self.retires = 0
         self.session_counter = 0
         self.protocol_errors: list[bytes] = []
+        self.heads = 0  # response heads received (a response has begun)
         self._changed = asyncio.Event()
 
     @property
@@ -258,11 +261,13 @@ class FakeAcceptor:
         if self.server is not None:
             self.server.close()
             self.server = None
-        for conn in list(self.connections):
+        aborted = list(self.connections)
+        for conn in aborted:
             if conn.transport is not None:
                 conn.transport.abort()
         self.idle.clear()
-        await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):  # connection_lost has run for every one of them
+            await asyncio.gather(*(conn.eof.wait() for conn in aborted))
         if not self.tcp:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)

@@ -59,7 +59,7 @@ def test_close_delimited_and_informational_responses() -> None:
         for i in range(5):
             writer.write(b"line %d\n" % i)
             await writer.drain()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the behaviour under test: a body in several reads
         writer.close()
 
     async def main() -> None:
@@ -80,6 +80,7 @@ def test_close_delimited_and_informational_responses() -> None:
 
 def test_stale_keep_alive_connection_is_retried_once() -> None:
     connections = 0
+    closed = asyncio.Event()
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
@@ -89,13 +90,16 @@ def test_stale_keep_alive_connection_is_retried_once() -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         await writer.drain()
         writer.close()
+        await writer.wait_closed()
+        closed.set()
 
     async def main() -> None:
         peer, svc, _ = await _bridged(upstream)
-        for _ in range(3):
+        for i in range(3):
             resp = await peer.request("GET", "/")
             assert resp.status == 200 and resp.body == b"ok"
-            await asyncio.sleep(0.05)  # let the close arrive, or not: both must work
+            if i == 0:  # the close is out before the next request; later, it may not be yet
+                await closed.wait()
         assert connections == 3
         resp = await peer.request("POST", "/", body=b"x")  # a body: never retried, but fresh
         assert resp.status == 200
@@ -135,15 +139,19 @@ def test_head_and_reuse_of_the_upstream_connection() -> None:
 
 
 def test_upstream_failure_mid_body_aborts_only_that_session() -> None:
+    peers: list[FakeAcceptor] = []
+
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
         await writer.drain()
-        await asyncio.sleep(0.05)
+        # Fail only once the response has begun at the proxy's end: mid-body, surely.
+        await peers[0].wait_for(lambda: peers[0].heads > 0)
         writer.transport.abort()
 
     async def main() -> None:
         peer, svc, _ = await _bridged(upstream, sessions=2)
+        peers.append(peer)
         with pytest.raises(ConnectionError):
             await peer.request("GET", "/")
         await peer.wait_idle(2)  # the service replaced the aborted session

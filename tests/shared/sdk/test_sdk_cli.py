@@ -18,10 +18,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
-from tests.shared.sdk.sdkpeer import ROOT, FakeAcceptor, Procs, build_request, procs, run
+from tests.shared.sdk.sdkpeer import (
+    ROOT,
+    Child,
+    FakeAcceptor,
+    Procs,
+    build_request,
+    procs,
+    run,
+)
 
 __all__ = ["procs"]  # the fixture, re-exported for pytest
 
@@ -32,6 +41,21 @@ async def _peer() -> FakeAcceptor:
     peer = FakeAcceptor()
     await peer.start()
     return peer
+
+
+async def _admin(child: Child) -> str:
+    """The base URL of a child's ``--admin 127.0.0.1:0`` endpoint, once it is up."""
+    line = await child.wait_line("admin endpoint on")
+    match = re.search(r"http://[\d.]+:\d+", line)
+    assert match is not None
+    return match.group(0)
+
+
+async def _wait_snapshot(url: str, predicate: Callable[[dict[str, int]], bool]) -> None:
+    """Wait until the child's session counters (``GET /v1/sessions``) satisfy *predicate*."""
+    async with httpx.AsyncClient(base_url=url) as client, asyncio.timeout(10):
+        while not predicate((await client.get("/v1/sessions")).json()):
+            pass
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -163,7 +187,10 @@ def test_sigterm_drain_finishes_in_flight_request(procs: Procs) -> None:
         leased = await peer.lease()
         started = time.monotonic()
         pending = asyncio.create_task(leased.exchange(build_request("GET", "/delay?ms=800")))
-        await asyncio.sleep(0.2)  # the request is in flight
+        # The request is in the app (the demo's own count; /stats counts itself too).
+        async with asyncio.timeout(10):
+            while json.loads((await peer.request("GET", "/stats")).body)["in_flight"] < 2:
+                pass
         child.signal(signal.SIGTERM)
         resp = await pending
         assert resp.status == 200 and resp.body == b"slept 800 ms\n"
@@ -180,7 +207,11 @@ def test_sigterm_drain_finishes_in_flight_request(procs: Procs) -> None:
 def test_signals_change_capacity(procs: Procs) -> None:
     async def main() -> None:
         peer = await _peer()
-        child = procs.start("serve", "backdial.demo:app", "--register", peer.url, "--sessions", "2")
+        child = procs.start(
+            "serve", "backdial.demo:app", "--register", peer.url, "--sessions", "2",
+            "--admin", "127.0.0.1:0",
+        )  # fmt: skip
+        admin = await _admin(child)
         await peer.wait_idle(2)
         child.signal(signal.SIGUSR1)
         await peer.wait_idle(3)
@@ -188,7 +219,8 @@ def test_signals_change_capacity(procs: Procs) -> None:
         await peer.wait_idle(4)
         child.signal(signal.SIGUSR2)
         await peer.wait_for(lambda: peer.retires == 1 and len(peer.idle) == 3)
-        await asyncio.sleep(0.2)
+        # The service itself is at 3 of 3: it will not dial a replacement for the retired one.
+        await _wait_snapshot(admin, lambda s: s["target"] == 3 and s["open"] == 3)
         assert len(peer.idle) == 3 and peer.session_counter == 4
         child.signal(signal.SIGTERM)
         assert await child.wait_exit() == 0
@@ -201,10 +233,15 @@ def test_signals_change_capacity(procs: Procs) -> None:
 def test_reconnects_after_acceptor_restart(procs: Procs) -> None:
     async def main() -> None:
         peer = await _peer()
-        child = procs.start("serve", "backdial.demo:app", "--register", peer.url, "--sessions", "4")
+        child = procs.start(
+            "serve", "backdial.demo:app", "--register", peer.url, "--sessions", "4",
+            "--admin", "127.0.0.1:0",
+        )  # fmt: skip
+        admin = await _admin(child)
         await peer.wait_idle(4)
         await peer.stop()
-        await asyncio.sleep(1.5)  # redials fail with ENOENT meanwhile, with backoff
+        # Several redials fail with ENOENT meanwhile, with backoff (logged once).
+        await _wait_snapshot(admin, lambda s: s["dial_failures"] >= 4)
         await peer.start()
         await peer.wait_idle(4, within=10)
         assert (await peer.request()).status == 200
@@ -241,11 +278,9 @@ def test_admin_flag(procs: Procs) -> None:
             "serve", "backdial.demo:app", "--register", peer.url, "--sessions", "1",
             "--admin", "127.0.0.1:0",
         )  # fmt: skip
-        line = await child.wait_line("admin endpoint on")
-        match = re.search(r"http://[\d.]+:\d+", line)
-        assert match is not None
+        admin = await _admin(child)
         await peer.wait_idle(1)
-        async with httpx.AsyncClient(base_url=match.group(0)) as client:
+        async with httpx.AsyncClient(base_url=admin) as client:
             assert (await client.get("/v1/sessions")).json()["open"] == 1
             assert (await client.put("/v1/sessions", content=b"3")).status_code == 200
             await peer.wait_idle(3)
@@ -253,6 +288,7 @@ def test_admin_flag(procs: Procs) -> None:
                 "target": 3,
                 "open": 3,
                 "in_flight": 0,
+                "dial_failures": 0,
             }
         child.signal(signal.SIGTERM)
         assert await child.wait_exit() == 0

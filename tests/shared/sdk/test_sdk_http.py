@@ -105,15 +105,29 @@ async def serving(app: Any) -> AsyncIterator[ListenServer]:
 
 
 async def raw_exchange(port: int, data: bytes, expect_close: bool = True) -> bytes:
+    """Everything until the server closes; or (``expect_close=False``) one response with a
+    Content-Length, after which the connection must still serve another request."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
     try:
         if expect_close:
             return await reader.read(-1)
-        await asyncio.sleep(0.3)
-        return await reader.read(65536)
+        out = await _response(reader)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")  # kept alive: usable again
+        assert (await _response(reader)).startswith(b"HTTP/1.1 ")
+        return out
     finally:
         writer.close()
+
+
+async def _response(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)
 
 
 def test_keep_alive_over_one_connection_with_httpx() -> None:
@@ -249,11 +263,14 @@ def test_receive_reports_disconnect() -> None:
     seen: list[str] = []
     done = asyncio.Event()
 
+    started = asyncio.Event()
+
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         first = await receive()
         seen.append(first["type"])
+        started.set()
         seen.append((await receive())["type"])
         done.set()
 
@@ -261,7 +278,8 @@ def test_receive_reports_disconnect() -> None:
         async with serving(app) as server:
             _, writer = await asyncio.open_connection("127.0.0.1", server.bound_port)
             writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            await asyncio.sleep(0.1)
+            async with asyncio.timeout(5):
+                await started.wait()  # the request reached the app before the client left
             writer.close()
             async with asyncio.timeout(5):
                 await done.wait()

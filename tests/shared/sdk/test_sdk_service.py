@@ -83,10 +83,9 @@ def test_fatal_err_codes_stop_the_service(code: str) -> None:
                 await svc.wait_closed()
         assert info.value.code == code
         assert svc.fatal_error is info.value
-        await asyncio.sleep(0.2)
-        assert len(peer.preambles) == 1, "a fatal refusal must not be retried"
         assert svc.sessions == 0
-        await svc.drain(1)
+        await svc.drain(1)  # returns once the dialing task is gone: nothing can dial after
+        assert len(peer.preambles) == 1, "a fatal refusal must not be retried"
         await peer.stop()
         peer.cleanup()
 
@@ -166,8 +165,13 @@ def test_capacity_changes_under_load_fail_nothing() -> None:
         clients = [asyncio.create_task(client(n)) for n in range(6)]
         for target in (8, 2, 6, 1, 5, 0, 3, 4):
             await svc.set_sessions(target)
-            await asyncio.sleep(0.15)
-        await asyncio.sleep(0.2)
+            # Each capacity is reached and carries load (at 0, clients wait for the next).
+            await peer.wait_for(lambda t=target: svc.sessions == t and len(peer.idle) <= t)
+            served = len(results)
+            if target:
+                await peer.wait_for(lambda n=served: len(results) >= n + 20)
+        served = len(results)
+        await peer.wait_for(lambda: len(results) >= served + 50)
         stop.set()
         await asyncio.gather(*clients)
         assert not failures, failures
@@ -280,7 +284,8 @@ def test_reconnects_after_acceptor_restart(caplog: pytest.LogCaptureFixture) -> 
         await peer.wait_idle(3)
         await peer.stop()  # crash: listener gone, socket file gone, sessions reset
         await peer.wait_for(lambda: svc.sessions == 0)
-        await asyncio.sleep(1.0)  # several failed redials (ENOENT) meanwhile
+        # Several failed redials (ENOENT) meanwhile, logged once.
+        await peer.wait_for(lambda: svc.dial_failures >= 4)
         assert svc.sessions == 0 and svc.fatal_error is None
         await peer.start()
         async with asyncio.timeout(5):
@@ -379,7 +384,7 @@ def test_admin_endpoint_reads_and_sets_target() -> None:
         base = f"http://127.0.0.1:{admin.bound_port}"
         async with httpx.AsyncClient(base_url=base) as client:
             got = (await client.get("/v1/sessions")).json()
-            assert got == {"target": 2, "open": 2, "in_flight": 0}
+            assert got == {"target": 2, "open": 2, "in_flight": 0, "dial_failures": 0}
             put = await client.put("/v1/sessions", content=b"5")
             assert put.status_code == 200 and put.json()["target"] == 5
             await peer.wait_idle(5)
