@@ -136,16 +136,33 @@ def test_sigterm_reaches_the_command_and_kill_leaves_nothing(tmp_path: Path) -> 
         proc = await _start(tmp_path, "c", _spec(tmp_path, code))
         log = tmp_path / "c.log"
         await _until(lambda: "up" in log.read_text())
-        assert _sleepers(duration)  # the detached grandchild runs
+        (sleeper,) = _sleepers(duration)  # the detached grandchild runs
+        pidfd = os.pidfd_open(int(sleeper.name))
         proc.signal(signal.SIGTERM)
         await _until(lambda: "TERM" in log.read_text())
         assert not proc.exited
         proc.signal(signal.SIGKILL)
-        return await proc.wait()
+        result = await proc.wait()
+        # The grandchild lived in the container's PID namespace: it dies with it. (The
+        # kernel kills the rest of the namespace once its init, the launcher, is gone,
+        # which may be a moment after `unshare` itself was reaped: wait for that exit.)
+        await _exited(pidfd)
+        return result
 
     assert _run(scenario) == (137, 9)
-    # The grandchild lived in the container's PID namespace: it died with it.
     assert _sleepers(duration) == []
+
+
+async def _exited(pidfd: int) -> None:
+    """The process behind *pidfd* ended (a pidfd turns readable then)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    try:
+        await asyncio.wait_for(done, 10)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 def _sleepers(duration: str) -> list[Path]:
