@@ -68,9 +68,12 @@ class WorkerAdmin:
         )
 
     def ready(self) -> bool:
+        # The drainer is attached once the listening socket serves (main.serve_worker), so
+        # a worker is never Ready while connects to --listen would still be refused.
         return (
             not self.draining
-            and not (self.drainer is not None and self.drainer.started)
+            and self.drainer is not None
+            and not self.drainer.started
             and self.pool.connected.is_set()
             and (self.pool.registered > 0 or bool(self.pool.held))
             and self.liveness.unready() is None
