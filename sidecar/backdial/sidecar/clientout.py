@@ -18,9 +18,10 @@ client has not read yet waits in the sidecar.  ``ClientOutput`` decides where:
 
 A response already begun is never failed for lack of room: it waits.  Parked
 bytes move to the transport as the client reads (``resume_writing``) and as the
-budget frees up; the transport's buffer only shrinks silently, so the listener's
-sweep re-books connections with bytes in memory and wakes the ones waiting for
-room every ``tick`` (``listener.py``).
+budget frees up: while bytes wait for memory the transport's high-water mark is
+0, so every drain calls ``resume_writing``.  Otherwise a transport's buffer
+shrinks silently, so the listener's sweep re-books connections with bytes in
+memory and wakes any still waiting for room every ``tick`` (``listener.py``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class ClientOutput:
         self.held_bytes = 0
         self.session_held = False  # we paused the session: the parked bytes are at a limit
         self.spill_off = False  # a tunnel: never spilled, back-pressure only
-        self.tight = False  # the transport pauses at MEMORY_FLOOR while bytes are parked
+        self.tight = False  # the transport pauses at any byte while bytes wait for memory
 
     @property
     def parked(self) -> bool:
@@ -118,12 +119,17 @@ class ClientOutput:
         if session is not None:
             self.open_spill()
         self.park(data, session)
-        self.state.memory_waiters.add(self.owner)
         if not self.tight:
-            # Until the parked bytes are out, the transport pauses at the floor: the client
-            # taking them calls resume_writing at once instead of waiting for a tick.
+            # Until the parked bytes are out, the transport pauses as soon as it holds
+            # anything, so the client taking it calls resume_writing at once (a transport
+            # below its high-water mark drains without a word).
             self.tight = True
-            transport.set_write_buffer_limits(high=MEMORY_FLOOR)  # may call pause_writing
+            transport.set_write_buffer_limits(high=0)  # may call pause_writing
+        if not self.paused:
+            self.send(session)  # the socket took it all: a fast client, keep going
+        if not self.parked:
+            return False
+        self.state.memory_waiters.add(self.owner)  # the listener's tick, as a last resort
         return True
 
     def open_spill(self) -> bool:
