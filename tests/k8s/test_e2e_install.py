@@ -30,6 +30,7 @@ pytestmark = pytest.mark.k8s
 MANIFESTS = ROOT / "manifests"
 SYSTEM_NS = "backdial-system"
 ROLE_LABEL = "backdial.dev/operator-role"
+PEERING = "/apis/kopf.dev/v1/clusterkopfpeerings/backdial"
 
 
 @pytest.fixture(scope="module")
@@ -105,21 +106,37 @@ def _one_acting(cluster: harness.Cluster) -> tuple[dict[str, Any], dict[str, Any
     return acting[0], standby
 
 
-def _keep_peer_alive(cluster: harness.Cluster, pod_name: str) -> None:
-    """Refresh the killed replica's keepalive in the peering object, as if it had died right
-    after writing it: the standby then waits a whole peering lifetime (60 s) before it acts
-    (a kill at a random moment leaves 5 to 60 s, kopf renews 5 to 10 s before the end)."""
-    path = "/apis/kopf.dev/v1/clusterkopfpeerings/backdial"
-    status = cluster.get_json(path).get("status") or {}
+def _peer_entry(cluster: harness.Cluster, pod_name: str) -> tuple[str, dict[str, Any]]:
+    """The peering keepalive (identity, entry) of the operator replica in *pod_name*."""
+    status = cluster.get_json(PEERING).get("status") or {}
     (identity,) = [i for i in status if i.startswith(pod_name + "/")]
+    return identity, status[identity]
+
+
+def _keep_peer_alive(cluster: harness.Cluster, identity: str, entry: dict[str, Any]) -> None:
+    """Write the killed replica's keepalive back, fresh, as if it had died right after
+    writing it: the standby then waits a whole peering lifetime (60 s) before it acts (a
+    kill at a random moment leaves 5 to 60 s, kopf renews 5 to 10 s before the end). The
+    entry is read before the kill: a force-deleted pod gets SIGTERM just before SIGKILL, and
+    kopf sometimes removes its own keepalive in that moment, so it is written back whole."""
     fresh = datetime.datetime.now(datetime.UTC).isoformat()
     resp = cluster.api.request(
         "PATCH",
-        path,
-        {"status": {identity: {**status[identity], "lastseen": fresh}}},
+        PEERING,
+        {"status": {identity: {**entry, "lastseen": fresh}}},
         content_type="application/merge-patch+json",
     )
     assert resp.status == 200, resp.text
+
+
+def _standby_state(pod: dict[str, Any]) -> Any:
+    """The standby's /v1/state once it answers and does not act (a replica that saw the dead
+    peer's keepalive gone for a moment may have acted and restarts as a standby)."""
+    try:
+        state = _state(pod)
+    except OSError:
+        return None
+    return None if state["acting"] else state
 
 
 @pytest.mark.timeout(600)
@@ -186,12 +203,13 @@ def test_kubectl_apply_manifests_installs_a_working_operator(
 
         # A standby-only period: the acting replica dies without a word (SIGKILL), so its
         # keepalive makes the standby wait. Opted-in pods are still injected meanwhile.
+        identity, entry = _peer_entry(cluster, active["metadata"]["name"])
         cluster.kubectl(
             "delete", "pod", "-n", SYSTEM_NS, active["metadata"]["name"],
             "--grace-period=0", "--force",
         )  # fmt: skip
-        _keep_peer_alive(cluster, active["metadata"]["name"])
-        assert not _state(standby)["acting"]
+        _keep_peer_alive(cluster, identity, entry)
+        harness.poll(lambda: _standby_state(standby), timeout=30, what="the standby waiting")
         names = harness.poll(injected, timeout=30, what="the standby to inject a pod")
         assert names[:2] == ["backdial-acceptor", "backdial-sidecar"]
         assert not _state(standby)["acting"]  # still no replica acting: the standby did it
