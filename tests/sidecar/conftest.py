@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -35,13 +36,19 @@ from backdial.control import ReleaseState
 from backdial.policy import Policy, policy_from_data
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.lease import LeasedConn
+from backdial.sidecar import engine
 from backdial.sidecar.leasepool import LeasePool
+from backdial.sidecar.nativepool import NativeLeasePool
+from backdial.sidecar.nativeproxy import native_worker
 from backdial.sidecar.proxy import make_protocol_factory
 from backdial.sidecar.sessionconn import wrap_lease
 from backdial.sidecar.stats import ProxyStats
 from backdial.wire import RETIRE_LINE, Preamble, parse_reply
 
 TIMEOUT = 5.0
+# The engine under test: BACKDIAL_ENGINE as the sidecar reads it (auto = native when
+# installed); scripts/test runs the suite once more with BACKDIAL_ENGINE=python.
+ENGINE, _ = engine.choose(os.environ.get("BACKDIAL_ENGINE", "auto"))
 
 
 # -- the service side -----------------------------------------------------------------------------
@@ -328,6 +335,26 @@ class Backend:
 
 
 # -- the lease pool, as in production --------------------------------------------------------------
+class NativeRecordingPool(NativeLeasePool):
+    """``NativeLeasePool`` with the engine noting the same: every lease attempt (native or
+    Python path), release and loss, in order."""
+
+    def __init__(self, run_dir: Path, engine: Any, name: str = "") -> None:
+        super().__init__(run_dir, engine, name)
+        engine.set_record(True)
+
+    @property
+    def acquires(self) -> list[tuple[str, str]]:
+        return list(self.engine.recorded()[0])
+
+    @property
+    def events(self) -> list[tuple[str, int, str]]:
+        return list(self.engine.recorded()[1])
+
+    def states(self, kind: str = "release") -> list[str]:
+        return [state for k, _, state in self.events if k == kind]
+
+
 class RecordingPool(LeasePool):
     """The production ``LeasePool``, noting what the proxy asks of it (then doing just that)."""
 
@@ -393,7 +420,8 @@ class ProxyRunner:
         self.settings = settings
         self.policy = policy
         self.backend = backend or Backend()
-        self.stats = ProxyStats()
+        self.stats: ProxyStats = ProxyStats()
+        self.listener: socket.socket | None = None
         self.own_acceptor = run_dir is None
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="bd-"))
         self.acceptor: Acceptor | None = None
@@ -428,6 +456,19 @@ class ProxyRunner:
         if self.own_acceptor:
             self.acceptor = Acceptor(self.run_dir, self.policy)
             await self.acceptor.start()
+        if ENGINE is engine.Kind.NATIVE:
+            worker = native_worker(self.run_dir, self.settings, "test-worker", NativeRecordingPool)
+            self.pool: Any = worker.pool
+            self.stats = worker.stats
+            self.pool.start()
+            await asyncio.wait_for(self.pool.configured.wait(), TIMEOUT)
+            worker.listen(self.settings)
+            assert worker.state is not None
+            self.state = worker.state
+            self.listener = socket.create_server(("127.0.0.1", 0))
+            self.server = await worker.serve(self.listener)
+            self.port = self.listener.getsockname()[1]
+            return
         self.pool = RecordingPool(self.run_dir)
         self.pool.start()
         await asyncio.wait_for(self.pool.configured.wait(), TIMEOUT)
@@ -465,6 +506,8 @@ class ProxyRunner:
             self.call(down)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(TIMEOUT)
+        if self.listener is not None:
+            self.listener.close()
         self.backend.close()
         self.loop.close()
         if self.own_acceptor:

@@ -254,6 +254,13 @@ class SidecarSettings:
         help="HOST:PORT or unix:PATH for /metrics, /healthz, /readyz, /v1/state; also "
         "/v1/drain and /v1/app-probe (docs/injection.md)",
     )
+    engine: str = option(
+        "--engine",
+        parse=choice("auto", "native", "python"),
+        default="auto",
+        help="relay engine: native (the compiled backdial-engine package), python, or auto "
+        "(native when installed); docs/engine.md",
+    )
     workers: int = option(
         "--workers",
         parse=integer(1, 64),

@@ -257,17 +257,27 @@ class LeasePool:
         # maxWaiting bounds the slice, whatever service its requests are for: memory stays
         # bounded by the policy, not by how many services register (docs/configuration.md).
         # Only requests that must wait get here, so the sum over a few keys is cheap.
-        if entry is None or self.book.waiting_in(slice_name) >= entry[1]:
+        if entry is None or self._waiting_in(slice_name) >= entry[1]:
             stats.rejected[Rejection.QUEUE_FULL] += 1
             raise QueueFull(retry_after)
-        now = time.monotonic()
-        ticket = self.book.enqueue(key, waiter, now, entry[0].queue.timeout)
+        ticket = self._enqueue(key, waiter, time.monotonic(), entry[0].queue.timeout)
         # A key the acceptor does not know to be waiting is told at once; later count
         # changes on a waiting key are coalesced (the acceptor is already serving it).
         self._mark_want(urgent=key not in self._reported)
+        return ticket
+
+    def _waiting_in(self, slice_name: str) -> int:
+        return self.book.waiting_in(slice_name)
+
+    def _enqueue(self, key: WantKey, waiter: Waiter, now: float, timeout: float) -> Ticket:
+        ticket = self.book.enqueue(key, waiter, now, timeout)
         if self._timer is None or ticket.deadline < self._timer_at:
             self._arm(ticket.deadline, now)
         return ticket
+
+    def waiting_counts(self) -> dict[WantKey, int]:
+        """Requests waiting in this worker, per (service, slice) with any."""
+        return {key: len(queue) for key, queue in self.book.waiters.items() if queue}
 
     def _arm(self, deadline: float, now: float) -> None:
         if self._timer is not None:
@@ -325,9 +335,9 @@ class LeasePool:
         channel = self._channel
         if channel is None or channel.closed:
             return
-        keys = set(self._reported) | {k for k, q in self.waiters.items() if q}
-        for key in keys:
-            n = len(self.waiters.get(key, ()))
+        counts = self.waiting_counts()
+        for key in set(self._reported) | set(counts):
+            n = counts.get(key, 0)
             if self._reported.get(key, 0) != n:
                 channel.send(control.Want(key[0], key[1], n))
                 if n:
@@ -347,7 +357,7 @@ class LeasePool:
     def _return_idle(self, conn: LeasedConn) -> None:
         """Give an idle session back unasked: it still answers a pending recall of its
         slice, as the acceptor counts it (so neither side keeps a stale recall)."""
-        self.book.returned(conn.lease)
+        self._count_returned(conn.lease)
         self._give_back(conn, ReleaseState.IDLE)
 
     def _flush_release(self) -> None:
@@ -448,7 +458,7 @@ class LeasePool:
 
     def _orphan_leases(self) -> None:
         """The acceptor reclaimed our leases: close idle ones now, busy ones after their request."""
-        for conn in self.book.orphans():
+        for conn in self._forget_leases():
             conn.close()
         for listener in self._listen_waiters.values():
             if not listener.done():
@@ -490,7 +500,7 @@ class LeasePool:
         elif isinstance(msg, control.Stats):
             self.registered = int(msg.counters.get("registered", self.registered))
         elif isinstance(msg, control.Recall):
-            for conn in self.book.recall_idle(msg.service, msg.slice, msg.n):
+            for conn in self._recall_idle(msg.service, msg.slice, msg.n):
                 self._give_back(conn, ReleaseState.IDLE)
         elif isinstance(msg, control.Listener):
             self._resolve_listener(msg.address, fds)
@@ -544,11 +554,23 @@ class LeasePool:
                     self._return_idle(conn)
         self.configured.set()
 
+    def _forget_leases(self) -> list[LeasedConn]:
+        return self.book.orphans()
+
+    def _recall_idle(self, service: str, slice_name: str, n: int) -> list[LeasedConn]:
+        return self.book.recall_idle(service, slice_name, n)
+
+    def _count_returned(self, lease: Lease) -> None:
+        self.book.returned(lease)
+
+    def _idle_since_before(self, cutoff: float) -> list[LeasedConn]:
+        return self.book.idle_since_before(cutoff)
+
     async def _idle_sweeper(self) -> None:
         while True:
             limit = self.policy.limits.lease_idle_release
             await asyncio.sleep(max(0.05, min(limit / 2, 1.0)))
-            for conn in self.book.idle_since_before(time.monotonic() - limit):
+            for conn in self._idle_since_before(time.monotonic() - limit):
                 self._return_idle(conn)
 
     def _spawn(self, coro: Awaitable[None]) -> None:

@@ -69,6 +69,12 @@ class FdGuard:
     def admit(self) -> bool:
         if self._in_use() + self.reserve < self.limit:
             return True
+        self.refuse()
+        return False
+
+    def refuse(self) -> None:
+        """Count (and log, at most once per interval) a connection answered 503 here or
+        by the native engine, which applies the same rule itself."""
         self.refused += 1
         self.last_refusal = self._clock()
         self._log.report(
@@ -79,7 +85,6 @@ class FdGuard:
             self.limit,
             self.reserve,
         )
-        return False
 
     def refusing(self) -> bool:
         return self._clock() - self.last_refusal < REFUSAL_WINDOW

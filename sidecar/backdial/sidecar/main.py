@@ -24,12 +24,11 @@ import sys
 from backdial.adminhttp import start_admin
 from backdial.options import load
 from backdial.runtime import ConfigError, fail, run, setup_logging
+from backdial.sidecar import engine
 from backdial.sidecar.config import SidecarSettings
 from backdial.sidecar.drain import Drainer
 from backdial.sidecar.leasepool import LeasePool
 from backdial.sidecar.liveness import Liveness
-from backdial.sidecar.proxy import make_protocol_factory
-from backdial.sidecar.sessionconn import wrap_lease
 from backdial.sidecar.stats import ProxyStats
 from backdial.sidecar.supervisor import Supervisor
 from backdial.sidecar.workeradmin import WorkerAdmin
@@ -50,14 +49,13 @@ def settings_from(argv: list[str]) -> SidecarSettings:
 
 
 async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
-    pool: LeasePool | None = None
-    stats = ProxyStats()
-    pool = LeasePool(cfg.run_dir, lambda lease: wrap_lease(lease, pool_ref()), cfg.worker_name)
-
-    def pool_ref() -> LeasePool:
-        assert pool is not None
-        return pool
-
+    try:
+        kind, why = engine.choose(cfg.engine)
+    except ConfigError as exc:
+        return fail(str(exc))
+    worker = engine.worker(kind, cfg.run_dir, cfg.proxy, cfg.worker_name)
+    pool, stats = worker.pool, worker.stats
+    log.info("sidecar %s: %s engine (%s)", cfg.worker_name, kind.value, why)
     pool.start()
     liveness = Liveness(pool, None, cfg.max_disconnected, cfg.max_loop_lag)
     monitor = asyncio.ensure_future(liveness.run())
@@ -74,10 +72,9 @@ async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
         admin.close()
         await pool.close(0)
         return 0
-    loop = asyncio.get_running_loop()
-    factory, state = make_protocol_factory(pool, cfg.proxy, stats)
+    factory, state = worker.listen(cfg.proxy)
     liveness.guard = state.fd_guard
-    server = await loop.create_server(factory, sock=listener, backlog=4096)
+    server = await worker.serve(listener)
     log.info(
         "sidecar %s serving http://%s (acceptor %s)",
         cfg.worker_name,

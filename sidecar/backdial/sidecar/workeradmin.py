@@ -59,8 +59,8 @@ class WorkerAdmin:
             [({}, len(pool.busy))],
         )
         waiting: collections.Counter[str] = collections.Counter()
-        for (_, slice_name), queue in pool.waiters.items():
-            waiting[slice_name] += len(queue)
+        for (_, slice_name), n in pool.waiting_counts().items():
+            waiting[slice_name] += n
         yield gauge(
             "backdial_sidecar_requests_waiting",
             "Requests waiting in this worker for a session, by slice.",
@@ -124,7 +124,7 @@ class WorkerAdmin:
                     "busy": len(pool.busy),
                     "idle": {f"{k[0] or '(default)'}/{k[1]}": len(q) for k, q in pool.idle.items()},
                     "waiting": {
-                        f"{k[0] or '(default)'}/{k[1]}": len(q) for k, q in pool.waiters.items()
+                        f"{k[0] or '(default)'}/{k[1]}": n for k, n in pool.waiting_counts().items()
                     },
                 },
             )

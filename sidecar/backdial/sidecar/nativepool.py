@@ -1,0 +1,239 @@
+"""The lease pool when the native engine runs: ``LeasePool`` whose book lives in the engine.
+
+The worker's sessions, their idle rings, the per-key FIFOs of waiting requests and the
+recalls owed are kept by the engine (``backdial_engine.Engine``), so a request the
+engine serves takes and returns a session without Python.  This class stays the lease
+authority towards the acceptor: it adopts granted sessions into the engine, gives
+sessions back (recall, idle release, a removed slice, drain, or one the engine found
+broken or retired), sends WANT and RELEASE records and keeps the per-slice figures
+for STATS (the engine's added in).
+
+Connections the engine hands to the Python path (``proxy.ClientProtocol``) use the
+same book: ``try_acquire`` checks a session out of the engine into an
+``EngineSession`` (a ``SessionConn`` over ``FdTransport``), ``release`` checks it
+back in, and their waiting requests are ``Ticket``s in the engine's FIFOs, so whoever
+waited longest is served first, whichever path accepted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from backdial.control import ConfigMsg, Rejection, ReleaseState, WantKey
+from backdial.sidecar.fdtransport import FdTransport
+from backdial.sidecar.idlering import IdleRing
+from backdial.sidecar.lease import Lease, LeasedConn, Ticket, Waiter
+from backdial.sidecar.leasepool import LeasePool
+from backdial.sidecar.sessionconn import SessionConn
+
+
+class EngineSession(SessionConn):
+    """A session the engine owns; a ``SessionConn`` only while the Python path uses it."""
+
+    def __init__(self, lease: Lease, pool: NativeLeasePool, handle: int, fd: int) -> None:
+        super().__init__(lease, pool)
+        self.handle = handle
+        self.fd = fd
+        self.native = pool
+        self.closed = True  # usable only while checked out
+
+    def check_out(self, pre: bytes) -> None:
+        """The engine lent it to a Python request: read and write it from the loop."""
+        self.closed = False
+        self._reported = False
+        self._sink = None
+        self._pre = pre
+        self._parser = None
+        self._paused = False
+        self._tunnel = False
+        self.connection_made(FdTransport(self.native.loop, self.fd, self))
+
+    def check_in(self) -> bytes:
+        """Stop using it; the beginning of a RETIRE line read meanwhile goes with it."""
+        if isinstance(self.transport, FdTransport):
+            self.transport.detach()
+        self.transport = None
+        self.closed = True
+        pre, self._pre = self._pre, b""
+        return pre
+
+    def close(self) -> None:
+        """Given up for good (``_give_back``): the engine closes its descriptor."""
+        super().close()
+        self.check_in()
+        if self.native.conns.pop(self.handle, None) is not None:
+            self.native.engine.close_session(self.handle)
+
+
+class NativeLeasePool(LeasePool):
+    def __init__(self, run_dir: Path, engine: Any, name: str = "") -> None:
+        self.engine = engine
+        self.conns: dict[int, EngineSession] = {}  # by engine handle
+        self._ticket_ids: dict[Ticket, int] = {}
+        self._epoch_value = 0
+        super().__init__(run_dir, self._wrap, name)
+        self.loop = asyncio.get_running_loop()
+
+    # The control connection's generation: the engine gives sessions of an older one back
+    # as broken (the acceptor reclaimed them).
+    @property
+    def _epoch(self) -> int:
+        return self._epoch_value
+
+    @_epoch.setter
+    def _epoch(self, value: int) -> None:
+        self._epoch_value = value
+        self.engine.set_epoch(value)
+
+    async def _wrap(self, lease: Lease) -> EngineSession:
+        fd = lease.sock.detach()  # the engine owns the descriptor from here on
+        try:
+            handle = self.engine.add_session(
+                lease.session,
+                fd,
+                lease.service,
+                lease.registrant,
+                lease.key[0],
+                lease.key[1],
+                lease.epoch,
+            )
+        except OSError:
+            os.close(fd)
+            raise
+        conn = EngineSession(lease, self, handle, fd)
+        self.conns[handle] = conn
+        return conn
+
+    def _conns_of(self, handles: list[int]) -> list[LeasedConn]:
+        return [self.conns[h] for h in handles if h in self.conns]
+
+    # -- the book, read from the engine ------------------------------------------------------
+    @property
+    def busy(self) -> set[int]:
+        return {c.lease.session for c in self._conns_of(self.engine.busy_handles())}
+
+    @property
+    def idle(self) -> dict[WantKey, IdleRing[LeasedConn]]:
+        out: dict[WantKey, IdleRing[LeasedConn]] = {}
+        for key, handles in self.engine.idle_map().items():
+            ring: IdleRing[LeasedConn] = IdleRing()
+            for conn in self._conns_of(handles):
+                ring.append(conn)
+            out[key] = ring
+        return out
+
+    @property
+    def waiting(self) -> int:
+        return sum(self.waiting_counts().values())
+
+    def waiting_counts(self) -> dict[WantKey, int]:
+        counts: dict[WantKey, int] = self.engine.waiting_counts()
+        return counts
+
+    # -- what the Python path asks -------------------------------------------------------------
+    def try_acquire(self, service: str, slice_name: str) -> LeasedConn | None:
+        got = self.engine.take(service, slice_name)
+        if got is None:
+            return None
+        conn = self.conns[got[0]]
+        conn.check_out(got[1])
+        return conn
+
+    def release(self, conn: LeasedConn, state: ReleaseState) -> None:
+        assert isinstance(conn, EngineSession)
+        pre = conn.check_in()
+        self.engine.release(conn.handle, state.value, pre)
+
+    def _settle(self, conn: LeasedConn) -> None:
+        assert isinstance(conn, EngineSession)
+        self.engine.settle(conn.handle)
+
+    def lost(self, conn: LeasedConn, state: ReleaseState) -> None:
+        self.release(conn, state)  # idle sessions are watched by the engine, not here
+
+    def _waiting_in(self, slice_name: str) -> int:
+        n: int = self.engine.waiting_in(slice_name)
+        return n
+
+    def _enqueue(self, key: WantKey, waiter: Waiter, now: float, timeout: float) -> Ticket:
+        ticket = Ticket(waiter, key, now, now + timeout)
+        self._ticket_ids[ticket] = self.engine.enqueue(key[0], key[1], ticket, now, timeout)
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        ident = self._ticket_ids.pop(ticket, None)
+        if ticket.active and ident is not None:
+            ticket.active = False
+            if self.engine.cancel(ticket.key[0], ticket.key[1], ident):
+                self._mark_want()
+
+    # -- what the engine reports (``nativeproxy.EngineHooks``) -------------------------------
+    def gave_back(self, handle: int, state: str) -> None:
+        """The engine dropped a session (broken, retired, recalled, stale): RELEASE it."""
+        conn = self.conns.get(handle)
+        if conn is not None:
+            self._give_back(conn, ReleaseState(state))
+
+    def handed(self, handle: int, ticket: Ticket, pre: bytes) -> None:
+        """A freed session goes to a Python ticket, delivered at the end of this turn."""
+        ticket.active = False
+        self._ticket_ids.pop(ticket, None)
+        conn = self.conns[handle]
+        conn.check_out(pre)
+        if not self._handoffs:
+            self._loop.call_soon(self._deliver)
+        self._handoffs.append((ticket, conn))
+
+    def refused(self, ticket: Ticket, reason: str) -> None:
+        ticket.active = False
+        self._ticket_ids.pop(ticket, None)
+        ticket.waiter.lease_refused(Rejection(reason), self.policy.limits.retry_after)
+
+    # -- the shell's book operations --------------------------------------------------------------
+    def _flush_want(self) -> None:
+        super()._flush_want()
+        self.engine.want_flushed(list(self._reported))
+
+    def _forget_leases(self) -> list[LeasedConn]:
+        out = self._conns_of(self.engine.orphans())
+        for conn in out:
+            self.held.pop(conn.lease.session, None)
+        return out
+
+    def _on_recall(self, service: str, n: int) -> None:
+        for conn in self._conns_of(self.engine.recall_idle(service, n)):
+            self._give_back(conn, ReleaseState.IDLE)
+
+    def _idle_since_before(self, cutoff: float) -> list[LeasedConn]:
+        return self._conns_of(self.engine.idle_since_before(cutoff))
+
+    def _apply_config(self, msg: ConfigMsg) -> None:
+        super()._apply_config(msg)
+        from backdial.sidecar.nativeproxy import configure_engine
+
+        configure_engine(self.engine, self.policy, self._queues)
+
+    def counters(self) -> dict[str, float]:
+        out = super().counters()
+        for name, (_status, _latency, wait, rejected) in self.engine.slice_figures().items():
+            counts, total = wait
+            for i, c in enumerate(counts):
+                if c:
+                    key = f"wait_bucket|{name}|{i}"
+                    out[key] = out.get(key, 0) + c
+            if any(counts):
+                key = f"wait_sum_us|{name}"
+                out[key] = out.get(key, 0) + int(total * 1e6)
+            for reason, c in zip(Rejection, rejected, strict=True):
+                if c:
+                    key = f"rejected|{name}|{reason}"
+                    out[key] = out.get(key, 0) + c
+        return out
+
+    async def close(self, deadline: float) -> None:
+        self.closing = True
+        self.engine.close_queues()  # native waiters get 503, tickets lease_refused
+        await super().close(deadline)

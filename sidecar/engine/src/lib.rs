@@ -1,0 +1,621 @@
+//! `backdial_engine`: the sidecar worker's native relay engine (a CPython extension).
+//!
+//! `Engine` owns an epoll set with the client listening socket, the client connections
+//! it serves and the sessions the worker holds, and runs one turn of it per call to
+//! `run()`: Python registers `fileno()` with its event loop (`loop.add_reader`), so the
+//! worker stays one thread and one loop, and at steady state a request is accepted,
+//! parsed, classified, leased, relayed and released without any Python code running.
+//! The Python side (`backdial.sidecar.nativeproxy`, `nativepool`) stays the lease
+//! authority: it adopts granted sessions into the engine, takes them back on recalls,
+//! idle release and drain, sends the control records, and serves every connection the
+//! engine hands over (`Hook::Adopt`).  Engine calls into Python happen only through
+//! hooks delivered after the engine's lock is released, so Python may call back in.
+
+mod book;
+mod client;
+mod core;
+pub mod head;
+pub mod response;
+mod route;
+mod session;
+mod spill;
+mod stats;
+mod sys;
+
+use std::sync::{Mutex, MutexGuard};
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use crate::book::Who;
+use crate::core::{Core, Hook, SState, Settings};
+use crate::response::Release;
+use crate::route::{Net, Router, Rule, SliceRules};
+
+#[pyclass(frozen, module = "backdial_engine")]
+pub struct Engine {
+    core: Mutex<Core>,
+    hooks: Mutex<Option<Py<PyAny>>>,
+}
+
+fn get<'py, T: FromPyObject<'py>>(d: &Bound<'py, PyDict>, name: &str) -> PyResult<T> {
+    match d.get_item(name)? {
+        Some(v) => v.extract(),
+        None => Err(PyValueError::new_err(format!("engine setting {name} missing"))),
+    }
+}
+
+fn release_of(state: &str, pre: Vec<u8>) -> PyResult<Release> {
+    Ok(match state {
+        "idle" => Release::Idle { pre },
+        "retired" => Release::Retired,
+        "broken" => Release::Broken,
+        _ => return Err(PyValueError::new_err(format!("unknown release state {state}"))),
+    })
+}
+
+impl Engine {
+    fn lock(&self) -> PyResult<MutexGuard<'_, Core>> {
+        self.core.lock().map_err(|_| PyRuntimeError::new_err("engine state poisoned by an earlier panic"))
+    }
+
+    /// Deliver the hooks queued by the last call, with the engine unlocked.
+    fn deliver(&self, py: Python<'_>) -> PyResult<()> {
+        let mut first_err: Option<PyErr> = None;
+        loop {
+            let hooks = {
+                let mut c = self.lock()?;
+                // Sessions handed to native waiters are written now, then the hooks.
+                c.deliver_handoffs();
+                c.arm_tick();
+                std::mem::take(&mut c.hooks)
+            };
+            if hooks.is_empty() {
+                break;
+            }
+            let target = match self.hooks.lock().ok().and_then(|h| h.as_ref().map(|o| o.clone_ref(py))) {
+                Some(t) => t,
+                None => {
+                    // No Python side (unit use): close what would have been adopted.
+                    for h in hooks {
+                        if let Hook::Adopt { fd, .. } = h {
+                            sys::close(fd);
+                        }
+                    }
+                    continue;
+                }
+            };
+            let t = target.bind(py);
+            for h in hooks {
+                let res = match h {
+                    Hook::Adopt { fd, data } => t.call_method1("adopt", (fd, PyBytes::new(py, &data))),
+                    Hook::GiveBack { handle, state } => t.call_method1("give_back", (handle, state)),
+                    Hook::Handoff { handle, ticket, pre, waited } => {
+                        t.call_method1("handoff", (handle, ticket, PyBytes::new(py, &pre), waited))
+                    }
+                    Hook::Refused { ticket, reason, waited } => {
+                        t.call_method1("refused", (ticket, reason.name(), waited))
+                    }
+                    Hook::Want { urgent } => t.call_method1("want", (urgent,)),
+                    Hook::Drained => t.call_method0("drained"),
+                    Hook::Empty => t.call_method0("empty"),
+                    Hook::FdRefused => t.call_method0("fd_refused"),
+                };
+                if let Err(e) = res {
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                    } else {
+                        e.print(py);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn slot(core: &Core, handle: u64) -> Option<usize> {
+        core.by_handle.get(&handle).copied()
+    }
+
+    /// Idle sessions matching `pred`, out of the idle rings: Python gives them back
+    /// (its `_give_back` closes them through `close_session`).
+    fn take_idle_where(&self, pred: impl Fn(&core::Session) -> bool, limit: usize) -> PyResult<Vec<u64>> {
+        let mut c = self.lock()?;
+        let c = &mut *c;
+        let mut out = Vec::new();
+        for ring in c.book.idle.values_mut() {
+            for slot in ring.slots() {
+                let s = c.sessions.items[slot].as_ref().expect("idle session");
+                if out.len() < limit && pred(s) {
+                    out.push(s.handle);
+                    ring.remove(s.registrant, slot);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    fn new(settings: &Bound<'_, PyDict>) -> PyResult<Engine> {
+        let trusted: Vec<String> = get(settings, "trusted_proxies")?;
+        let mut nets = Vec::new();
+        for t in &trusted {
+            nets.push(Net::parse(t).ok_or_else(|| PyValueError::new_err(format!("bad CIDR {t}")))?);
+        }
+        let s = Settings {
+            max_header_bytes: get(settings, "max_header_bytes")?,
+            max_body: get(settings, "max_body")?,
+            response_buffer: get(settings, "response_buffer")?,
+            response_spill_max: get(settings, "response_spill_max")?,
+            spill_dir: get(settings, "spill_dir")?,
+            upstream_timeout: get(settings, "upstream_timeout")?,
+            client_idle_timeout: get(settings, "client_idle_timeout")?,
+            drain_idle_grace: get(settings, "drain_idle_grace")?,
+            request_timeout: get(settings, "request_timeout")?,
+            send_timeout: get(settings, "send_timeout")?,
+            max_retries: get(settings, "max_retries")?,
+            tick: get(settings, "tick")?,
+            takeover_all: get(settings, "takeover_all")?,
+            fd_reserve: get(settings, "fd_reserve")?,
+            via: get::<String>(settings, "via")?.into_bytes(),
+            proto: get::<String>(settings, "proto")?.into_bytes(),
+            trusted: nets,
+        };
+        let core = Core::new(s).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(Engine { core: Mutex::new(core), hooks: Mutex::new(None) })
+    }
+
+    fn set_hooks(&self, hooks: Py<PyAny>) -> PyResult<()> {
+        *self.hooks.lock().map_err(|_| PyRuntimeError::new_err("poisoned"))? = Some(hooks);
+        Ok(())
+    }
+
+    fn fileno(&self) -> PyResult<i32> {
+        Ok(self.lock()?.ep.fd)
+    }
+
+    /// One turn: handle what is ready, then deliver the hooks it produced.
+    fn run(&self, py: Python<'_>) -> PyResult<()> {
+        self.lock()?.run();
+        self.deliver(py)
+    }
+
+    fn listen(&self, fd: i32) -> PyResult<()> {
+        self.lock()?.listen(fd).map_err(|e| PyOSError::new_err(e.to_string()))
+    }
+
+    fn unlisten(&self) -> PyResult<()> {
+        self.lock()?.unlisten();
+        Ok(())
+    }
+
+    /// The routing and slicing tables of a policy generation (built by `nativeproxy`).
+    #[allow(clippy::too_many_arguments)]
+    fn configure(
+        &self,
+        routes: Vec<(Option<Vec<u8>>, Vec<u8>, String)>,
+        default_service: String,
+        slices: Vec<(String, Vec<(Vec<String>, Vec<(Vec<u8>, String)>, Vec<Vec<u8>>)>)>,
+        default_slice: String,
+        queues: Vec<(String, f64, usize)>,
+        retry_after: i64,
+    ) -> PyResult<bool> {
+        let mut core = self.lock()?;
+        let c = &mut *core;
+        let mut router = Router::default();
+        // Longest prefix first; ties keep config order (a stable sort, as Python's).
+        for (host, prefix, service) in routes {
+            let sid = c.services.id(&service);
+            match host {
+                Some(h) => router.by_host.entry(h).or_default().push((prefix, sid)),
+                None => router.any_host.push((prefix, sid)),
+            }
+        }
+        for v in router.by_host.values_mut() {
+            v.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
+        }
+        router.any_host.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
+        router.default_service = c.services.id(&default_service);
+        router.default_slice = c.slices.id(&default_slice);
+        for (name, rules) in slices {
+            let slice = c.slices.id(&name);
+            let mut compiled = Vec::new();
+            for (cidrs, headers, prefixes) in rules {
+                let mut nets = Vec::new();
+                for cidr in &cidrs {
+                    match Net::parse(cidr) {
+                        Some(n) => nets.push(n),
+                        None => router.python_only = true,
+                    }
+                }
+                router.uses_ip |= !nets.is_empty();
+                let mut hs = Vec::new();
+                for (hname, pattern) in headers {
+                    let i = match router.wanted.iter().position(|w| w == &hname) {
+                        Some(i) => i,
+                        None => {
+                            router.wanted.push(hname);
+                            router.wanted.len() - 1
+                        }
+                    };
+                    match regex::Regex::new(&pattern) {
+                        Ok(rx) => hs.push((i, rx)),
+                        Err(_) => router.python_only = true,
+                    }
+                }
+                compiled.push(Rule { nets, headers: hs, prefixes });
+            }
+            router.slices.push(SliceRules { slice, rules: compiled });
+        }
+        c.queues.clear();
+        for (name, timeout, limit) in queues {
+            let id = c.slices.id(&name);
+            c.queues.insert(id, (timeout, limit));
+        }
+        c.retry_after = retry_after;
+        let python_only = router.python_only;
+        c.router = router;
+        Ok(!python_only)
+    }
+
+    // -- sessions -------------------------------------------------------------------------
+    #[allow(clippy::too_many_arguments)]
+    fn add_session(
+        &self,
+        sid: i64,
+        fd: i32,
+        service: &str,
+        registrant: i64,
+        key_service: &str,
+        key_slice: &str,
+        epoch: u64,
+    ) -> PyResult<u64> {
+        self.lock()?
+            .add_session(sid, fd, service, registrant, key_service, key_slice, epoch)
+            .map_err(|e| PyOSError::new_err(e.to_string()))
+    }
+
+    /// A clean, free session (just adopted): recall, waiter or idle.
+    fn settle(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
+        {
+            let mut c = self.lock()?;
+            if let Some(slot) = Self::slot(&c, handle) {
+                c.settle(slot);
+            }
+        }
+        self.deliver(py)
+    }
+
+    /// `LeasePool.try_acquire` for the Python path: (handle, RETIRE prefix) checked out.
+    fn take(&self, service: &str, slice: &str) -> PyResult<Option<(u64, Py<PyBytes>)>> {
+        let mut c = self.lock()?;
+        let svc = c.services.id(service);
+        let sl = c.slices.id(slice);
+        let key = c.key(svc, sl);
+        let slot = match c.take(key) {
+            Some(s) => s,
+            None => return Ok(None),
+        };
+        let (handle, pre) = c.checkout(slot);
+        Python::with_gil(|py| Ok(Some((handle, PyBytes::new(py, &pre).unbind()))))
+    }
+
+    /// A session the Python path used comes back (`LeasePool.release`).
+    fn release(&self, py: Python<'_>, handle: u64, state: &str, pre: Vec<u8>) -> PyResult<()> {
+        let rel = release_of(state, pre)?;
+        {
+            let mut c = self.lock()?;
+            if let Some(slot) = Self::slot(&c, handle) {
+                if c.sessions.at(slot).state == SState::Out {
+                    c.checkin(slot);
+                }
+                c.release(slot, rel);
+            }
+        }
+        self.deliver(py)
+    }
+
+    fn close_session(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
+        {
+            let mut c = self.lock()?;
+            if let Some(slot) = Self::slot(&c, handle) {
+                let busy = c.sessions.at(slot).state == SState::Busy;
+                if busy {
+                    c.session_failed(slot);
+                } else {
+                    if matches!(c.sessions.at(slot).state, SState::Out | SState::Discard) {
+                        c.busy -= 1;
+                    }
+                    c.drop_session(slot);
+                }
+            }
+        }
+        self.deliver(py)
+    }
+
+    /// Up to `n` idle sessions of `service` for Python to give back; the rest of `n` is
+    /// owed by the next ones of that service to come free (`LeaseBook.recall_idle`).
+    fn recall_idle(&self, service: &str, n: u32) -> PyResult<Vec<u64>> {
+        let out = self.take_idle_where(|s| s.service == service, n as usize)?;
+        let mut c = self.lock()?;
+        if (out.len() as u32) < n {
+            *c.book.recall.entry(service.to_string()).or_insert(0) += n - out.len() as u32;
+        }
+        Ok(out)
+    }
+
+    fn idle_since_before(&self, cutoff: f64) -> PyResult<Vec<u64>> {
+        self.take_idle_where(|s| s.idle_since < cutoff, usize::MAX)
+    }
+
+    /// The acceptor reclaimed our leases: idle ones go now (Python closes them); busy ones
+    /// stay until their request ends, then go as broken (their epoch is stale).
+    fn orphans(&self) -> PyResult<Vec<u64>> {
+        let out = self.take_idle_where(|_| true, usize::MAX)?;
+        let mut c = self.lock()?;
+        for slot in c.sessions.slots() {
+            if c.sessions.at(slot).state != SState::Idle {
+                c.sessions.at(slot).held = false;
+            }
+        }
+        c.book.recall.clear();
+        Ok(out)
+    }
+
+    fn set_epoch(&self, epoch: u64) -> PyResult<()> {
+        self.lock()?.epoch = epoch;
+        Ok(())
+    }
+
+    /// The pool is closing: refuse every waiter, lease nothing more.
+    fn close_queues(&self, py: Python<'_>) -> PyResult<()> {
+        self.lock()?.close_queues();
+        self.deliver(py)
+    }
+
+    fn busy_handles(&self) -> PyResult<Vec<u64>> {
+        let c = self.lock()?;
+        Ok(c.sessions
+            .items
+            .iter()
+            .flatten()
+            .filter(|s| matches!(s.state, SState::Busy | SState::Out | SState::Discard))
+            .map(|s| s.handle)
+            .collect())
+    }
+
+    fn busy_count(&self) -> PyResult<usize> {
+        Ok(self.lock()?.busy)
+    }
+
+    /// {(service, slice): idle handles}
+    fn idle_map(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let c = self.lock()?;
+        let d = PyDict::new(py);
+        for (&key, ring) in &c.book.idle {
+            if ring.len() == 0 {
+                continue;
+            }
+            let (svc, sl) = c.key_names[key];
+            let handles: Vec<u64> = ring.slots().iter().map(|&s| c.sessions.items[s].as_ref().map_or(0, |x| x.handle)).collect();
+            d.set_item((&c.services.names[svc], &c.slices.names[sl]), handles)?;
+        }
+        Ok(d.unbind())
+    }
+
+    // -- waiting (Python tickets share the native FIFOs) -----------------------------------
+    fn enqueue(&self, service: &str, slice: &str, ticket: Py<PyAny>, started: f64, timeout: f64) -> PyResult<u64> {
+        let mut c = self.lock()?;
+        let svc = c.services.id(service);
+        let sl = c.slices.id(slice);
+        let key = c.key(svc, sl);
+        let id = c.book.enqueue(key, sl, Who::Ticket(ticket), started, timeout);
+        c.arm_queue_timer();
+        Ok(id)
+    }
+
+    fn cancel(&self, service: &str, slice: &str, id: u64) -> PyResult<bool> {
+        let mut c = self.lock()?;
+        let svc = c.services.id(service);
+        let sl = c.slices.id(slice);
+        let key = c.key(svc, sl);
+        let found = c.book.cancel(key, id).is_some();
+        c.arm_queue_timer();
+        Ok(found)
+    }
+
+    fn waiting_in(&self, slice: &str) -> PyResult<usize> {
+        let mut c = self.lock()?;
+        let sl = c.slices.id(slice);
+        Ok(c.book.waiting_in(sl))
+    }
+
+    /// {(service, slice): waiting requests} for keys with waiters.
+    fn waiting_counts(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let c = self.lock()?;
+        let d = PyDict::new(py);
+        for (&key, q) in &c.book.waiters {
+            if !q.is_empty() {
+                let (svc, sl) = c.key_names[key];
+                d.set_item((&c.services.names[svc], &c.slices.names[sl]), q.len())?;
+            }
+        }
+        Ok(d.unbind())
+    }
+
+    /// Python sent the WANT records: which keys the acceptor now knows to be waiting.
+    fn want_flushed(&self, reported: Vec<(String, String)>) -> PyResult<()> {
+        let mut c = self.lock()?;
+        c.want_dirty = false;
+        c.want_urgent = false;
+        c.reported.clear();
+        for (svc, sl) in reported {
+            let s = c.services.id(&svc);
+            let l = c.slices.id(&sl);
+            let k = c.key(s, l);
+            c.reported.insert(k);
+        }
+        Ok(())
+    }
+
+    // -- the listener's life ----------------------------------------------------------------
+    fn set_draining(&self, on: bool) -> PyResult<()> {
+        self.lock()?.draining = on;
+        Ok(())
+    }
+
+    fn draining(&self) -> PyResult<bool> {
+        Ok(self.lock()?.draining)
+    }
+
+    /// Graceful stop: idle connections get `drain_idle_grace`; `Hook::Empty` when none is left.
+    fn drain(&self, py: Python<'_>) -> PyResult<()> {
+        self.lock()?.drain_idle();
+        self.deliver(py)
+    }
+
+    fn abort_all(&self, py: Python<'_>) -> PyResult<usize> {
+        let n = self.lock()?.abort_all();
+        self.deliver(py)?;
+        Ok(n)
+    }
+
+    fn connections(&self) -> PyResult<usize> {
+        Ok(self.lock()?.clients.len)
+    }
+
+    fn set_python_fds(&self, n: usize) -> PyResult<()> {
+        self.lock()?.python_fds = n;
+        Ok(())
+    }
+
+    // -- counters -------------------------------------------------------------------------------
+    fn counter(&self, name: &str) -> PyResult<i64> {
+        let c = self.lock()?;
+        Ok(c.stats.named().iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| *v))
+    }
+
+    fn unavailable(&self) -> PyResult<(i64, i64, i64)> {
+        let c = self.lock()?;
+        let u = c.stats.unavailable;
+        Ok((u[0], u[1], u[2]))
+    }
+
+    /// {slice: (status {code: n}, latency (counts, sum), wait (counts, sum), rejected (3))}
+    fn slice_figures(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let c = self.lock()?;
+        let d = PyDict::new(py);
+        for (i, st) in c.slice_stats.iter().enumerate() {
+            let status = PyDict::new(py);
+            for (code, &n) in st.status.iter().enumerate() {
+                if n > 0 {
+                    status.set_item(code, n)?;
+                }
+            }
+            let lat = (st.latency.counts.to_vec(), st.latency.sum);
+            let wait = (st.wait.counts.to_vec(), st.wait.sum);
+            let rej = (st.rejected[0], st.rejected[1], st.rejected[2]);
+            let row = PyTuple::new(py, [status.into_any(), lat.into_pyobject(py)?.into_any(), wait.into_pyobject(py)?.into_any(), rej.into_pyobject(py)?.into_any()])?;
+            d.set_item(&c.slices.names[i], row)?;
+        }
+        Ok(d.unbind())
+    }
+
+    fn budget(&self, i: usize) -> PyResult<(i64, i64, i64)> {
+        let c = self.lock()?;
+        let b = c.budgets.get(i).ok_or_else(|| PyValueError::new_err("budget"))?;
+        Ok((b.limit, b.used, b.refused))
+    }
+
+    fn budget_set(&self, i: usize, limit: i64, used: i64, refused: i64) -> PyResult<()> {
+        let mut c = self.lock()?;
+        let b = c.budgets.get_mut(i).ok_or_else(|| PyValueError::new_err("budget"))?;
+        b.limit = limit;
+        b.used = used;
+        b.refused = refused;
+        Ok(())
+    }
+
+    fn budget_take(&self, i: usize, n: i64) -> PyResult<bool> {
+        let mut c = self.lock()?;
+        Ok(c.budgets.get_mut(i).ok_or_else(|| PyValueError::new_err("budget"))?.take(n))
+    }
+
+    fn budget_add(&self, i: usize, n: i64) -> PyResult<()> {
+        let mut c = self.lock()?;
+        c.budgets.get_mut(i).ok_or_else(|| PyValueError::new_err("budget"))?.used += n;
+        Ok(())
+    }
+
+    // -- recording (the conformance suite's RecordingPool) ---------------------------------
+    fn set_record(&self, on: bool) -> PyResult<()> {
+        self.lock()?.record = on;
+        Ok(())
+    }
+
+    fn recorded(&self, py: Python<'_>) -> PyResult<(Py<PyList>, Py<PyList>)> {
+        let c = self.lock()?;
+        let acq = PyList::new(py, c.acquires.iter().map(|(a, b)| (a.as_str(), b.as_str())))?;
+        let ev = PyList::new(py, c.events.iter().map(|(k, s, st)| (*k, *s, *st)))?;
+        Ok((acq.unbind(), ev.unbind()))
+    }
+}
+
+/// The head recogniser on its own, for the parity tests against llhttp: None when the
+/// engine would hand the request to Python, else (head length, upstream head, host key).
+#[pyfunction]
+fn recognise(py: Python<'_>, raw: &[u8], forwarding: &[u8], xff: &[u8]) -> PyResult<Option<(usize, Py<PyBytes>, Py<PyBytes>, bool)>> {
+    let limits = head::Limits { max_header_bytes: 65536, max_body: 65536, trusted_peer: false, wanted: &[] };
+    match head::parse(raw, &limits) {
+        head::Verdict::Native(h) => {
+            let mut out = Vec::new();
+            h.build(raw, forwarding, xff, &mut out);
+            Ok(Some((h.len, PyBytes::new(py, &out).unbind(), PyBytes::new(py, &h.host_key).unbind(), h.keep_alive)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// One response fed in the given reads, for parity tests: (client bytes, outcome).
+#[pyfunction]
+fn relay_response(py: Python<'_>, reads: Vec<Vec<u8>>, head_only: bool, v10: bool, keep_allowed: bool) -> PyResult<(Py<PyBytes>, String)> {
+    let mut r = response::Resp::new(Vec::new());
+    let ctx = response::Ctx { head_only, v10, keep_allowed };
+    let mut out = Vec::new();
+    let mut outcome = String::from("more");
+    for read in reads {
+        match r.feed(&read, &ctx, &mut out) {
+            response::Outcome::More => continue,
+            response::Outcome::Done(rel) => {
+                outcome = match rel {
+                    Release::Idle { pre } if pre.is_empty() => "idle".into(),
+                    Release::Idle { .. } => "idle+pre".into(),
+                    Release::Retired => "retired".into(),
+                    Release::Broken => "broken".into(),
+                };
+                break;
+            }
+            response::Outcome::Fail => {
+                outcome = "fail".into();
+                break;
+            }
+        }
+    }
+    Ok((PyBytes::new(py, &out).unbind(), outcome))
+}
+
+#[pymodule]
+fn backdial_engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Engine>()?;
+    m.add_function(wrap_pyfunction!(recognise, m)?)?;
+    m.add_function(wrap_pyfunction!(relay_response, m)?)?;
+    Ok(())
+}
