@@ -29,6 +29,27 @@ RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); 
 open("build-requirements.txt", "w").write("\n".join(p["build-system"]["requires"])); \
 open("requirements.txt", "w").write("\n".join(p["project"]["dependencies"]))'
 
+# --- engine: the sidecar's native relay engine (Rust), built with Debian's own toolchain ---
+# (rustc 1.63, which the crate and its Cargo.lock are kept compatible with; that cargo reads
+# the crates.io index from GitHub, so vendor.py fetches the locked .crate files from
+# static.crates.io instead and the build runs offline). Only the built module leaves.
+FROM runtime AS engine
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN --mount=type=secret,id=ca-bundle \
+    ca=(); if [ -s /run/secrets/ca-bundle ]; then ca=(-o Acquire::https::CAInfo=/run/secrets/ca-bundle); fi; \
+    apt-get "${ca[@]}" update \
+ && DEBIAN_FRONTEND=noninteractive apt-get "${ca[@]}" install -y --no-install-recommends cargo \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src/engine
+COPY sidecar/engine/Cargo.toml sidecar/engine/Cargo.lock sidecar/engine/vendor.py ./
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi; \
+    mkdir -p /root/.cargo && python3 vendor.py Cargo.lock /src/vendor > /root/.cargo/config.toml
+COPY sidecar/engine/src ./src
+RUN cargo build --release --offline \
+ && cp target/release/libbackdial_engine.so /src/backdial_engine.abi3.so
+
 # --- build: the project and its dependencies in a virtualenv ---
 FROM runtime AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -55,8 +76,12 @@ COPY src ./src
 COPY acceptor ./acceptor
 COPY sidecar ./sidecar
 COPY operator ./operator
+COPY --from=engine /src/backdial_engine.abi3.so /tmp/engine/
 RUN /opt/buildtools/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
  && /opt/buildtools/bin/pip --python /opt/backdial/bin/python install --no-deps /tmp/wheels/*.whl \
+ && cp /tmp/engine/backdial_engine.abi3.so \
+      "$(/opt/backdial/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/" \
+ && /opt/backdial/bin/python -c 'import backdial_engine' \
  && /opt/backdial/bin/backdial --help >/dev/null
 
 # --- final: runtime + the venv, nothing else ---

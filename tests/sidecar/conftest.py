@@ -34,12 +34,11 @@ import uvloop
 from backdial.acceptor.server import Acceptor
 from backdial.control import ReleaseState
 from backdial.policy import Policy, policy_from_data
+from backdial.sidecar import engine
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.lease import LeasedConn
-from backdial.sidecar import engine
 from backdial.sidecar.leasepool import LeasePool
 from backdial.sidecar.nativepool import NativeLeasePool
-from backdial.sidecar.nativeproxy import native_worker
 from backdial.sidecar.proxy import make_protocol_factory
 from backdial.sidecar.sessionconn import wrap_lease
 from backdial.sidecar.stats import ProxyStats
@@ -457,7 +456,9 @@ class ProxyRunner:
             self.acceptor = Acceptor(self.run_dir, self.policy)
             await self.acceptor.start()
         if ENGINE is engine.Kind.NATIVE:
-            worker = native_worker(self.run_dir, self.settings, "test-worker", NativeRecordingPool)
+            worker = engine.native_worker(
+                self.run_dir, self.settings, "test-worker", NativeRecordingPool
+            )
             self.pool: Any = worker.pool
             self.stats = worker.stats
             self.pool.start()

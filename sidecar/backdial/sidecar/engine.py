@@ -22,9 +22,11 @@ from types import ModuleType
 from typing import Any
 
 from backdial.runtime import ConfigError
+from backdial.sidecar import nativeproxy
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.leasepool import LeasePool
 from backdial.sidecar.listener import ListenerState
+from backdial.sidecar.nativepool import NativeLeasePool
 from backdial.sidecar.proxy import ClientProtocol, make_protocol_factory
 from backdial.sidecar.sessionconn import wrap_lease
 from backdial.sidecar.stats import ProxyStats
@@ -74,9 +76,6 @@ class Worker:
 
     def listen(self, settings: ProxySettings) -> tuple[Callable[[], ClientProtocol], ListenerState]:
         if self.kind is Kind.NATIVE:
-            from backdial.sidecar import nativeproxy
-            from backdial.sidecar.nativepool import NativeLeasePool
-
             assert isinstance(self.pool, NativeLeasePool)
             assert isinstance(self.stats, nativeproxy.NativeStats)
             self.factory, self.state = nativeproxy.start(self.pool, settings, self.stats)
@@ -88,8 +87,6 @@ class Worker:
         """Accept clients from *listener*; the returned server's ``close`` stops that."""
         assert self.factory is not None and self.state is not None
         if self.kind is Kind.NATIVE:
-            from backdial.sidecar import nativeproxy
-
             assert isinstance(self.state, nativeproxy.NativeListener)
             return nativeproxy.serve(self.state, listener)
         loop = asyncio.get_running_loop()
@@ -99,10 +96,24 @@ class Worker:
 def worker(kind: Kind, run_dir: Path, settings: ProxySettings, name: str = "") -> Worker:
     """A worker's lease pool and counters on engine *kind* (call in the running loop)."""
     if kind is Kind.NATIVE:
-        from backdial.sidecar import nativeproxy
-
-        return nativeproxy.native_worker(run_dir, settings, name)
+        return native_worker(run_dir, settings, name)
     holder: list[LeasePool] = []
     pool = LeasePool(run_dir, lambda lease: wrap_lease(lease, holder[0]), name)
     holder.append(pool)
     return Worker(kind, pool, ProxyStats())
+
+
+def native_worker(
+    run_dir: Path,
+    settings: ProxySettings,
+    name: str = "",
+    pool_class: type[NativeLeasePool] = NativeLeasePool,
+) -> Worker:
+    """A worker on a new engine: its pool (the engine's loop registered) and counters."""
+    mod = native_module()
+    assert mod is not None, "backdial_engine is not installed"
+    engine = mod.Engine(nativeproxy.engine_settings(settings))
+    pool = pool_class(run_dir, engine, name)
+    engine.set_hooks(nativeproxy.EngineHooks(pool))
+    asyncio.get_running_loop().add_reader(engine.fileno(), engine.run)
+    return Worker(Kind.NATIVE, pool, nativeproxy.NativeStats(engine), engine)

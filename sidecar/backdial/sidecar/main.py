@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(str(exc))
     setup_logging(cfg.log_level)
+    try:
+        engine.choose(cfg.engine)  # before any worker starts: a missing engine is one line
+    except ConfigError as exc:
+        return fail(str(exc))
     if cfg.workers > 1:
         child_args = _strip(args, ("--workers", "--admin", "--worker-name"))
         sup = Supervisor(

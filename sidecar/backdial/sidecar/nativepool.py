@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from backdial.control import ConfigMsg, Rejection, ReleaseState, WantKey
+from backdial.policy import Policy, Slice
+from backdial.sidecar.classify import _config_host
 from backdial.sidecar.fdtransport import FdTransport
 from backdial.sidecar.idlering import IdleRing
 from backdial.sidecar.lease import Lease, LeasedConn, Ticket, Waiter
@@ -212,8 +214,6 @@ class NativeLeasePool(LeasePool):
 
     def _apply_config(self, msg: ConfigMsg) -> None:
         super()._apply_config(msg)
-        from backdial.sidecar.nativeproxy import configure_engine
-
         configure_engine(self.engine, self.policy, self._queues)
 
     def counters(self) -> dict[str, float]:
@@ -237,3 +237,37 @@ class NativeLeasePool(LeasePool):
         self.closing = True
         self.engine.close_queues()  # native waiters get 503, tickets lease_refused
         await super().close(deadline)
+
+
+def configure_engine(engine: Any, policy: Policy, queues: dict[str, tuple[Slice, int]]) -> bool:
+    """Hand the policy's routes, slice rules and queue limits to the engine; False when a
+    rule needs the Python path (the engine then hands every request to it)."""
+    routes = [
+        (
+            None if r.host is None else _config_host(r.host),
+            r.path_prefix.encode("utf-8"),
+            r.service,
+        )
+        for r in policy.routes
+    ]
+    slices = []
+    for spec in policy.slices:
+        if spec.match is None:
+            continue
+        rules = []
+        for m in spec.rules():
+            headers = [(name.encode("ascii"), rx) for name, rx in m.headers.items()]
+            if m.user_agent is not None:
+                headers.append((b"user-agent", m.user_agent))
+            rules.append((list(m.cidrs), headers, [p.encode("utf-8") for p in m.path_prefixes]))
+        slices.append((spec.name, rules))
+    limits = [(name, spec.queue.timeout, share) for name, (spec, share) in queues.items()]
+    ok: bool = engine.configure(
+        routes,
+        policy.default_service or "",
+        slices,
+        policy.default_slice,
+        limits,
+        policy.limits.retry_after,
+    )
+    return ok

@@ -14,13 +14,10 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from backdial.control import Rejection
 from backdial.metrics import Histogram
-from backdial.policy import Policy, Slice
-from backdial.sidecar.classify import _config_host
 from backdial.sidecar.config import ProxySettings
 from backdial.sidecar.lease import Ticket
 from backdial.sidecar.listener import ListenerState, SweptConnection
@@ -28,9 +25,6 @@ from backdial.sidecar.nativepool import NativeLeasePool
 from backdial.sidecar.proxy import ClientProtocol
 from backdial.sidecar.spool import Budget, SpoolFile
 from backdial.sidecar.stats import ProxyStats, SliceCounters
-
-if TYPE_CHECKING:
-    from backdial.sidecar.engine import Worker
 
 MEMORY, DISK = 0, 1  # the engine's budgets
 NATIVE_BODY_MAX = 64 * 1024  # bodies the engine reads itself; longer ones go to Python
@@ -71,40 +65,6 @@ def engine_settings(settings: ProxySettings) -> dict[str, Any]:
         "proto": settings.forwarded_proto,
         "trusted_proxies": list(settings.trusted_proxies),
     }
-
-
-def configure_engine(engine: Any, policy: Policy, queues: dict[str, tuple[Slice, int]]) -> bool:
-    """Hand the policy's routes, slice rules and queue limits to the engine; False when a
-    rule needs the Python path (the engine then hands every request to it)."""
-    routes = [
-        (
-            None if r.host is None else _config_host(r.host),
-            r.path_prefix.encode("utf-8"),
-            r.service,
-        )
-        for r in policy.routes
-    ]
-    slices = []
-    for spec in policy.slices:
-        if spec.match is None:
-            continue
-        rules = []
-        for m in spec.rules():
-            headers = [(name.encode("ascii"), rx) for name, rx in m.headers.items()]
-            if m.user_agent is not None:
-                headers.append((b"user-agent", m.user_agent))
-            rules.append((list(m.cidrs), headers, [p.encode("utf-8") for p in m.path_prefixes]))
-        slices.append((spec.name, rules))
-    limits = [(name, spec.queue.timeout, share) for name, (spec, share) in queues.items()]
-    ok: bool = engine.configure(
-        routes,
-        policy.default_service or "",
-        slices,
-        policy.default_slice,
-        limits,
-        policy.limits.retry_after,
-    )
-    return ok
 
 
 # -- counters ---------------------------------------------------------------------------------
@@ -403,21 +363,3 @@ def serve(state: NativeListener, listener: socket.socket) -> NativeServer:
     listener.setblocking(False)
     state.engine.listen(listener.fileno())
     return NativeServer(state.engine)
-
-
-def native_worker(
-    run_dir: Path,
-    settings: ProxySettings,
-    name: str = "",
-    pool_class: type[NativeLeasePool] = NativeLeasePool,
-) -> Worker:
-    """A worker on a new engine: its pool (the engine's loop registered) and counters."""
-    from backdial.sidecar.engine import Kind, Worker, native_module
-
-    mod = native_module()
-    assert mod is not None, "backdial_engine is not installed"
-    engine = mod.Engine(engine_settings(settings))
-    pool = pool_class(run_dir, engine, name)
-    engine.set_hooks(EngineHooks(pool))
-    asyncio.get_running_loop().add_reader(engine.fileno(), engine.run)
-    return Worker(Kind.NATIVE, pool, NativeStats(engine), engine)

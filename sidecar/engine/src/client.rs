@@ -155,18 +155,8 @@ impl Core {
         if body > 0 && self.budgets[MEMORY].used > self.budgets[MEMORY].limit {
             return self.start_handover(slot); // Python spools it or answers 503
         }
-        // Classify (classify.Classifier).
-        let path = h.path(&c.inbuf).to_vec();
-        let svc_idx = self.router.service(&h.host_key, &path);
-        let inbuf = &c.inbuf;
         let peer = c.peer.clone();
-        let header = |i: usize| h.wanted_value(inbuf, i);
-        let ip = if self.router.uses_ip { peer.ip.as_ref() } else { None };
-        let slice_idx = if self.router.slices.is_empty() {
-            self.router.default_slice
-        } else {
-            self.router.slice(ip, &header, &path)
-        };
+        let (svc_idx, slice_idx) = self.router.classify(&c.inbuf, &h, peer.ip.as_ref());
         let mut wire = Vec::with_capacity(h.len + 160 + body);
         h.build(&c.inbuf, &peer.forwarding, &peer.xff, &mut wire);
         wire.extend_from_slice(&c.inbuf[h.len..h.len + body]);

@@ -554,6 +554,20 @@ impl Engine {
         Ok(())
     }
 
+    /// (service, slice) the engine picks for a request head from `peer`, or None when it
+    /// would hand the request to Python (the parity tests compare with `Classifier`).
+    fn classify(&self, raw: &[u8], peer: &str) -> PyResult<Option<(String, String)>> {
+        let c = self.lock()?;
+        let limits = head::Limits { max_header_bytes: 65536, max_body: 65536, trusted_peer: false, wanted: &c.router.wanted };
+        let h = match head::parse(raw, &limits) {
+            head::Verdict::Native(h) if !c.router.python_only => h,
+            _ => return Ok(None),
+        };
+        let ip = route::Ip::parse(peer);
+        let (svc, sl) = c.router.classify(raw, &h, ip.as_ref());
+        Ok(Some((c.services.names[svc].clone(), c.slices.names[sl].clone())))
+    }
+
     // -- recording (the conformance suite's RecordingPool) ---------------------------------
     fn set_record(&self, on: bool) -> PyResult<()> {
         self.lock()?.record = on;
@@ -583,15 +597,25 @@ fn recognise(py: Python<'_>, raw: &[u8], forwarding: &[u8], xff: &[u8]) -> PyRes
     }
 }
 
-/// One response fed in the given reads, for parity tests: (client bytes, outcome).
+/// One response fed in the given reads (then end-of-file when `eof`), for parity tests:
+/// (client bytes, outcome: more, idle, idle+pre, retired, broken or fail).
 #[pyfunction]
-fn relay_response(py: Python<'_>, reads: Vec<Vec<u8>>, head_only: bool, v10: bool, keep_allowed: bool) -> PyResult<(Py<PyBytes>, String)> {
+#[pyo3(signature = (reads, head_only, v10, keep_allowed, eof=false))]
+fn relay_response(py: Python<'_>, reads: Vec<Vec<u8>>, head_only: bool, v10: bool, keep_allowed: bool, eof: bool) -> PyResult<(Py<PyBytes>, String)> {
     let mut r = response::Resp::new(Vec::new());
     let ctx = response::Ctx { head_only, v10, keep_allowed };
     let mut out = Vec::new();
     let mut outcome = String::from("more");
-    for read in reads {
-        match r.feed(&read, &ctx, &mut out) {
+    let mut steps: Vec<Option<Vec<u8>>> = reads.into_iter().map(Some).collect();
+    if eof {
+        steps.push(None);
+    }
+    for step in steps {
+        let o = match step {
+            Some(read) => r.feed(&read, &ctx, &mut out),
+            None => r.eof(&mut out),
+        };
+        match o {
             response::Outcome::More => continue,
             response::Outcome::Done(rel) => {
                 outcome = match rel {

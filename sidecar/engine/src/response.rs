@@ -245,10 +245,8 @@ impl Resp {
         if !extra.is_empty() {
             if extra == RETIRE_LINE {
                 state = Release::Retired;
-            } else if RETIRE_LINE.starts_with(extra) && extra.len() < RETIRE_LINE.len() {
-                if let Release::Idle { .. } = state {
-                    state = Release::Idle { pre: extra.to_vec() };
-                }
+            } else if RETIRE_LINE.starts_with(extra) && matches!(state, Release::Idle { .. }) {
+                state = Release::Idle { pre: extra.to_vec() };
             } else {
                 state = Release::Broken;
             }

@@ -90,6 +90,18 @@ pub struct Router {
 }
 
 impl Router {
+    /// (service, slice) of a parsed head (`Classifier.service` and `.slice`).
+    pub fn classify(&self, buf: &[u8], h: &crate::head::Head, ip: Option<&Ip>) -> (usize, usize) {
+        let path = h.path(buf);
+        let service = self.service(&h.host_key, path);
+        if self.slices.is_empty() {
+            return (service, self.default_slice);
+        }
+        let header = |i: usize| h.wanted_value(buf, i);
+        let ip = if self.uses_ip { ip } else { None };
+        (service, self.slice(ip, &header, path))
+    }
+
     /// Exact host routes first (longest prefix), then host-less routes, then the default.
     pub fn service(&self, host: &[u8], path: &[u8]) -> usize {
         if let Some(routes) = self.by_host.get(host) {
