@@ -33,6 +33,7 @@ from backdial.sidecar.lease import Lease
 from backdial.sidecar.request import HttpError, Request
 from backdial.sidecar.sessionconn import SessionConn
 from tests.sidecar.test_fuzz_http import _RESPONSES, _request, _Transport
+from tests.sidecar.test_request import _Collect as _RequestCollect
 
 engine = pytest.importorskip("backdial_engine", reason="the native engine is not installed")
 
@@ -41,26 +42,12 @@ XFF = b"X-Forwarded-For: 10.1.2.3\r\n"
 
 
 # -- requests ------------------------------------------------------------------------------
-class _Collect:
-    """What ``ClientProtocol`` does with one request's callbacks."""
+class _Collect(_RequestCollect):
+    """``test_request``'s collector, with the body counted as ``ClientProtocol`` counts it."""
 
     def __init__(self) -> None:
-        self.r = Request(frozenset(), 65536)
-        self.parser: Any = None
-        self.host = b""
+        super().__init__(max_body=1 << 26)
         self.done = False
-
-    def on_url(self, url: bytes) -> None:
-        self.r.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.r.add_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        p = self.parser
-        self.host = self.r.check_head(
-            p.get_http_version(), p.get_method(), p.should_keep_alive(), p.should_upgrade(), 1 << 26
-        )
 
     def on_body(self, body: bytes) -> None:
         self.r.body_len += len(body)
@@ -72,7 +59,6 @@ class _Collect:
 def _python(raw: bytes) -> tuple[bytes, bytes, bool] | None:
     """(upstream head, routing host, keep-alive) as the Python path has them; None: refused."""
     c = _Collect()
-    c.parser = httptools.HttpRequestParser(c)
     try:
         c.parser.feed_data(raw)
     except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -347,10 +333,9 @@ def test_routes_and_slices_are_the_classifiers(
             head += name + b": " + value + b"\r\n"
     head += b"\r\n"
     got = configured.classify(head, peer)
-    c = Collect = _Collect()
+    c = _Collect()
     c.r = Request(Classifier(POLICY).wanted, 65536)
-    Collect.parser = httptools.HttpRequestParser(c)
-    Collect.parser.feed_data(head)
+    c.parser.feed_data(head)
     cls = Classifier(POLICY)
     route_path = c.r.url.split(b"?")[0]
     expected = (

@@ -131,9 +131,13 @@ class ListenerState:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._empty.wait(), max(0.0, timeout))
         aborted = len(self.connections)
+        self._cut()
+        return aborted
+
+    def _cut(self) -> None:
+        """The drain deadline passed: abort what is left, stop the sweep."""
         for conn in list(self.connections):
             conn.abort()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        return aborted

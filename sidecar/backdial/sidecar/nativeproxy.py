@@ -290,11 +290,7 @@ class NativeListener(ListenerState):
             except TimeoutError:
                 break
         aborted = len(self.connections) + int(self.engine.abort_all())
-        for conn in list(self.connections):
-            conn.abort()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cut()
         return aborted
 
 

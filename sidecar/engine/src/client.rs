@@ -247,7 +247,7 @@ impl Core {
     /// Write the active request onto session `s` (`ClientProtocol._send`).
     pub fn send_on(&mut self, slot: usize, s: usize) {
         let gen = self.clients.gens[slot];
-        let (fd, res, head_only, v10) = {
+        let res = {
             let c = self.clients.items[slot].as_mut().expect("client");
             let sess = self.sessions.items[s].as_mut().expect("session");
             let r = c.active.as_ref().expect("active request");
@@ -256,39 +256,29 @@ impl Core {
             sess.resp = Resp::new(std::mem::take(&mut sess.pre));
             c.session = Some(s);
             c.seen = c.progress;
-            (sess.fd, sys::send(sess.fd, &r.wire), r.head_only, r.v10)
+            sys::send(sess.fd, &r.wire)
         };
-        let _ = (head_only, v10, fd);
-        match res {
-            Ok(n) => {
-                let c = self.clients.items[slot].as_ref().expect("client");
-                let wire = &c.active.as_ref().expect("active").wire;
-                if n < wire.len() {
-                    let rest = wire[n..].to_vec();
-                    let sgen = self.sessions.gens[s];
-                    let sess = self.sessions.at(s);
-                    sess.wpend = rest;
-                    sess.interest |= sys::OUT;
-                    let _ = self.ep.modify(sess.fd, crate::core::token(crate::core::T_SESSION, s, sgen), sess.interest);
-                }
-                let t = self.settings.upstream_timeout;
-                self.set_deadline(slot, Deadline::Upstream, t);
-            }
-            Err(e) if sys::would_block(&e) => {
-                let c = self.clients.items[slot].as_ref().expect("client");
-                let rest = c.active.as_ref().expect("active").wire.clone();
+        let sent = match res {
+            Ok(n) => Some(n),
+            Err(e) if sys::would_block(&e) => Some(0),
+            Err(_) => None, // the session is gone already: nothing of the request reached it
+        };
+        if let Some(sent) = sent {
+            let c = self.clients.items[slot].as_ref().expect("client");
+            let wire = &c.active.as_ref().expect("active").wire;
+            if sent < wire.len() {
+                // The rest goes when the session's socket takes it (session_writable).
+                let rest = wire[sent..].to_vec();
                 let sgen = self.sessions.gens[s];
                 let sess = self.sessions.at(s);
                 sess.wpend = rest;
                 sess.interest |= sys::OUT;
                 let _ = self.ep.modify(sess.fd, crate::core::token(crate::core::T_SESSION, s, sgen), sess.interest);
-                let t = self.settings.upstream_timeout;
-                self.set_deadline(slot, Deadline::Upstream, t);
             }
-            Err(_) => {
-                // The session is gone already: nothing of the request reached it.
-                self.session_failed(s);
-            }
+            let t = self.settings.upstream_timeout;
+            self.set_deadline(slot, Deadline::Upstream, t);
+        } else {
+            self.session_failed(s);
         }
     }
 
