@@ -29,7 +29,6 @@ from backdial.sidecar.config import SidecarSettings
 from backdial.sidecar.drain import Drainer
 from backdial.sidecar.leasepool import LeasePool
 from backdial.sidecar.liveness import Liveness
-from backdial.sidecar.stats import ProxyStats
 from backdial.sidecar.supervisor import Supervisor
 from backdial.sidecar.workeradmin import WorkerAdmin
 

@@ -18,6 +18,7 @@ waited longest is served first, whichever path accepted it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ class NativeLeasePool(LeasePool):
                 lease.registrant,
                 lease.key[0],
                 lease.key[1],
+                lease.slice,
                 lease.epoch,
             )
         except OSError:
@@ -126,6 +128,10 @@ class NativeLeasePool(LeasePool):
                 ring.append(conn)
             out[key] = ring
         return out
+
+    @property
+    def recall(self) -> collections.Counter[tuple[str, str]]:
+        return collections.Counter(self.engine.recalls())
 
     @property
     def waiting(self) -> int:
@@ -205,9 +211,11 @@ class NativeLeasePool(LeasePool):
             self.held.pop(conn.lease.session, None)
         return out
 
-    def _on_recall(self, service: str, n: int) -> None:
-        for conn in self._conns_of(self.engine.recall_idle(service, n)):
-            self._give_back(conn, ReleaseState.IDLE)
+    def _recall_idle(self, service: str, slice_name: str, n: int) -> list[LeasedConn]:
+        return self._conns_of(self.engine.recall_idle(service, slice_name, n))
+
+    def _count_returned(self, lease: Lease) -> None:
+        self.engine.returned(lease.service, lease.slice)
 
     def _idle_since_before(self, cutoff: float) -> list[LeasedConn]:
         return self._conns_of(self.engine.idle_since_before(cutoff))

@@ -26,7 +26,7 @@ from backdial.sidecar.proxy import ClientProtocol
 from backdial.sidecar.spool import Budget, SpoolFile
 from backdial.sidecar.stats import ProxyStats, SliceCounters
 
-MEMORY, DISK = 0, 1  # the engine's budgets
+MEMORY, DISK, RESPONSE = 0, 1, 2  # the engine's budgets (request memory, spill, response memory)
 NATIVE_BODY_MAX = 64 * 1024  # bodies the engine reads itself; longer ones go to Python
 
 ENGINE_COUNTERS = (
@@ -39,6 +39,7 @@ ENGINE_COUNTERS = (
     "retries",
     "responses_streamed",
     "responses_spilled",
+    "response_memory_full",
     "client_aborts",
     "untrusted_forwarding",
 )
@@ -49,6 +50,7 @@ def engine_settings(settings: ProxySettings) -> dict[str, Any]:
         "max_header_bytes": settings.max_header_bytes,
         "max_body": min(settings.max_request_body, NATIVE_BODY_MAX),
         "response_buffer": settings.response_buffer,
+        "response_memory_total": settings.response_memory_total,
         "response_spill_max": settings.response_spill_max,
         "spill_dir": settings.spill_dir,
         "upstream_timeout": settings.upstream_timeout,
@@ -90,6 +92,9 @@ class NativeStats(ProxyStats):
         self._own_slices: dict[str, SliceCounters] = {}
         super().__init__()
         self.request_memory = NativeBudget(engine, MEMORY)
+        # One response memory budget for the engine's client output and Python's
+        # (clientout.ClientOutput books its transports' bytes here).
+        self.response_memory = NativeBudget(engine, RESPONSE)
 
     @property
     def unavailable(self) -> dict[Rejection, int]:

@@ -3,7 +3,8 @@
 //! Idle sessions per key (service, slice) are rotated by registrant (invariant 8: the
 //! next idle session comes from the registrant that waited longest for a turn), waiting
 //! requests are a FIFO per key (native client connections and Python tickets in one
-//! queue, so whoever waited longest gets the next session), recalls owed per service.
+//! queue, so whoever waited longest gets the next session), recalls owed per (service,
+//! slice the sessions are leased for; "" = any).
 //! Values are session slots and waiter records; the engine owns the sessions.
 
 use std::collections::{HashMap, VecDeque};
@@ -70,14 +71,6 @@ impl IdleRing {
     pub fn slots(&self) -> Vec<usize> {
         self.by_reg.values().flat_map(|q| q.iter().copied()).collect()
     }
-
-    pub fn drain(&mut self) -> Vec<usize> {
-        let out = self.slots();
-        self.by_reg.clear();
-        self.ring.clear();
-        self.count = 0;
-        out
-    }
 }
 
 pub enum Who {
@@ -102,7 +95,8 @@ pub struct Book {
     /// Waiting requests per slice, across services (queue.maxWaiting bounds the slice).
     pub waiting_by_slice: HashMap<usize, usize>,
     pub waiting: usize,
-    pub recall: HashMap<String, u32>,
+    /// Pending recalls by (actual service, slice the sessions are leased for; "" = any).
+    pub recall: HashMap<(String, String), u32>,
     next_id: u64,
 }
 
@@ -200,21 +194,45 @@ impl Book {
         self.waiting_by_slice.get(&slice).copied().unwrap_or(0)
     }
 
-    /// A recall owed for `service`: consume one.
-    pub fn owe(&mut self, service: &str) -> bool {
-        match self.recall.get_mut(service) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                true
-            }
-            _ => false,
+    /// A session of `service` leased for `slice` goes back to the acceptor: count it
+    /// against a pending recall of its slice, else of any slice, as the acceptor does
+    /// (`LeaseBook.returned`); false when none was pending.
+    pub fn owe(&mut self, service: &str, slice: &str) -> bool {
+        if self.recall.is_empty() {
+            return false;
         }
+        for key in [(service.to_string(), slice.to_string()), (service.to_string(), String::new())] {
+            if let Some(n) = self.recall.get_mut(&key) {
+                if *n > 0 {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.recall.remove(&key);
+                    }
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn returned_counts_against_own_slice_first() {
+        let mut b = Book::default();
+        assert!(!b.owe("svc", "bulk"));
+        b.recall.insert(("svc".into(), "bulk".into()), 1);
+        b.recall.insert(("svc".into(), String::new()), 1);
+        assert!(!b.owe("other", "bulk"));
+        assert!(b.owe("svc", "bulk"));
+        assert_eq!(b.recall.get(&("svc".to_string(), "bulk".to_string())), None);
+        assert!(b.owe("svc", "protected")); // the any-slice recall
+        assert!(!b.owe("svc", "bulk"));
+        assert!(b.recall.is_empty());
+    }
 
     #[test]
     fn ring_rotates_by_registrant() {

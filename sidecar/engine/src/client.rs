@@ -7,7 +7,7 @@
 //! Python path at that request, once everything before it has been answered and written.
 
 use crate::book::Who;
-use crate::core::{Core, Deadline, Hook, Req, SState, DISK, MEMORY, T_CLIENT};
+use crate::core::{Core, Deadline, Hook, Req, SState, DISK, MEMORY, MEMORY_FLOOR, RESPONSE, T_CLIENT};
 use crate::head::{self, Limits, Verdict};
 use crate::response::{Ctx, Release, Resp};
 use crate::spill::Spill;
@@ -202,6 +202,7 @@ impl Core {
         };
         self.ep.delete(c.fd);
         self.budgets[MEMORY].used -= c.booked_in;
+        self.budgets[RESPONSE].used -= c.booked_out;
         self.handover_fd(c.fd, c.inbuf);
         self.after_client_gone();
     }
@@ -383,18 +384,78 @@ impl Core {
         true
     }
 
-    /// The transport's high and low water marks (`response_buffer`, a quarter of it).
+    /// The transport's high and low water marks (`response_buffer`, a quarter of it), and
+    /// the worker's response memory budget (`clientout.ClientOutput`): a connection over
+    /// its share pauses as at the high-water mark (spill file, else back-pressure) and
+    /// parks what exceeds its share; it may always keep `MEMORY_FLOOR` bytes.
     fn flow(&mut self, slot: usize) {
+        self.account_out(slot);
         let high = self.settings.response_buffer;
+        let over = self.over_memory(slot);
         let (pending, paused) = {
             let c = self.clients.at(slot);
             (c.pending(), c.write_paused)
         };
-        if !paused && pending > high {
+        if !paused && (pending > high || over) {
             self.pause_writing(slot);
-        } else if paused && pending <= high / 4 {
+            if over {
+                self.stats.response_memory_full += 1;
+                self.spill_excess(slot);
+            }
+        } else if paused && pending <= high / 4 && !(over && pending as i64 > MEMORY_FLOOR) {
             self.resume_writing(slot);
         }
+    }
+
+    /// Book what this connection holds in memory now (unsent output and held bytes).
+    fn account_out(&mut self, slot: usize) {
+        let c = self.clients.at(slot);
+        let n = (c.pending() + c.held.iter().map(Vec::len).sum::<usize>()) as i64;
+        let delta = n - c.booked_out;
+        if delta != 0 {
+            c.booked_out = n;
+            self.budgets[RESPONSE].used += delta;
+        }
+    }
+
+    fn over_memory(&self, slot: usize) -> bool {
+        let b = &self.budgets[RESPONSE];
+        let booked = self.clients.items[slot].as_ref().map_or(0, |c| c.booked_out);
+        b.used > b.limit && booked > MEMORY_FLOOR
+    }
+
+    /// Bytes that may move from a spill file to the client's output now: within the budget,
+    /// or up to the floor whatever the budget says (`ClientOutput.room`).
+    fn memory_room(&self, slot: usize) -> i64 {
+        let b = &self.budgets[RESPONSE];
+        let pending = self.clients.items[slot].as_ref().map_or(0, |c| c.pending()) as i64;
+        (MEMORY_FLOOR - pending).max(b.limit - b.used)
+    }
+
+    /// Over the budget with a fresh spill file: what exceeds this connection's share of
+    /// memory leaves the output for the file (in order: nothing is parked yet).
+    fn spill_excess(&mut self, slot: usize) {
+        let share = {
+            let b = &self.budgets[RESPONSE];
+            let c = self.clients.at(slot);
+            MEMORY_FLOOR.max(b.limit - (b.used - c.booked_out))
+        };
+        let tail = {
+            let c = self.clients.at(slot);
+            let fresh = c.held.is_empty() && c.spill.as_ref().map_or(false, |sp| sp.pending() == 0);
+            if !fresh || c.pending() as i64 <= share {
+                return;
+            }
+            let keep = c.out_off + share as usize;
+            let tail = c.out.split_off(keep);
+            // Give the memory back, not just the count: the buffer grew with the reads.
+            c.out.drain(..c.out_off);
+            c.out_off = 0;
+            c.out.shrink_to_fit();
+            tail
+        };
+        self.park(slot, tail);
+        self.client_interest(slot);
     }
 
     fn pause_writing(&mut self, slot: usize) {
@@ -492,6 +553,7 @@ impl Core {
         if let Some(s) = session {
             self.session_pause(s); // full: back-pressure the session as without spilling
         }
+        self.account_out(slot);
     }
 
     /// Feed parked bytes to the client until it pushes back; true once all are sent.
@@ -500,13 +562,21 @@ impl Core {
         loop {
             // Move from the file while the client takes it.
             loop {
+                let room = self.memory_room(slot);
                 let n = {
                     let c = self.clients.at(slot);
                     if c.write_paused {
                         break;
                     }
+                    if room <= 0 {
+                        // Memory is spent: wait paused, the next drain of this client's
+                        // output tries again (it holds at least the floor).
+                        c.write_paused = true;
+                        break;
+                    }
+                    let want = (room as usize).min(SPILL_CHUNK);
                     let sp = c.spill.as_mut().expect("spill");
-                    match sp.peek(&mut buf) {
+                    match sp.peek(&mut buf[..want]) {
                         Ok(n) => n,
                         Err(_) => 0,
                     }
@@ -608,6 +678,7 @@ impl Core {
         sys::close(c.fd);
         self.stats.connections_active -= 1;
         self.budgets[MEMORY].used -= c.booked_in;
+        self.budgets[RESPONSE].used -= c.booked_out;
         if let Some(sp) = c.spill {
             self.budgets[DISK].used -= sp.pending() as i64;
             self.spill_files -= 1;

@@ -34,6 +34,12 @@ pub fn untoken(t: u64) -> (u64, usize, u32) {
 
 pub const MEMORY: usize = 0;
 pub const DISK: usize = 1;
+/// Response bytes held in memory for clients (`ProxyStats.response_memory`, shared with
+/// Python's `clientout.ClientOutput`), limited by `--response-memory-total`.
+pub const RESPONSE: usize = 2;
+/// Bytes a connection may keep in memory whatever the response budget says
+/// (`clientout.MEMORY_FLOOR`), so a client that reads is never starved by others.
+pub const MEMORY_FLOOR: i64 = 16 * 1024;
 
 pub struct Settings {
     pub max_header_bytes: usize,
@@ -120,6 +126,8 @@ pub struct Client {
     pub spill: Option<Spill>,
     /// Output that fitted neither the transport buffer nor the spill file (in order).
     pub held: Vec<Vec<u8>>,
+    /// Bytes of `out` (pending) and `held` booked in the response memory budget.
+    pub booked_out: i64,
     pub interest: u32,
     pub eof: bool,
     pub close_after: bool,
@@ -156,6 +164,8 @@ pub struct Session {
     pub sid: i64,
     pub fd: RawFd,
     pub service: String,
+    /// The slice it is leased for (a sliced RECALL names it).
+    pub slice: String,
     pub registrant: i64,
     pub key: KeyId,
     pub epoch: u64,
@@ -267,7 +277,7 @@ pub struct Core {
     pub retry_after: i64,
     pub stats: Counters,
     pub slice_stats: Vec<SliceStats>,
-    pub budgets: [Budget; 2],
+    pub budgets: [Budget; 3],
     pub hooks: Vec<Hook>,
     pub scratch: Vec<u8>,
     pub handoffs: Vec<(usize, u32, usize)>,
@@ -319,7 +329,7 @@ impl Core {
             retry_after: 1,
             stats: Counters::default(),
             slice_stats: Vec::new(),
-            budgets: [Budget::default(); 2],
+            budgets: [Budget::default(); 3],
             hooks: Vec::new(),
             scratch: vec![0u8; 256 * 1024],
             handoffs: Vec::new(),
@@ -488,6 +498,7 @@ impl Core {
                 peer,
                 inbuf: Vec::new(),
                 booked_in: 0,
+                booked_out: 0,
                 active: None,
                 session: None,
                 out: Vec::new(),
@@ -626,11 +637,11 @@ impl Core {
 
     /// A clean session is free: a recall owed, else the key's oldest waiter, else idle.
     pub fn settle(&mut self, slot: usize) {
-        let (service, key) = {
+        let (service, slice, key) = {
             let s = self.sessions.at(slot);
-            (s.service.clone(), s.key)
+            (s.service.clone(), s.slice.clone(), s.key)
         };
-        if self.book.owe(&service) {
+        if self.book.owe(&service, &slice) {
             self.give_back(slot, "idle");
             return;
         }

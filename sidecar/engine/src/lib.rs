@@ -29,7 +29,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::book::Who;
-use crate::core::{Core, Hook, SState, Settings};
+use crate::core::{Core, Hook, SState, Settings, RESPONSE};
 use crate::response::Release;
 use crate::route::{Net, Router, Rule, SliceRules};
 
@@ -168,7 +168,8 @@ impl Engine {
             proto: get::<String>(settings, "proto")?.into_bytes(),
             trusted: nets,
         };
-        let core = Core::new(s).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let mut core = Core::new(s).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        core.budgets[RESPONSE].limit = get(settings, "response_memory_total")?;
         Ok(Engine { core: Mutex::new(core), hooks: Mutex::new(None) })
     }
 
@@ -275,10 +276,11 @@ impl Engine {
         registrant: i64,
         key_service: &str,
         key_slice: &str,
+        lease_slice: &str,
         epoch: u64,
     ) -> PyResult<u64> {
         self.lock()?
-            .add_session(sid, fd, service, registrant, key_service, key_slice, epoch)
+            .add_session(sid, fd, service, registrant, key_service, key_slice, lease_slice, epoch)
             .map_err(|e| PyOSError::new_err(e.to_string()))
     }
 
@@ -340,15 +342,32 @@ impl Engine {
         self.deliver(py)
     }
 
-    /// Up to `n` idle sessions of `service` for Python to give back; the rest of `n` is
-    /// owed by the next ones of that service to come free (`LeaseBook.recall_idle`).
-    fn recall_idle(&self, service: &str, n: u32) -> PyResult<Vec<u64>> {
-        let out = self.take_idle_where(|s| s.service == service, n as usize)?;
+    /// Up to `n` idle sessions of `service` leased for `slice` ("" = any) for Python to
+    /// give back; the rest of `n` is owed by the next such sessions to come free
+    /// (`LeaseBook.recall_idle`).
+    fn recall_idle(&self, service: &str, slice: &str, n: u32) -> PyResult<Vec<u64>> {
+        let out = self.take_idle_where(|s| s.service == service && (slice.is_empty() || s.slice == slice), n as usize)?;
         let mut c = self.lock()?;
         if (out.len() as u32) < n {
-            *c.book.recall.entry(service.to_string()).or_insert(0) += n - out.len() as u32;
+            *c.book.recall.entry((service.to_string(), slice.to_string())).or_insert(0) += n - out.len() as u32;
         }
         Ok(out)
+    }
+
+    /// A session given back unasked (idle release, a removed slice) still answers a
+    /// pending recall of its slice (`LeaseBook.returned`).
+    fn returned(&self, service: &str, slice: &str) -> PyResult<bool> {
+        Ok(self.lock()?.book.owe(service, slice))
+    }
+
+    /// Pending recalls, {(service, slice): n} (`LeaseBook.recall`).
+    fn recalls(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let c = self.lock()?;
+        let d = PyDict::new(py);
+        for ((service, slice), &n) in &c.book.recall {
+            d.set_item((service, slice), n)?;
+        }
+        Ok(d.unbind())
     }
 
     fn idle_since_before(&self, cutoff: f64) -> PyResult<Vec<u64>> {

@@ -17,6 +17,7 @@ impl Core {
         registrant: i64,
         key_service: &str,
         key_slice: &str,
+        lease_slice: &str,
         epoch: u64,
     ) -> std::io::Result<u64> {
         sys::set_nonblocking(fd)?;
@@ -33,6 +34,7 @@ impl Core {
             sid,
             fd,
             service: service.to_string(),
+            slice: lease_slice.to_string(),
             registrant,
             key,
             epoch,
