@@ -40,11 +40,28 @@ def fetch(lock: Path, out: Path) -> int:
         if hashlib.sha256(data).hexdigest() != checksum:
             raise SystemExit(f"vendor.py: {name} {version}: checksum mismatch")
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            tar.extractall(out, filter="data")  # unpacks as <name>-<version>/
+            _unpack(tar, out, f"{name}-{version}")  # unpacks as <name>-<version>/
         # An empty file list: cargo checks the package checksum only.
         (target / ".cargo-checksum.json").write_text(json.dumps({"files": {}, "package": checksum}))
         n += 1
     return n
+
+
+def _unpack(tar: tarfile.TarFile, out: Path, top: str) -> None:
+    """Extract plain files and directories under *top* only (the image's Python 3.11.2
+    predates ``extractall(filter="data")``, so the checks are done here)."""
+    members = []
+    for m in tar.getmembers():
+        parts = Path(m.name).parts
+        if m.name.startswith("/") or ".." in parts or not parts or parts[0] != top:
+            raise SystemExit(f"vendor.py: {top}: unexpected path {m.name!r} in the crate")
+        if m.isfile() or m.isdir():
+            m.mode = 0o755 if m.isdir() or m.mode & 0o100 else 0o644
+            members.append(m)
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(out, members=members, filter="data")
+    else:
+        tar.extractall(out, members=members)
 
 
 def main(argv: list[str]) -> int:
