@@ -16,9 +16,13 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 VERSION = 1
-# Backwards-compatible additions within VERSION 1, announced in HELLO (docs/protocol.md):
-# 2 = a RECALL names the slice whose sessions must come back.
-REVISION = 2
+# Backwards-compatible additions within VERSION 1, announced in HELLO by the worker and in
+# CONFIG by the acceptor (docs/protocol.md 2.5):
+# 2 = a RECALL names the slice whose sessions must come back;
+# 3 = ASK / REFUSE: a request that may not wait gets a session only if one can be had now
+#     (GRANT ``asked``, RECALL ``now``, RELEASE ``answers``, CONFIG ``revision``).
+REVISION = 3
+ASK_REVISION = 3  # the first revision that speaks ASK / REFUSE
 MAX_RECORD = 1 << 20  # CONFIG carries the slice table; everything else is tiny
 MAX_FDS = 64  # sessions per GRANT record (well under the kernel's SCM_MAX_FD)
 MAX_WANT = 1_000_000  # a WANT count can never exceed the largest queue.maxWaiting
@@ -37,6 +41,8 @@ class Kind(IntEnum):
     LISTENER = 8  # a->w  the listening socket (one fd)
     ERROR = 9  # a->w  a request could not be served
     STATS = 10  # w->a  worker counters for exact cross-process metrics
+    ASK = 11  # w->a  n requests that may not wait: a session only if one can be had now
+    REFUSE = 12  # a->w  n ASK units could not be served now
 
 
 class ProtocolError(Exception):
@@ -84,6 +90,7 @@ class ConfigMsg:
     worker: int  # id the acceptor gave this worker
     workers: int  # connected workers, for per-worker queue bounds
     index: int  # this worker's position among them (0-based)
+    revision: int = 1  # the acceptor's REVISION; absent = an acceptor that does not send it
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,7 @@ class Granted:
     registrant: int
     requested: str = ""  # the service key the worker asked under ("" = default service)
     prefetch: bool = False  # an extra session, not one that served a WANT unit
+    asked: bool = False  # answers one ASK unit, not a WANT unit (revision 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +127,7 @@ class Released:
 @dataclass(frozen=True, slots=True)
 class Release:
     sessions: list[Released]
+    answers: int = 0  # RECALL records with ``now`` this RELEASE answers (revision 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +135,26 @@ class Recall:
     service: str
     n: int
     slice: str = ""  # the slice the sessions are leased for; "" = any (revision 1)
+    now: bool = False  # only sessions idle now, owe nothing, answer at once (revision 3)
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """*n* requests of (service, slice) that may not wait: each wants a session only if
+    one can be had now (answered by GRANT entries with ``asked`` and/or REFUSE)."""
+
+    service: str
+    slice: str
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """*n* ASK units of (service, slice) that could not be served now."""
+
+    service: str
+    slice: str
+    n: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +178,20 @@ class Stats:
     counters: dict[str, float] = field(default_factory=dict)
 
 
-Message = Hello | ConfigMsg | Want | Grant | Release | Recall | Listen | Listener | Error | Stats
+Message = (
+    Hello
+    | ConfigMsg
+    | Want
+    | Grant
+    | Release
+    | Recall
+    | Listen
+    | Listener
+    | Error
+    | Stats
+    | Ask
+    | Refuse
+)
 
 _KIND: dict[type[Any], Kind] = {
     Hello: Kind.HELLO,
@@ -162,6 +204,8 @@ _KIND: dict[type[Any], Kind] = {
     Listener: Kind.LISTENER,
     Error: Kind.ERROR,
     Stats: Kind.STATS,
+    Ask: Kind.ASK,
+    Refuse: Kind.REFUSE,
 }
 _CLASS = {kind: cls for cls, kind in _KIND.items()}
 
@@ -172,11 +216,26 @@ def kind_of(msg: Message) -> Kind:
 
 
 def encode(msg: Message) -> bytes:
-    body = json.dumps(asdict(msg), separators=(",", ":")).encode()
+    body = json.dumps(_wire(msg), separators=(",", ":")).encode()
     record = bytes((VERSION, kind_of(msg))) + body
     if len(record) > MAX_RECORD:
         raise ValueError("control record too large")
     return record
+
+
+def _wire(msg: Message) -> dict[str, Any]:
+    """The JSON object of *msg*.  Revision-3 fields at their default are left out, so a
+    record that does not use them is byte for byte what an older peer sends."""
+    data = asdict(msg)
+    if isinstance(msg, Grant):
+        for entry in data["leases"]:
+            if not entry["asked"]:
+                del entry["asked"]
+    elif isinstance(msg, Recall) and not msg.now:
+        del data["now"]
+    elif isinstance(msg, Release) and not msg.answers:
+        del data["answers"]
+    return data
 
 
 def decode(record: bytes) -> Message:
@@ -210,7 +269,12 @@ def _build(kind: Kind, data: dict[str, Any]) -> Message:
             fields = _fields(e, Released)
             fields["state"] = ReleaseState(fields["state"])  # ValueError names the bad state
             items.append(Released(**fields))
-        return Release(items)
+        answers = data.get("answers", 0)
+        if isinstance(answers, bool) or not isinstance(answers, int):
+            raise TypeError("answers must be int")
+        if not 0 <= answers <= MAX_WANT:
+            raise ValueError(f"release answers must be 0..{MAX_WANT}")
+        return Release(items, answers)
     cls = _CLASS[kind]
     msg: Message = cls(**_fields(data, cls))
     if isinstance(msg, Want):
@@ -218,14 +282,15 @@ def _build(kind: Kind, data: dict[str, Any]) -> Message:
             raise ValueError(f"want n must be 0..{MAX_WANT}")
         if len(msg.service) > MAX_NAME or len(msg.slice) > MAX_NAME:
             raise ValueError(f"want names longer than {MAX_NAME}")
-    elif isinstance(msg, Recall):
+    elif isinstance(msg, Recall | Ask | Refuse):
+        what = kind.name.lower()
         if not 0 < msg.n <= MAX_WANT:
-            raise ValueError(f"recall n must be 1..{MAX_WANT}")
+            raise ValueError(f"{what} n must be 1..{MAX_WANT}")
         if len(msg.service) > MAX_NAME or len(msg.slice) > MAX_NAME:
-            raise ValueError(f"recall names longer than {MAX_NAME}")
-    elif isinstance(msg, Hello):
+            raise ValueError(f"{what} names longer than {MAX_NAME}")
+    elif isinstance(msg, Hello | ConfigMsg):
         if msg.revision < 1:
-            raise ValueError("hello revision must be >= 1")
+            raise ValueError(f"{kind.name.lower()} revision must be >= 1")
     elif isinstance(msg, Stats):
         _check_counters(msg.counters)
     return msg

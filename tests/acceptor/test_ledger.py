@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from backdial.acceptor.asking import settle
 from backdial.acceptor.ledger import Ledger, RecallAction, apportion
 from backdial.acceptor.lending import recall_plan
 from backdial.policy import policy_from_data
@@ -253,7 +254,7 @@ def test_borrowers_are_levelled_down_largest_excess_first() -> None:
 
 def test_a_worker_without_sliced_recalls_may_answer_with_any_slice() -> None:
     ledger = make(LENDING, sessions=4)
-    ledger.add_worker(3, sliced_recalls=False)  # HELLO without revision 2
+    ledger.add_worker(3, revision=1)  # HELLO without revision 2
     ledger.set_want(3, ("", "protected"), 1)
     ledger.set_want(3, ("", "bulk"), 50)
     granted = ledger.pump()
@@ -283,15 +284,21 @@ def test_policy_change_moves_waiters_of_removed_slice_to_default() -> None:
 def test_random_operations_keep_books_consistent() -> None:
     rng = random.Random(7)
     ledger = make(TWO_SLICES, registrants=3, sessions=4)
-    ledger.add_worker(3, sliced_recalls=False)
+    ledger.add_worker(3, revision=1)
     workers = [1, 2, 3]
     leased: dict[int, int] = {}
+    asked = answered = 0  # ASK units sent, and answered (granted or refused)
     for _ in range(3000):
         op = rng.random()
-        if op < 0.4:
-            ledger.set_want(
-                rng.choice(workers), ("", rng.choice(["mobile", "default"])), rng.randrange(0, 6)
-            )
+        slice_name = rng.choice(["mobile", "default"])
+        if op < 0.35:
+            ledger.set_want(rng.choice(workers), ("", slice_name), rng.randrange(0, 6))
+        elif op < 0.45:  # a request that may not wait (workers 1 and 2 speak revision 3)
+            n = rng.randrange(1, 4)
+            ledger.add_ask(rng.choice([1, 2]), ("", slice_name), n)
+            asked += n
+        elif op < 0.5:
+            ledger.set_want(rng.choice(workers), ("", slice_name), 0)
         elif op < 0.7 and leased:
             sid = rng.choice(list(leased))
             ledger.give_back(sid, leased.pop(sid))
@@ -311,10 +318,33 @@ def test_random_operations_keep_books_consistent() -> None:
             )
             if sid is not None:
                 ledger.give_back(sid, leased.pop(sid))
+        elif op < 0.87:  # a service instance dials a session (dropped ones are replaced)
+            name = f"i{rng.randrange(4)}"
+            reg = ledger.find_registrant("svc", name) or ledger.add_registrant("svc", name, None)
+            ledger.add_session(reg, 1000)
+        elif op < 0.89:  # a worker goes away: its asks and the probes it owes with it
+            worker = rng.choice([1, 2])
+            asked -= sum(a.n for a in ledger.asks.values() if a.worker == worker)
+            for sess in ledger.remove_worker(worker):
+                leased.pop(sess.id)
+            ledger.add_worker(worker)
+        if rng.random() < 0.3 and (ledger.probes[1] or ledger.probes[2]):
+            # A worker answers its oldest probe, with some of the sessions asked for.
+            worker = 1 if ledger.probes[1] else 2
+            probe = ledger.probes[worker][0]
+            mine = [
+                s.id
+                for s in ledger.sessions.values()
+                if s.worker == worker and (s.service, s.slice) == (probe.service, probe.slice)
+            ]
+            for sid in rng.sample(mine, min(len(mine), rng.randrange(0, probe.n + 1))):
+                ledger.give_back(sid, leased.pop(sid))
+            ledger.probes_answered(worker, 1)
         grants = ledger.pump(prefetch=rng.randrange(3))
         for g in grants:
             assert g.session.id not in leased
             leased[g.session.id] = g.worker
+            answered += g.asked
         book = ledger.services["svc"]
         assert book.total == len(ledger.sessions)
         assert book.total - book.idle_count == len(leased) == sum(book.leased.values())
@@ -322,7 +352,32 @@ def test_random_operations_keep_books_consistent() -> None:
             # Dropped sessions can shrink a quota below running leases (nothing is
             # preempted), but a grant never takes mobile (no borrowing) past it.
             assert book.leased["mobile"] <= ledger.quotas("svc")["mobile"]
+        probes, refusals = settle(ledger)
+        check_probes(ledger, probes)
+        answered += sum(r.n for r in refusals)
+        assert all(r.n > 0 for r in refusals)
+        # Every ask unit is answered once: granted, refused, or still asked.
+        assert asked == answered + sum(a.n for a in ledger.asks.values())
         check_recalls(ledger, recall_plan(ledger))
+
+
+def check_probes(ledger: Ledger, probes: list[RecallAction]) -> None:
+    """Probes go to workers that answer them, never for more sessions than a worker
+    holds of that slice (with the probes already out), and each ask knows its probes."""
+    held: collections.Counter[tuple[int, str, str]] = collections.Counter(
+        (s.worker, s.service, s.slice) for s in ledger.sessions.values() if s.worker
+    )
+    out: collections.Counter[tuple[int, str, str]] = collections.Counter()
+    for worker, queue in ledger.probes.items():
+        for probe in queue:
+            out[(worker, probe.service, probe.slice)] += probe.n
+    for action in probes:
+        key = (action.worker, action.service, action.slice)
+        assert action.now and ledger.probes_answer(action.worker), action
+        assert action.n > 0 and out[key] <= held[key], (action, out[key], held[key])
+    for ask_id, ask in ledger.asks.items():
+        assert ask.n > 0 and ask.probed and ask.probes > 0
+        assert ask.probes == sum(ask_id in p.asks for q in ledger.probes.values() for p in q)
 
 
 def check_recalls(ledger: Ledger, plan: list[RecallAction]) -> None:

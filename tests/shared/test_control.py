@@ -25,6 +25,13 @@ def _record(kind: int, body: object, version: int = control.VERSION) -> bytes:
         control.Release([control.Released(1, ReleaseState.RETIRED)]),
         control.Recall("svc", 2),
         control.Recall("svc", 2, "bulk"),
+        control.Recall("svc", 2, "bulk", now=True),
+        control.Release([control.Released(3, ReleaseState.IDLE)], answers=2),
+        control.Release([], answers=1),
+        control.Grant([control.Granted(1, "svc", "default", 9, "", asked=True)]),
+        control.ConfigMsg(3, {"version": 1}, 2, 4, 1, control.REVISION),
+        control.Ask("", "default", 3),
+        control.Refuse("svc", "default", 1),
         control.Listen("0.0.0.0:8080"),
         control.Listener("0.0.0.0:8080"),
         control.Error(control.ErrorCode.LISTEN, "address in use"),
@@ -84,6 +91,27 @@ def test_unknown_fields_are_ignored() -> None:
         (_record(Kind.RECALL, {"service": "s", "n": 0}), "RECALL: bad fields: recall n"),
         (_record(Kind.RECALL, {"service": "s", "n": 1, "slice": 3}), "slice must be str"),
         (_record(Kind.HELLO, {"pid": 1, "revision": 0}), "HELLO: bad fields: hello revision"),
+        (
+            _record(
+                Kind.CONFIG,
+                {
+                    "generation": 1,
+                    "config": {},
+                    "worker": 1,
+                    "workers": 1,
+                    "index": 0,
+                    "revision": 0,
+                },
+            ),
+            "CONFIG: bad fields: config revision",
+        ),
+        (_record(Kind.ASK, {"service": "", "slice": "a", "n": 0}), "ASK: bad fields: ask n"),
+        (_record(Kind.ASK, {"service": "", "slice": "a"}), "ASK: bad fields"),
+        (_record(Kind.ASK, {"service": "x" * 300, "slice": "a", "n": 1}), "ask names longer"),
+        (_record(Kind.REFUSE, {"service": "", "slice": "a", "n": 0}), "REFUSE: bad fields"),
+        (_record(Kind.RECALL, {"service": "s", "n": 1, "now": 1}), "now must be bool"),
+        (_record(Kind.RELEASE, {"sessions": [], "answers": -1}), "release answers must be"),
+        (_record(Kind.RELEASE, {"sessions": [], "answers": True}), "answers must be int"),
     ],
 )
 def test_decode_refuses_with_a_reason(record: bytes, reason: str) -> None:
@@ -114,4 +142,42 @@ def test_recall_record_bytes_as_documented() -> None:
         "6c 69 63 65 22 3a 22 62 75 6c 6b 22 7d"
     )
     hello = control.encode(control.Hello(4242, "w0", control.REVISION))
-    assert hello == b'\x01\x01{"pid":4242,"name":"w0","revision":2}'
+    assert hello == b'\x01\x01{"pid":4242,"name":"w0","revision":3}'
+
+
+def test_revision_3_fields_are_left_out_unless_used() -> None:
+    """Records that do not use ASK's fields are byte for byte what revision 2 sent, so an
+    older worker sees nothing new; a revision-2 peer's records decode with the defaults."""
+    grant = control.encode(control.Grant([control.Granted(1, "svc", "default", 9)]))
+    assert b"asked" not in grant
+    assert control.encode(control.Recall("demo", 1, "bulk")) == (
+        b'\x01\x06{"service":"demo","n":1,"slice":"bulk"}'
+    )
+    assert control.encode(control.Release([])) == b'\x01\x05{"sessions":[]}'
+    old = control.decode(
+        _record(Kind.CONFIG, {"generation": 1, "config": {}, "worker": 1, "workers": 2, "index": 0})
+    )
+    assert isinstance(old, control.ConfigMsg) and old.revision == 1  # never ask it
+
+
+def test_ask_records_bytes_as_documented() -> None:
+    """docs/protocol.md 2.5: the examples of revision 3."""
+    ask = control.encode(control.Ask("", "default", 1))
+    assert ask == b'\x01\x0b{"service":"","slice":"default","n":1}'
+    assert ask.hex(" ") == (
+        "01 0b 7b 22 73 65 72 76 69 63 65 22 3a 22 22 2c 22 73 6c 69 63 65 22 3a 22 64 65 "
+        "66 61 75 6c 74 22 2c 22 6e 22 3a 31 7d"
+    )
+    refuse = control.encode(control.Refuse("", "default", 1))
+    assert refuse == b'\x01\x0c{"service":"","slice":"default","n":1}'
+    probe = control.encode(control.Recall("demo", 1, "default", now=True))
+    assert probe == b'\x01\x06{"service":"demo","n":1,"slice":"default","now":true}'
+    answer = control.encode(control.Release([], answers=1))
+    assert answer == b'\x01\x05{"sessions":[],"answers":1}'
+    granted = control.encode(
+        control.Grant([control.Granted(7, "demo", "default", 2, "", asked=True)])
+    )
+    assert granted == (
+        b'\x01\x04{"leases":[{"session":7,"service":"demo","slice":"default",'
+        b'"registrant":2,"requested":"","prefetch":false,"asked":true}]}'
+    )

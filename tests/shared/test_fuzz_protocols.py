@@ -85,7 +85,8 @@ _JSON = st.recursive(
 )
 _FIELDS = ["pid", "name", "service", "slice", "n", "leases", "session", "registrant", "requested",
            "prefetch", "sessions", "state", "address", "code", "message", "counters", "generation",
-           "config", "worker", "workers", "index"]  # fmt: skip
+           "config", "worker", "workers", "index", "revision", "asked", "now",
+           "answers"]  # fmt: skip
 
 
 @given(st.integers(0, 255), st.integers(0, 255), st.binary(max_size=300))
@@ -113,6 +114,10 @@ def _decode_or_refuse(record: bytes) -> None:
     assert again == msg or _has_nan(msg)  # NaN never equals itself
     if isinstance(msg, control.Want):
         assert 0 <= msg.n <= control.MAX_WANT
+    if isinstance(msg, control.Ask | control.Refuse):
+        assert 0 < msg.n <= control.MAX_WANT
+    if isinstance(msg, control.Release):
+        assert 0 <= msg.answers <= control.MAX_WANT
     if isinstance(msg, control.Stats):  # becomes exported counters: must be sane numbers
         assert all(math.isfinite(v) and v >= 0 for v in msg.counters.values())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import socket
 from collections.abc import Iterator
 
@@ -135,3 +136,107 @@ def test_an_idle_session_returned_unasked_still_answers_a_pending_recall(
     # A session given back by the idle sweep answers a recall as the acceptor counts it.
     assert book.recall_idle("svc", "mobile", 1) == []
     assert not book.returned(a.lease) and book.returned(b.lease) and book.recall == {}
+
+
+def test_asking_requests_keep_their_place_but_are_not_waiters(book: LeaseBook[Conn]) -> None:
+    """A request that may not wait asks the acceptor; meanwhile it is no waiter (no WANT,
+    not in the slice's count) but nobody jumps it, and its deadline still bounds it."""
+    a = hold(book, Conn(1))
+    free(book, a, 0.5)
+    assert book.take(KEY) is a  # busy now
+    asking = book.ask(KEY, Waiting(), 1.0, 5.0)
+    assert asking.asking and book.asking == 1
+    assert book.waiting == 0 and book.waiting_in("default") == 0
+    assert book.take_unsent() == {KEY: 1} and book.asked == {KEY: 1} and not book.unsent
+    waiter = book.enqueue(KEY, Waiting(), 2.0, 5.0)  # room to wait appeared meanwhile
+    # The freed session goes to the older of the two: the asking one.
+    assert free(book, a, 3.0) == (Settle.HANDED, asking)
+    assert book.cancel(waiter) and book.waiting == 0
+    late = book.ask(KEY, Waiting(), 4.0, 1.0)
+    assert book.take(KEY) is None  # an idle session would go to it, not past it
+    assert book.expire(5.5) == ([late], 0.0) and book.asking == 0
+    assert not book.cancel(late)
+
+
+def test_a_session_granted_for_an_ask_goes_to_an_asking_request(book: LeaseBook[Conn]) -> None:
+    waiter = book.enqueue(KEY, Waiting(), 1.0, 5.0)
+    asking = book.ask(KEY, Waiting(), 2.0, 5.0)
+    book.take_unsent()
+    grant = book.granted(KEY, asked=True)
+    granted = hold(book, Conn(1))
+    granted.lease.asked = True
+    assert book.settle(granted, 3.0) == (Settle.HANDED, asking)  # not the older waiter
+    assert not granted.lease.asked  # from now on an ordinary sticky session
+    assert book.adopted(grant) == [] and book.adopting == {}
+    assert book.waiters[KEY] == collections.deque([waiter])
+
+
+def test_asking_requests_are_refused_once_no_answer_can_serve_them(
+    book: LeaseBook[Conn],
+) -> None:
+    t1, t2, t3 = (book.ask(KEY, Waiting(), float(i), 9.0) for i in range(3))
+    assert book.take_unsent() == {KEY: 3}
+    grant = book.granted(KEY, asked=True)  # one granted: being adopted (for t1) ...
+    assert book.ask_refused(KEY, 1) == [t2]  # ... one refused; t3's ask is not answered
+    assert not t2.active and t1.active and t3.active
+    t4 = book.ask(KEY, Waiting(), 4.0, 9.0)  # not even sent yet: covered
+    granted = hold(book, Conn(1))
+    granted.lease.asked = True
+    assert book.settle(granted, 5.0) == (Settle.HANDED, t1)
+    assert book.adopted(grant) == []
+    assert book.ask_refused(KEY, 1) == [t3]
+    # Lost the acceptor: nothing is coming for the rest.
+    assert book.forget_asks() == [t4] and book.asking == 0
+    assert not (book.unsent or book.asked or book.adopting)
+
+
+def test_idle_now_takes_what_is_idle_and_owes_nothing(book: LeaseBook[Conn]) -> None:
+    a, b = hold(book, Conn(1)), hold(book, Conn(2, key=OTHER))
+    hold(book, Conn(3))  # busy: not given
+    free(book, a, 1.0)
+    free(book, b, 1.0)
+    assert book.idle_now("svc", "default", 2) == [a]
+    assert book.recall == {}  # a RECALL now leaves nothing owed
+    assert book.idle_now("svc", "", 5) == [b]
+
+
+def test_any_session_on_its_way_covers_an_asking_request(book: LeaseBook[Conn]) -> None:
+    """A session granted for a waiter (or as an extra) may still serve an asking request:
+    until it is adopted, a REFUSE does not turn that request away."""
+    waiting = book.ask(KEY, Waiting(), 1.0, 9.0)
+    book.take_unsent()
+    grant = book.granted(KEY, asked=False)  # a WANT unit's or a prefetched session
+    assert book.ask_refused(KEY, 1) == []  # covered by the session on its way
+    conn = hold(book, Conn(1))
+    assert book.settle(conn, 2.0) == (Settle.HANDED, waiting)
+    assert book.adopted(grant) == [] and not book.asks[KEY]
+    # With nothing on its way, a REFUSE turns it away at once.
+    late = book.ask(KEY, Waiting(), 3.0, 9.0)
+    book.take_unsent()
+    other = book.granted(OTHER, asked=False)  # another key's session covers nothing
+    assert book.ask_refused(KEY, 1) == [late]
+    assert book.adopted(other) == []
+
+
+def test_a_probe_is_answered_after_the_sessions_granted_before_it(
+    book: LeaseBook[Conn],
+) -> None:
+    """The acceptor counts a session it granted as ours at once: a probe must not be
+    answered "nothing idle" while that session is still on its way here."""
+    first = book.granted(KEY, asked=False)
+    book.probe("svc", "default", 1)
+    assert book.due_probes() == []  # waits for the session granted before it
+    second = book.granted(KEY, asked=False)  # granted after the probe: not waited for
+    book.probe("svc", "default", 2)
+    assert book.adopted(first) == []
+    assert book.due_probes() == [("svc", "default", 1)]
+    assert book.due_probes() == []  # the second waits for the grant before it
+    book.adopted(second)
+    assert book.due_probes() == [("svc", "default", 2)]
+    book.probe("svc", "", 1)  # nothing on its way: due at once
+    assert book.due_probes() == [("svc", "", 1)]
+    # Lost the acceptor: probes of the old connection are never answered.
+    book.granted(KEY, asked=False)
+    book.probe("svc", "default", 1)
+    book.forget_asks()
+    assert book.due_probes() == [] and not book.probes

@@ -84,6 +84,9 @@ def state(acc: Acceptor) -> dict[str, Any]:
                 "name": w.name,
                 "leased": sum(1 for s in ledger.sessions.values() if s.worker == w.id),
                 "waiting": sum(ledger.wants.get(w.id, {}).values()),
+                "revision": ledger.revisions.get(w.id, 1),
+                # Requests that may not wait, not answered yet (not waiting: see asking.py).
+                "asking": sum(a.n for a in ledger.asks.values() if a.worker == w.id),
             }
             for w in acc.workers.values()
         ],
@@ -208,6 +211,16 @@ def families(acc: Acceptor) -> Iterator[Metric]:
         "backdial_acceptor_leases_recalled_total",
         "Leases recalled from workers.",
         [({}, float(c.recalls))],
+    )
+    yield counter(
+        "backdial_acceptor_asks_total",
+        "Requests that could not wait (ASK), by result: granted a session now, or refused.",
+        [({"result": k}, float(c.asks[k])) for k in ("granted", "refused")],
+    )
+    yield counter(
+        "backdial_acceptor_ask_probes_total",
+        "Idle sessions asked back at once from workers for requests that could not wait.",
+        [({}, float(c.probes))],
     )
     yield counter(
         "backdial_acceptor_control_records_total",

@@ -6,6 +6,10 @@ within its apportioned quota unless it may borrow sessions that no
 under-quota slice is waiting for; waiters are served in arrival order; the
 idle session handed out next comes from the next registrant on a ring.
 
+Requests that may not wait (ASK, revision 3) are served after the FIFO, only
+from sessions idle now; what cannot be served is refused or first asked back
+from workers that may hold it idle (planned in ``asking.py``).
+
 The IO shell (``server.py``) feeds events in and carries out the returned
 grants and recalls (which sessions to recall is planned in ``lending.py``).
 """
@@ -17,7 +21,7 @@ import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from backdial.control import WantKey
+from backdial.control import ASK_REVISION, REVISION, WantKey
 from backdial.policy import Policy, Slice
 
 
@@ -60,6 +64,7 @@ class GrantAction:
     session: Session
     requested: str  # the service key the worker asked under
     prefetch: bool = False  # not counted against the worker's WANT
+    asked: bool = False  # answers one ASK unit (not counted against the WANT either)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,28 @@ class RecallAction:
     service: str
     slice: str
     n: int
+    now: bool = False  # only sessions idle now, answered at once: a probe for an ASK
+
+
+@dataclass(slots=True)
+class Ask:
+    """Requests of one worker that may not wait: served now, or refused."""
+
+    worker: int
+    key: WantKey
+    n: int  # units not answered yet
+    probed: bool = False  # its probes were planned (once: an ask never probes twice)
+    probes: int = 0  # probe records (RECALL now) not answered yet that it waits for
+
+
+@dataclass(slots=True)
+class Probe:
+    """A RECALL ``now`` sent to a worker: sessions of (service, slice) it may hold idle."""
+
+    service: str
+    slice: str
+    n: int
+    asks: list[int]  # the asks waiting for its answer
 
 
 # Outstanding recalls: (worker, service, slice the sessions are leased for; "" = any).
@@ -121,6 +148,13 @@ class Ledger:
         self.recalls: collections.Counter[RecallKey] = collections.Counter()
         # Workers that predate sliced RECALLs: they give back any session of the service.
         self.unsliced: set[int] = set()
+        self.revisions: dict[int, int] = {}  # each worker's HELLO revision
+        # Requests that may not wait, in arrival order, and the probes sent for them.
+        self.asks: dict[int, Ask] = {}
+        self.probes: dict[int, collections.deque[Probe]] = collections.defaultdict(
+            collections.deque
+        )
+        self._ask_ids = itertools.count(1)
         self._quota_cache: dict[str, dict[str, int]] = {}
         self.held_by: collections.Counter[tuple[int, int]] = collections.Counter()
 
@@ -245,11 +279,17 @@ class Ledger:
             del self.recalls[rkey]
 
     # -- workers ----------------------------------------------------------------
-    def add_worker(self, worker: int, sliced_recalls: bool = True) -> None:
-        """A worker joined; *sliced_recalls*: it honours the slice a RECALL names."""
+    def add_worker(self, worker: int, revision: int = REVISION) -> None:
+        """A worker joined, speaking control protocol *revision* (its HELLO): from 2 it
+        honours the slice a RECALL names, from 3 it answers RECALLs ``now`` (probes)."""
         self.wants[worker] = collections.Counter()
-        if not sliced_recalls:
+        self.revisions[worker] = revision
+        if revision < 2:
             self.unsliced.add(worker)
+
+    def probes_answer(self, worker: int) -> bool:
+        """True when *worker* answers a RECALL ``now`` at once (revision 3)."""
+        return self.revisions.get(worker, 1) >= ASK_REVISION
 
     def remove_worker(self, worker: int) -> list[Session]:
         """Forget a worker; returns the sessions it held, which the shell must close."""
@@ -257,6 +297,11 @@ class Ledger:
             self.set_want(worker, key, 0)
         self.wants.pop(worker, None)
         self.unsliced.discard(worker)
+        self.revisions.pop(worker, None)
+        for ask_id in [i for i, ask in self.asks.items() if ask.worker == worker]:
+            del self.asks[ask_id]
+        self.probes_answered(worker, len(self.probes.get(worker, ())))  # never will be
+        self.probes.pop(worker, None)
         for rkey in [k for k in self.recalls if k[0] == worker]:
             del self.recalls[rkey]
         for hkey in [k for k in self.held_by if k[0] == worker]:
@@ -284,6 +329,33 @@ class Ledger:
         else:
             wants.pop(key, None)
             self._units.pop((worker, key), None)
+
+    # -- requests that may not wait (ASK) ------------------------------------------------
+    def add_ask(self, worker: int, key: WantKey, n: int) -> None:
+        """*n* requests of *worker* want a session of *key* only if one can be had now;
+        ``pump`` serves them after the FIFO, ``asking.settle`` probes or refuses the rest."""
+        if worker not in self.wants or n <= 0:
+            return
+        last = next(reversed(self.asks.values()), None) if self.asks else None
+        if last is not None and not last.probed and (last.worker, last.key) == (worker, key):
+            last.n += n  # the same worker's asks of one loop iteration are one
+        else:
+            self.asks[next(self._ask_ids)] = Ask(worker, key, n)
+
+    def asks_of(self, worker: int) -> int:
+        return sum(1 for ask in self.asks.values() if ask.worker == worker)
+
+    def probes_answered(self, worker: int, k: int) -> None:
+        """*worker* answered its *k* oldest probes (RELEASE ``answers``; the sessions it
+        had idle came with it and are idle here now)."""
+        queue = self.probes.get(worker)
+        while queue and k > 0:
+            probe = queue.popleft()
+            k -= 1
+            for ask_id in probe.asks:
+                ask = self.asks.get(ask_id)
+                if ask is not None:
+                    ask.probes -= 1
 
     def waiting(self) -> collections.Counter[WantKey]:
         """Waiting requests per (resolved service, slice), summed over workers."""
@@ -364,7 +436,7 @@ class Ledger:
     def pump(self, prefetch: int = 0) -> list[GrantAction]:
         """Serve waiting units in FIFO order while sessions and quotas allow."""
         grants: list[GrantAction] = []
-        if not self.queue:
+        if not self.queue and not self.asks:
             return grants
         waiting = self.waiting()
         for seq, (worker, key) in list(self.queue.items()):
@@ -380,14 +452,23 @@ class Ledger:
             if wants[key] <= 0:
                 del wants[key]
             waiting[(service, key[1])] -= 1
+        # Requests that may not wait come after every waiting one: they get what is idle
+        # now that the FIFO could not use (the same rules; never a session it could).
+        for ask in self.asks.values():
+            service = self.resolve(ask.key[0])
+            while ask.n and service is not None and self.permitted(service, ask.key[1], waiting):
+                sess = self.lease(service, ask.worker, ask.key[1])
+                grants.append(GrantAction(ask.worker, sess, ask.key[0], asked=True))
+                ask.n -= 1
         # A worker that was just served may take a few idle sessions more, only to even
         # out how many it holds per registrant (so its rotation is fair without another
-        # round trip), and only while nobody else waits.
+        # round trip), and only while nobody else waits or asks.
         served = {(g.worker, g.requested, g.session.slice, g.session.service) for g in grants}
         for worker, requested, slice_name, service in served:
             for _ in range(prefetch):
                 if (
                     self.queue
+                    or any(ask.n for ask in self.asks.values())
                     or self._balanced(service, worker)
                     or not self.permitted(service, slice_name, waiting)
                 ):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from backdial import control, fdpass, wire
-from backdial.acceptor import capacity, lending
+from backdial.acceptor import asking, capacity, lending
 from backdial.acceptor.ledger import DropReason, GrantAction, Ledger, RecallAction, Session
 from backdial.control import ErrorCode, ReleaseState
 from backdial.policy import Policy
@@ -72,6 +72,8 @@ class Counters:
     sessions_dropped: collections.Counter[DropReason] = field(default_factory=collections.Counter)
     grants: int = 0
     recalls: int = 0
+    asks: collections.Counter[str] = field(default_factory=collections.Counter)  # granted/refused
+    probes: int = 0  # sessions asked back at once for asks (RECALL now)
     reloads: collections.Counter[str] = field(default_factory=collections.Counter)
     records: collections.Counter[control.Kind] = field(default_factory=collections.Counter)
     retired_workers: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -345,8 +347,9 @@ class Acceptor:
                 return
             worker.helloed = True
             worker.pid, worker.name = msg.pid, msg.name
-            # A worker of revision 1 ignores the slice a RECALL names (docs/protocol.md).
-            self.ledger.add_worker(wid, sliced_recalls=msg.revision >= 2)
+            # What the worker's revision understands (docs/protocol.md 2.5): a RECALL's
+            # slice from 2, RECALL now (probes for asks) from 3.
+            self.ledger.add_worker(wid, msg.revision)
             log.info("worker %d connected (pid %d %s)", wid, msg.pid, msg.name)
             self.schedule_config()
             worker.channel.send(control.Stats({"registered": float(len(self.ledger.sessions))}))
@@ -357,8 +360,12 @@ class Acceptor:
         elif isinstance(msg, control.Release):
             for item in msg.sessions:
                 self._on_release(wid, item)
+            if msg.answers:  # its answers to probes: the idle sessions came with them
+                self.ledger.probes_answered(wid, msg.answers)
             self.enforce_cap()
             self.schedule_pump()
+        elif isinstance(msg, control.Ask):
+            self._on_ask(worker, msg)
         elif isinstance(msg, control.Listen):
             if handed_back:
                 return
@@ -389,6 +396,17 @@ class Acceptor:
             self._violation(worker.id, "want_keys", f"waits for more than {MAX_WANT_KEYS} keys")
             return
         self.ledger.set_want(worker.id, key, n)
+        self.schedule_pump()
+
+    def _on_ask(self, worker: Worker, msg: control.Ask) -> None:
+        if not self.ledger.probes_answer(worker.id):
+            # Its answers (GRANT asked, REFUSE) would be records it does not know.
+            self._violation(worker.id, "ask", "ASK from a worker below revision 3")
+            return
+        if self.ledger.asks_of(worker.id) >= MAX_WANT_KEYS:
+            self._violation(worker.id, "asks", f"more than {MAX_WANT_KEYS} asks unanswered")
+            return
+        self.ledger.add_ask(worker.id, (msg.service, msg.slice), msg.n)
         self.schedule_pump()
 
     def _set_serving(self, worker: Worker) -> None:
@@ -504,7 +522,14 @@ class Acceptor:
 
     def _send_config(self, worker: Worker, workers: int, index: int) -> None:
         worker.channel.send(
-            control.ConfigMsg(self.generation, self.policy.to_wire(), worker.id, workers, index)
+            control.ConfigMsg(
+                self.generation,
+                self.policy.to_wire(),
+                worker.id,
+                workers,
+                index,
+                control.REVISION,
+            )
         )
 
     def schedule_config(self) -> None:
@@ -585,11 +610,23 @@ class Acceptor:
                         g.session.registrant,
                         g.requested,
                         g.prefetch,
+                        g.asked,
                     )
                     for g in batch
                 ]
                 channel.send(control.Grant(leases), [g.session.fd for g in batch])
             self.counters.grants += len(actions)
+            self.counters.asks["granted"] += sum(1 for g in actions if g.asked)
+        # Asks not granted: probe workers for idle sessions, or refuse (after the GRANTs
+        # above, so a worker learns what it got before what it did not).
+        probes, refusals = asking.settle(self.ledger)
+        for action in probes:
+            self._recall(action)
+        for refusal in refusals:
+            worker = self.workers.get(refusal.worker)
+            if worker is not None:
+                worker.channel.send(control.Refuse(refusal.key[0], refusal.key[1], refusal.n))
+                self.counters.asks["refused"] += refusal.n
         for action in lending.recall_plan(self.ledger):
             self._recall(action)
         registered = len(self.ledger.sessions)
@@ -600,8 +637,11 @@ class Acceptor:
         """Send a planned RECALL (the plan already counted it in ``ledger.recalls``)."""
         worker = self.workers.get(action.worker)
         if worker is not None:
-            worker.channel.send(control.Recall(action.service, action.n, action.slice))
-            self.counters.recalls += action.n
+            worker.channel.send(control.Recall(action.service, action.n, action.slice, action.now))
+            if action.now:
+                self.counters.probes += action.n
+            else:
+                self.counters.recalls += action.n
 
     def announce(self, registered: int) -> None:
         """Tell workers how many sessions are registered (their /readyz depends on it)."""

@@ -34,6 +34,7 @@ class Lease:
     key: WantKey = ("", "")  # what this worker asked for when it was granted
     idle_since: float = 0.0
     epoch: int = 0  # control connection generation that granted it
+    asked: bool = False  # granted for an ASK and not yet handed to anyone
 
 
 class LeasedConn(Protocol):
@@ -82,13 +83,15 @@ class ResponseSink(Protocol):
 
 @dataclass(slots=True, eq=False)
 class Ticket:
-    """One waiting request in a slice's FIFO; ``cancel`` it when the client goes away."""
+    """One waiting request in a slice's FIFO (or, ``asking``, one that may not wait and
+    asked the acceptor for a session now); ``cancel`` it when the client goes away."""
 
     waiter: Waiter
     key: WantKey
     started: float
     deadline: float
     active: bool = True
+    asking: bool = False
 
 
 class LeaseSource(LeaseOwner, Protocol):

@@ -9,19 +9,26 @@ the one queue timer and delivers hand-offs at the end of a loop iteration.
 
 * ``take``: an idle session of the key, never jumping the key's waiters;
 * ``enqueue`` / ``cancel`` / ``expire``: the per-key FIFO of waiting requests;
+* ``ask`` … ``forget_asks``: requests that may not wait (the worker's part of
+  ``queue.maxWaiting`` is full) while the acceptor is asked for a session now;
+  they are not waiters (not counted, not in WANT), keep their place in line, and
+  are refused once no answer still to come can serve them;
 * ``settle``: where a clean, freed session goes — back to the acceptor when it
   asked for one of the service's sessions leased for that slice (a pending
-  recall), else to the key's oldest waiter, else idle (sticky), rotated fairly
-  by registrant (``IdleRing``, invariant 8);
+  recall), else to the key's oldest request (a session granted for an ask to
+  the oldest asking one), else idle (sticky), rotated fairly by registrant
+  (``IdleRing``, invariant 8);
 * ``recall_idle`` / ``returned``: a RECALL names the slice whose sessions must
   come back (the one that borrowed), so the lender's own sessions stay here;
-  what is not idle now is owed by the next session of that slice to come free.
+  what is not idle now is owed by the next session of that slice to come free;
+  ``idle_now`` is a RECALL ``now``: what is idle, owing nothing.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 from enum import Enum
 from typing import Generic, TypeVar
 
@@ -50,6 +57,18 @@ class LeaseBook(Generic[C]):
         self.waiters: dict[WantKey, collections.deque[Ticket]] = collections.defaultdict(
             collections.deque
         )
+        # Requests that may not wait, while the acceptor is asked for a session now, and
+        # per key the ask units not sent yet, and sent but not answered.
+        self.asks: dict[WantKey, collections.deque[Ticket]] = collections.defaultdict(
+            collections.deque
+        )
+        self.unsent: collections.Counter[WantKey] = collections.Counter()
+        self.asked: collections.Counter[WantKey] = collections.Counter()
+        # Sessions granted to this worker and being adopted, by grant number (in order),
+        # and the RECALLs ``now`` not answered yet, each behind the grants before it.
+        self.adopting: dict[int, WantKey] = {}
+        self.probes: collections.deque[tuple[int, str, str, int]] = collections.deque()
+        self._grants = 0
         # Pending recalls by (actual service, slice the sessions are leased for; "" = any).
         self.recall: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -58,7 +77,7 @@ class LeaseBook(Generic[C]):
         """An idle held session of *key*, now busy; None when there is none or requests of
         that key already wait (they get sessions first)."""
         idle = self.idle.get(key)
-        if not idle or self.waiters.get(key):
+        if not idle or self.waiters.get(key) or self.asks.get(key):
             return None
         while (conn := idle.take()) is not None:
             if conn.lease.session in self.held:
@@ -68,11 +87,16 @@ class LeaseBook(Generic[C]):
 
     def settle(self, conn: C, now: float) -> tuple[Settle, Ticket | None]:
         """A clean session is free: a pending recall of its slice first, else the oldest
-        waiter of its key (the session stays busy for it), else idle."""
+        request of its key, waiting or asking (a session granted for an ask: the oldest
+        asking one), the session staying busy for it; else idle."""
         lease = conn.lease
+        asked, lease.asked = lease.asked, False
         if self.recall and self.returned(lease):
             return Settle.GIVE_BACK, None
         queue = self.waiters.get(lease.key)
+        asks = self.asks.get(lease.key)
+        if asks and (asked or not queue or asks[0].started < queue[0].started):
+            queue = asks
         if queue:
             ticket = queue.popleft()
             ticket.active = False
@@ -92,6 +116,14 @@ class LeaseBook(Generic[C]):
     def recall_idle(self, service: str, slice_name: str, n: int) -> list[C]:
         """Up to *n* idle sessions of *service* leased for *slice_name* ("" = any slice) to
         return now; the rest of *n* is owed by the next such sessions to come free."""
+        out = self.idle_now(service, slice_name, n)
+        if len(out) < n:
+            self.recall[(service, slice_name)] += n - len(out)
+        return out
+
+    def idle_now(self, service: str, slice_name: str, n: int) -> list[C]:
+        """Up to *n* idle sessions of *service* leased for *slice_name* ("" = any slice),
+        taken out of their rings; nothing is owed for the rest (a RECALL ``now``)."""
         out: list[C] = []
         for (_, key_slice), ring in self.idle.items():
             if len(out) >= n:
@@ -99,8 +131,6 @@ class LeaseBook(Generic[C]):
             if slice_name and key_slice != slice_name:
                 continue  # a ring holds one key's sessions, all leased for its slice
             out += ring.take_if(lambda c: c.lease.service == service, n - len(out))
-        if len(out) < n:
-            self.recall[(service, slice_name)] += n - len(out)
         return out
 
     def returned(self, lease: Lease) -> bool:
@@ -156,15 +186,15 @@ class LeaseBook(Generic[C]):
             return False
         ticket.active = False
         with contextlib.suppress(ValueError):
-            self.waiters[ticket.key].remove(ticket)
+            (self.asks if ticket.asking else self.waiters)[ticket.key].remove(ticket)
         return True
 
     def expire(self, now: float) -> tuple[list[Ticket], float]:
         """(tickets whose deadline passed, oldest first per key; the earliest deadline
-        still pending, 0.0 when none)."""
+        still pending, 0.0 when none).  Asking tickets are bounded by it too."""
         expired: list[Ticket] = []
         earliest = 0.0
-        for queue in self.waiters.values():
+        for queue in itertools.chain(self.waiters.values(), self.asks.values()):
             while queue and queue[0].deadline <= now:
                 ticket = queue.popleft()
                 ticket.active = False
@@ -172,3 +202,99 @@ class LeaseBook(Generic[C]):
             if queue and (not earliest or queue[0].deadline < earliest):
                 earliest = queue[0].deadline
         return expired, earliest
+
+    # -- asking (requests that may not wait) ----------------------------------------------
+    # An asking ticket stays in line while something may still serve it: an ask not sent
+    # yet or not answered yet (the newest tickets), or a session granted to this worker
+    # that is being adopted (the oldest ones may get those: one granted for an ask goes to
+    # the oldest asking ticket, any other to the oldest request).  The rest are refused.
+    @property
+    def asking(self) -> int:
+        return sum(len(q) for q in self.asks.values())
+
+    def ask(self, key: WantKey, waiter: Waiter, now: float, timeout: float) -> Ticket:
+        """A request that may not wait, while the acceptor is asked for a session now
+        (one more unit of *key* to send: ``unsent``)."""
+        ticket = Ticket(waiter, key, now, now + timeout, asking=True)
+        self.asks[key].append(ticket)
+        self.unsent[key] += 1
+        return ticket
+
+    def take_unsent(self) -> collections.Counter[WantKey]:
+        """The units to send in ASK records now, counted as sent (not answered yet)."""
+        unsent, self.unsent = self.unsent, collections.Counter()
+        self.asked.update(unsent)
+        return unsent
+
+    def granted(self, key: WantKey, asked: bool) -> int:
+        """A GRANT entry for *key* (``asked``: it answers one ask unit): its session is
+        being adopted; returns the grant's number for ``adopted``."""
+        if asked:
+            _less(self.asked, key, 1)
+        self._grants += 1
+        self.adopting[self._grants] = key
+        return self._grants
+
+    def ask_refused(self, key: WantKey, n: int) -> list[Ticket]:
+        """A REFUSE of *n* units: the asking tickets now left without cover."""
+        _less(self.asked, key, n)
+        return self._uncovered(key)
+
+    def adopted(self, grant: int) -> list[Ticket]:
+        """Granted session number *grant* was settled (or could not be used): the asking
+        tickets of its key now left without cover."""
+        key = self.adopting.pop(grant, None)
+        return [] if key is None else self._uncovered(key)
+
+    def probe(self, service: str, slice_name: str, n: int) -> None:
+        """A RECALL ``now``: answered once the sessions granted before it are adopted
+        (the acceptor counted them as ours; one about to idle here must not be missed)."""
+        self.probes.append((self._grants, service, slice_name, n))
+
+    def due_probes(self) -> list[tuple[str, str, int]]:
+        """The probes to answer now, in order: (service, slice, n) each, to be answered
+        with what ``idle_now`` finds."""
+        out: list[tuple[str, str, int]] = []
+        while self.probes:
+            barrier, service, slice_name, n = self.probes[0]
+            if self.adopting and next(iter(self.adopting)) <= barrier:
+                break
+            self.probes.popleft()
+            out.append((service, slice_name, n))
+        return out
+
+    def forget_asks(self) -> list[Ticket]:
+        """The acceptor is gone: no ask or probe will be answered, no grant it made counts;
+        every asking ticket, out of line."""
+        self.unsent.clear()
+        self.asked.clear()
+        self.adopting.clear()
+        self.probes.clear()
+        out: list[Ticket] = []
+        for key in list(self.asks):
+            out += self._uncovered(key)
+        return out
+
+    def _uncovered(self, key: WantKey) -> list[Ticket]:
+        queue = self.asks.get(key)
+        if not queue:
+            return []
+        tickets = list(queue)
+        oldest = sum(1 for k in self.adopting.values() if k == key)
+        newest = self.asked[key] + self.unsent[key]
+        end = max(oldest, len(tickets) - newest)
+        out = tickets[oldest:end]
+        if out:
+            queue.clear()
+            queue.extend(tickets[:oldest] + tickets[end:])
+            for ticket in out:
+                ticket.active = False
+        return out
+
+
+def _less(counts: collections.Counter[WantKey], key: WantKey, n: int) -> None:
+    left = counts[key] - n
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

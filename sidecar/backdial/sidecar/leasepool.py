@@ -3,7 +3,10 @@
 At steady state a request takes an idle session this worker already holds and
 gives it back here when done: no message to the acceptor.  Only when the
 worker has no idle session for the (service, slice) does it report its number
-of waiters (WANT) and wait for a GRANT.  Sessions go back to the acceptor when
+of waiters (WANT) and wait for a GRANT; a request that may not wait (the
+worker's part of the slice's ``queue.maxWaiting`` is full, always for
+``maxWaiting: 0``) asks the acceptor for a session *now* (ASK) and is served by
+the GRANT or answered 503 at the REFUSE.  Sessions go back to the acceptor when
 it recalls them, when they sit idle longer than ``leaseIdleRelease``, or when
 they broke or were retired.  If the control connection drops, leases in use
 finish their request and are then closed (the acceptor has reclaimed them),
@@ -20,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import random
@@ -58,7 +62,8 @@ class Refused(Exception):
 
 
 class QueueFull(Refused):
-    """The slice's queue (this worker's part of it) is full."""
+    """The slice's queue (this worker's part of it) is full, and no session can be had
+    now (as the acceptor answered an ASK)."""
 
     reason = Rejection.QUEUE_FULL
 
@@ -121,6 +126,7 @@ class LeasePool:
         self.workers = 1
         self.index = 0
         self.worker_id = 0
+        self.acceptor_revision = 1  # from CONFIG; ASK needs control.ASK_REVISION
         # held / busy / idle / waiters / recall: the pure bookkeeping (leasebook.py)
         self.book: LeaseBook[LeasedConn] = LeaseBook()
         self._timer: asyncio.TimerHandle | None = None  # fires at the earliest queue deadline
@@ -143,6 +149,8 @@ class LeasePool:
         self._want_urgent = False
         self._last_want = 0.0
         self._release_buf: list[control.Released] = []
+        self._release_due = False
+        self._answers = 0  # RECALLs now answered, told with the next RELEASE
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._listen_waiters: dict[str, asyncio.Future[socket.socket]] = {}
@@ -194,14 +202,18 @@ class LeasePool:
         if how is Settle.GIVE_BACK:
             self._give_back(conn, ReleaseState.IDLE)
         elif ticket is not None:
-            self.stats[ticket.key[1]].wait.observe(now - ticket.started)
-            self._mark_want()
-            # Hand-offs are delivered together at the end of this loop iteration: writing
-            # a queued request onto the session right here would wake its service in the
-            # middle of our own callback and, on a shared core, preempt us once per request.
-            if not self._handoffs:
-                self._loop.call_soon(self._deliver)
-            self._handoffs.append((ticket, conn))
+            if not ticket.asking:  # an asking request did not wait in the queue
+                self.stats[ticket.key[1]].wait.observe(now - ticket.started)
+                self._mark_want()
+            self._hand(ticket, conn)
+
+    def _hand(self, ticket: Ticket, conn: LeasedConn) -> None:
+        # Hand-offs are delivered together at the end of this loop iteration: writing
+        # a queued request onto the session right here would wake its service in the
+        # middle of our own callback and, on a shared core, preempt us once per request.
+        if not self._handoffs:
+            self._loop.call_soon(self._deliver)
+        self._handoffs.append((ticket, conn))
 
     def lost(self, conn: LeasedConn, state: ReleaseState) -> None:
         """An idle held session died or was retired by its service."""
@@ -233,6 +245,10 @@ class LeasePool:
     def waiting(self) -> int:
         return self.book.waiting
 
+    @property
+    def asks(self) -> dict[WantKey, collections.deque[Ticket]]:
+        return self.book.asks
+
     def _split_queues(self) -> None:
         """Per slice: its spec and this worker's exact share of ``maxWaiting``, computed
         once per CONFIG rather than per waiting request."""
@@ -246,7 +262,8 @@ class LeasePool:
     # Waiters are callbacks, not tasks: a request that waits costs a small record
     # in a FIFO, and one timer per pool (for the earliest deadline) bounds all waits.
     def wait(self, service: str, slice_name: str, waiter: Waiter) -> Ticket:
-        """Queue *waiter* for a session; raises QueueFull or Draining at once."""
+        """Queue *waiter* for a session, or ask the acceptor for one now when the worker's
+        part of the queue is full; raises QueueFull or Draining at once."""
         key = (service, slice_name)
         entry = self._queues.get(slice_name)
         retry_after = self.policy.limits.retry_after
@@ -254,16 +271,31 @@ class LeasePool:
         if self.closing:
             stats.rejected[Rejection.DRAINING] += 1
             raise Draining(retry_after)
+        if entry is None:
+            stats.rejected[Rejection.QUEUE_FULL] += 1
+            raise QueueFull(retry_after)
+        now = time.monotonic()
         # maxWaiting bounds the slice, whatever service its requests are for: memory stays
         # bounded by the policy, not by how many services register (docs/configuration.md).
         # Only requests that must wait get here, so the sum over a few keys is cheap.
-        if entry is None or self._waiting_in(slice_name) >= entry[1]:
+        if self._waiting_in(slice_name) < entry[1]:
+            ticket = self._enqueue(key, waiter, now, entry[0].queue.timeout)
+            # A key the acceptor does not know to be waiting is told at once; later count
+            # changes on a waiting key are coalesced (the acceptor is already serving it).
+            self._mark_want(urgent=key not in self._reported)
+            return ticket
+        if not self._may_ask():
             stats.rejected[Rejection.QUEUE_FULL] += 1
             raise QueueFull(retry_after)
-        ticket = self._enqueue(key, waiter, time.monotonic(), entry[0].queue.timeout)
-        # A key the acceptor does not know to be waiting is told at once; later count
-        # changes on a waiting key are coalesced (the acceptor is already serving it).
-        self._mark_want(urgent=key not in self._reported)
+        # No room to wait and no idle session here: one idle now at the acceptor or in
+        # another worker still serves it (also behind this worker's waiters, whose
+        # sessions may be on their way).  Only the acceptor knows; asks of one loop turn
+        # go together, and are answered at once (GRANT ``asked`` or REFUSE).
+        if not self.book.unsent:
+            self._loop.call_soon(self._flush_asks)
+        ticket = self.book.ask(key, waiter, now, entry[0].queue.timeout)
+        if self._timer is None or ticket.deadline < self._timer_at:
+            self._arm(ticket.deadline, now)
         return ticket
 
     def _waiting_in(self, slice_name: str) -> int:
@@ -278,6 +310,34 @@ class LeasePool:
     def waiting_counts(self) -> dict[WantKey, int]:
         """Requests waiting in this worker, per (service, slice) with any."""
         return {key: len(queue) for key, queue in self.book.waiters.items() if queue}
+
+    def _may_ask(self) -> bool:
+        channel = self._channel
+        return (
+            self.acceptor_revision >= control.ASK_REVISION
+            and channel is not None
+            and not channel.closed
+        )
+
+    def _flush_asks(self) -> None:
+        channel = self._channel
+        if channel is None or channel.closed:
+            return  # lost the acceptor: _orphan_leases refuses them
+        for key, n in self.book.take_unsent().items():
+            channel.send(control.Ask(key[0], key[1], n))
+
+    def _finish_asks(self, tickets: list[Ticket]) -> None:
+        """Asking requests no answer can serve any more: an idle session of the key if
+        this worker has one now (the native engine frees sessions without this book's
+        ``settle``), else 503 (the book is settled first, so a callback may ask again)."""
+        retry_after = self.policy.limits.retry_after
+        for ticket in tickets:
+            conn = self.try_acquire(*ticket.key)
+            if conn is not None:
+                self._hand(ticket, conn)
+                continue
+            self.stats[ticket.key[1]].rejected[Rejection.QUEUE_FULL] += 1
+            ticket.waiter.lease_refused(Rejection.QUEUE_FULL, retry_after)
 
     def _arm(self, deadline: float, now: float) -> None:
         if self._timer is not None:
@@ -350,9 +410,13 @@ class LeasePool:
         self.book.held.pop(lease.session, None)
         conn.close()
         if lease.epoch == self._epoch and self._channel is not None:
-            if not self._release_buf:
-                self._loop.call_soon(self._flush_release)
             self._release_buf.append(control.Released(lease.session, state))
+            self._schedule_release()
+
+    def _schedule_release(self) -> None:
+        if not self._release_due:
+            self._release_due = True
+            self._loop.call_soon(self._flush_release)
 
     def _return_idle(self, conn: LeasedConn) -> None:
         """Give an idle session back unasked: it still answers a pending recall of its
@@ -361,9 +425,11 @@ class LeasePool:
         self._give_back(conn, ReleaseState.IDLE)
 
     def _flush_release(self) -> None:
+        self._release_due = False
         items, self._release_buf = self._release_buf, []
-        if items and self._channel is not None:
-            self._channel.send(control.Release(items))
+        answers, self._answers = self._answers, 0
+        if (items or answers) and self._channel is not None:
+            self._channel.send(control.Release(items, answers))
 
     # -- control connection -------------------------------------------------------------
     def start(self) -> None:
@@ -457,9 +523,12 @@ class LeasePool:
         return sock
 
     def _orphan_leases(self) -> None:
-        """The acceptor reclaimed our leases: close idle ones now, busy ones after their request."""
+        """The acceptor reclaimed our leases: close idle ones now, busy ones after their request.
+        Asks it had not answered never will be: nothing can be had now."""
         for conn in self._forget_leases():
             conn.close()
+        self._answers = 0
+        self._finish_asks(self.book.forget_asks())
         for listener in self._listen_waiters.values():
             if not listener.done():
                 listener.set_exception(ConnectionError("acceptor connection lost"))
@@ -473,10 +542,12 @@ class LeasePool:
                 log.error("GRANT with %d leases but %d descriptors", len(msg.leases), len(fds))
                 return
             for entry, fd in zip(msg.leases, fds, strict=True):
-                if not entry.prefetch:
+                key = (entry.requested, entry.slice)
+                # On its way (an ``asked`` one to an asking ticket): it covers one.
+                grant = self.book.granted(key, entry.asked)
+                if not entry.prefetch and not entry.asked:
                     # The acceptor took one unit off our WANT for this key: mirror it, so
                     # the next change of our count is measured against what it now knows.
-                    key = (entry.requested, entry.slice)
                     left = self._reported.get(key, 0) - 1
                     if left > 0:
                         self._reported[key] = left
@@ -491,17 +562,24 @@ class LeasePool:
                     entry.slice,
                     entry.registrant,
                     sock,
-                    (entry.requested, entry.slice),
+                    key,
                     epoch=self._epoch,
+                    asked=entry.asked,
                 )
-                self._spawn(self._adopt(lease))
+                self._spawn(self._adopt(lease, grant))
         elif isinstance(msg, control.ConfigMsg):
             self._apply_config(msg)
         elif isinstance(msg, control.Stats):
             self.registered = int(msg.counters.get("registered", self.registered))
         elif isinstance(msg, control.Recall):
-            for conn in self._recall_idle(msg.service, msg.slice, msg.n):
-                self._give_back(conn, ReleaseState.IDLE)
+            if msg.now:  # a probe for another worker's ask
+                self.book.probe(msg.service, msg.slice, msg.n)
+                self._answer_probes()
+            else:
+                for conn in self._recall_idle(msg.service, msg.slice, msg.n):
+                    self._give_back(conn, ReleaseState.IDLE)
+        elif isinstance(msg, control.Refuse):
+            self._finish_asks(self.book.ask_refused((msg.service, msg.slice), msg.n))
         elif isinstance(msg, control.Listener):
             self._resolve_listener(msg.address, fds)
         elif isinstance(msg, control.Error):
@@ -516,7 +594,37 @@ class LeasePool:
             for fd in fds:
                 os.close(fd)
 
-    async def _adopt(self, lease: Lease) -> None:
+    def _answer_probes(self) -> None:
+        """Answer the RECALLs ``now`` that are due: what is idle, given back at once,
+        owing nothing, and the answer counted in the next RELEASE."""
+        due = self.book.due_probes()
+        if due:
+            # What comes back is granted to waiting units first, so the acceptor must know
+            # our waiters as they are: a WANT coalesced for up to WANT_INTERVAL may still
+            # count one served meanwhile, and the session would come straight back here
+            # while the ask it was meant for is refused.
+            self._want_dirty = True
+            self._flush_want()
+        for service, slice_name, n in due:
+            for conn in self._idle_now(service, slice_name, n):
+                self._return_idle(conn)
+            self._answers += 1
+            self._schedule_release()
+
+    def _idle_now(self, service: str, slice_name: str, n: int) -> list[LeasedConn]:
+        return self.book.idle_now(service, slice_name, n)
+
+    async def _adopt(self, lease: Lease, grant: int) -> None:
+        try:
+            await self._take_in(lease)
+        finally:
+            # Arrived (or unusable): it no longer covers an asking ticket (any left
+            # without cover is refused), and probes granted after it may be answered.
+            if lease.epoch == self._epoch:
+                self._finish_asks(self.book.adopted(grant))
+                self._answer_probes()
+
+    async def _take_in(self, lease: Lease) -> None:
         try:
             conn = await self.conn_factory(lease)
         except OSError as exc:
@@ -544,6 +652,7 @@ class LeasePool:
             self._outage.report("up", logging.INFO, "acceptor control connection is back")
         self.generation, self.worker_id = msg.generation, msg.worker
         self.workers, self.index = msg.workers, msg.index
+        self.acceptor_revision = msg.revision
         self._split_queues()
         valid = {s.name for s in self.policy.slices}
         # Waiters of a removed slice keep waiting until their own timeout; leases for it
@@ -620,7 +729,7 @@ class LeasePool:
     async def close(self, deadline: float) -> None:
         """Stop leasing: fail waiters, give idle sessions back, wait for busy ones."""
         self.closing = True
-        for waiting in self.waiters.values():
+        for waiting in itertools.chain(self.waiters.values(), self.book.asks.values()):
             while waiting:
                 ticket = waiting.popleft()
                 ticket.active = False

@@ -126,6 +126,10 @@ class WorkerAdmin:
                     "waiting": {
                         f"{k[0] or '(default)'}/{k[1]}": n for k, n in pool.waiting_counts().items()
                     },
+                    # Requests that may not wait, while the acceptor is asked (not waiting).
+                    "asking": {
+                        f"{k[0] or '(default)'}/{k[1]}": len(q) for k, q in pool.asks.items() if q
+                    },
                 },
             )
         return AdminResponse.text(404, "not found\n")
