@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from backdial.control import ConfigMsg, Rejection, ReleaseState, WantKey
+from backdial.control import ASK_REVISION, ConfigMsg, Rejection, ReleaseState, WantKey
 from backdial.policy import Policy, Slice
 from backdial.sidecar.classify import _config_host
 from backdial.sidecar.fdtransport import FdTransport
@@ -214,6 +214,9 @@ class NativeLeasePool(LeasePool):
     def _recall_idle(self, service: str, slice_name: str, n: int) -> list[LeasedConn]:
         return self._conns_of(self.engine.recall_idle(service, slice_name, n))
 
+    def _idle_now(self, service: str, slice_name: str, n: int) -> list[LeasedConn]:
+        return self._conns_of(self.engine.idle_now(service, slice_name, n))
+
     def _count_returned(self, lease: Lease) -> None:
         self.engine.returned(lease.service, lease.slice)
 
@@ -223,6 +226,9 @@ class NativeLeasePool(LeasePool):
     def _apply_config(self, msg: ConfigMsg) -> None:
         super()._apply_config(msg)
         configure_engine(self.engine, self.policy, self._queues)
+        # A request with no idle session and no room to wait goes to the Python path,
+        # which asks the acceptor for a session now (``LeasePool.wait``, revision 3).
+        self.engine.set_asking(self.acceptor_revision >= ASK_REVISION)
 
     def counters(self) -> dict[str, float]:
         out = super().counters()

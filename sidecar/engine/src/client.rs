@@ -157,13 +157,17 @@ impl Core {
         }
         let peer = c.peer.clone();
         let (svc_idx, slice_idx) = self.router.classify(&c.inbuf, &h, peer.ip.as_ref());
+        let key = self.key(svc_idx, slice_idx);
+        if self.must_ask(key, slice_idx) {
+            return self.start_handover(slot); // no idle session, no room to wait: Python asks
+        }
+        let c = self.clients.at(slot);
         let mut wire = Vec::with_capacity(h.len + 160 + body);
         h.build(&c.inbuf, &peer.forwarding, &peer.xff, &mut wire);
         wire.extend_from_slice(&c.inbuf[h.len..h.len + body]);
         c.inbuf.drain(..h.len + body);
         c.booked_in -= body as i64; // the body stays booked, by the request now
         self.rebook(slot);
-        let key = self.key(svc_idx, slice_idx);
         if h.claims {
             self.stats.untrusted_forwarding += 1;
         }

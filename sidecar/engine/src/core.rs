@@ -284,6 +284,8 @@ pub struct Core {
     pub peers: HashMap<String, Rc<Peer>>,
     pub draining: bool,
     pub closing: bool,
+    /// The acceptor answers ASK (control revision 3): see `must_ask`.
+    pub asking: bool,
     pub epoch: u64,
     pub busy: usize,
     pub want_dirty: bool,
@@ -336,6 +338,7 @@ impl Core {
             peers: HashMap::new(),
             draining: false,
             closing: false,
+            asking: false,
             epoch: 0,
             busy: 0,
             want_dirty: false,
@@ -349,6 +352,20 @@ impl Core {
             events: Vec::new(),
             shutting_down: false,
         })
+    }
+
+    /// A request of `key` that finds no idle session and no room in its slice's queue
+    /// (always with `maxWaiting: 0`) may still be served by a session idle now at the
+    /// acceptor or in another worker: the Python path asks for one (`LeasePool.wait`,
+    /// ASK), so the connection is handed over instead of answered 503 here.
+    pub fn must_ask(&self, key: KeyId, slice: usize) -> bool {
+        if !self.asking || self.closing {
+            return false;
+        }
+        if !self.book.has_waiters(key) && self.book.idle.get(&key).map_or(false, |r| r.len() > 0) {
+            return false;
+        }
+        self.queues.get(&slice).map_or(false, |q| self.book.waiting_in(slice) >= q.1)
     }
 
     pub fn key(&mut self, service: usize, slice: usize) -> KeyId {

@@ -346,12 +346,25 @@ impl Engine {
     /// give back; the rest of `n` is owed by the next such sessions to come free
     /// (`LeaseBook.recall_idle`).
     fn recall_idle(&self, service: &str, slice: &str, n: u32) -> PyResult<Vec<u64>> {
-        let out = self.take_idle_where(|s| s.service == service && (slice.is_empty() || s.slice == slice), n as usize)?;
+        let out = self.idle_now(service, slice, n)?;
         let mut c = self.lock()?;
         if (out.len() as u32) < n {
             *c.book.recall.entry((service.to_string(), slice.to_string())).or_insert(0) += n - out.len() as u32;
         }
         Ok(out)
+    }
+
+    /// A RECALL `now` (control revision 3, a probe for another worker's ASK): up to `n`
+    /// idle sessions of `service` leased for `slice` ("" = any); nothing is owed for the rest.
+    fn idle_now(&self, service: &str, slice: &str, n: u32) -> PyResult<Vec<u64>> {
+        self.take_idle_where(|s| s.service == service && (slice.is_empty() || s.slice == slice), n as usize)
+    }
+
+    /// The acceptor answers ASK (control revision 3): a request that finds no idle session
+    /// and no room in its slice's queue goes to the Python path, which asks for one now.
+    fn set_asking(&self, asking: bool) -> PyResult<()> {
+        self.lock()?.asking = asking;
+        Ok(())
     }
 
     /// A session given back unasked (idle release, a removed slice) still answers a
