@@ -22,6 +22,7 @@ COLORS = {
     "nginx-keepalive": "#2e7d32",
     "haproxy": "#1565c0",
     "backdial": "#c62828",
+    "backdial-python": "#ef9a9a",
 }
 
 

@@ -206,12 +206,15 @@ def _sweep(result: dict[str, Any], h: str) -> list[str]:
                 val = _med(s, t, key)
                 ka = _ratio(val, _med(s, "nginx-keepalive", key))
                 cell = _f(val, digits)
-                if t == "backdial" and key in ("rps", "proxy_cpu_us_per_req", "proxy_csw_per_req"):
+                if t.startswith("backdial") and key in RATIO_KEYS:
                     cell += f" ({_x(ka)})"
                 cells.append(cell)
             out.append(f"| {t} | " + " | ".join(cells) + " |")
         out.append("")
     return out
+
+
+RATIO_KEYS = ("rps", "proxy_cpu_us_per_req", "proxy_csw_per_req")
 
 
 def _close(result: dict[str, Any], h: str) -> list[str]:

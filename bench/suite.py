@@ -24,6 +24,7 @@ applies; the report lists the targets of issue 11 with their measured status.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
@@ -56,7 +57,18 @@ from harness import (
 from report import render
 from run import _clean, measure_stable, summarize
 
-PEERS = ["direct", "nginx-dialing", "nginx-keepalive", "haproxy", "backdial"]
+PEERS = ["direct", "nginx-dialing", "nginx-keepalive", "haproxy", "backdial", "backdial-python"]
+
+
+def native_engine() -> str | None:
+    """The installed native engine's version, or None (the sidecar then runs its Python
+    engine and a separate ``backdial-python`` target would measure the same thing)."""
+    try:
+        return importlib.metadata.version("backdial-engine")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -195,8 +207,19 @@ def main(argv: list[str] | None = None) -> int:
         stacks["nginx-dialing"] = start_nginx(ws, backend, False, ns.server_cpus)
         stacks["nginx-keepalive"] = start_nginx(ws, backend, True, ns.server_cpus)
         stacks["haproxy"] = start_haproxy(ws, backend, ns.server_cpus)
+        engine = native_engine()
         stacks["backdial"] = start_backdial(ws, ns.server_cpus, ns.sessions)
+        stacks["backdial"].note += (
+            f", native engine {engine}" if engine else ", python engine (no native engine)"
+        )
         capacity.wait_registered(stacks["backdial"], ns.sessions)
+        if engine:  # the pure-Python fallback, measured beside it (docs/engine.md)
+            stacks["backdial-python"] = start_backdial(
+                ws, ns.server_cpus, ns.sessions, sidecar_args=["--engine", "python"],
+                name="backdial-python",
+            )  # fmt: skip
+            stacks["backdial-python"].note += ", python engine (--engine python)"
+            capacity.wait_registered(stacks["backdial-python"], ns.sessions)
         result["target_notes"] = {t: s.note for t, s in stacks.items()}
         if "sweep" in ns.only:
             result["sweep"] = sweep(stacks, ns)
@@ -232,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
             result["spike"][0]["target"] = "backdial"
             capacity.stop_stack(ws, spike_stack)
-        for name in ("nginx-dialing", "nginx-keepalive", "haproxy", "backdial"):
-            capacity.stop_stack(ws, stacks[name])  # the rest start their own stacks
+        for name in ("nginx-dialing", "nginx-keepalive", "haproxy", "backdial", "backdial-python"):
+            if name in stacks:
+                capacity.stop_stack(ws, stacks[name])  # the rest start their own stacks
         if "determinism" in ns.only:
             result["determinism"] = capacity.determinism(
                 ws,
