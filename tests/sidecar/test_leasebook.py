@@ -240,3 +240,20 @@ def test_a_probe_is_answered_after_the_sessions_granted_before_it(
     book.probe("svc", "default", 1)
     book.forget_asks()
     assert book.due_probes() == [] and not book.probes
+
+
+def test_waiters_a_granted_session_is_on_its_way_to_are_not_reported(
+    book: LeaseBook[Conn],
+) -> None:
+    """The acceptor took a WANT unit off for each session it granted; until the session is
+    adopted its waiter still waits here, and reporting it again would ask for a second
+    session (the extra lease tests/stack/test_slicing.py saw now and then)."""
+    waiting = {KEY: 3, OTHER: 1}
+    assert book.want_counts(waiting) == waiting
+    first = book.granted(KEY, asked=False)
+    book.granted(KEY, asked=False)  # e.g. a prefetched one: it serves a waiter first too
+    book.granted(OTHER, asked=True)  # for an asking request, not for a waiter
+    assert book.want_counts(waiting) == {KEY: 1, OTHER: 1}
+    assert book.want_counts({KEY: 1}) == {}  # never below 0
+    book.adopted(first)
+    assert book.want_counts(waiting) == {KEY: 2, OTHER: 1}

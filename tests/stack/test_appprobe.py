@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.helpers import http_get, wait_for
+from tests.helpers import get_json, http_get, wait_for
 from tests.stack.conftest import Stack
 from tests.stack.test_stack import request
 
@@ -40,9 +40,14 @@ def test_app_probe_does_not_queue_behind_clients(stack: Stack) -> None:
     stack.start(sessions=1, config="slices: [{name: default, share: 100, queue: {timeout: 10s}}]\n")
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         slow = [pool.submit(request, stack.port, "/delay?ms=1500") for _ in range(2)]
+        # One request served (its session busy) and one queued: the acceptor's waiting
+        # count alone is also 1 while the first request still waits for its grant.
         wait_for(
-            lambda: stack.metric("backdial_requests_waiting", service="demo", slice="default") == 1,
-            what="one request queued",
+            lambda: (
+                stack.metric("backdial_requests_waiting", service="demo", slice="default") == 1
+                and get_json(stack.sidecar_url("/v1/state"))["busy"] == 1
+            ),
+            what="one request served and one queued",
         )
         status, text = probe(stack, "path=%2F")
         assert (status, text) == (200, "all 1 held sessions busy serving\n")

@@ -64,9 +64,10 @@ class LeaseBook(Generic[C]):
         )
         self.unsent: collections.Counter[WantKey] = collections.Counter()
         self.asked: collections.Counter[WantKey] = collections.Counter()
-        # Sessions granted to this worker and being adopted, by grant number (in order),
-        # and the RECALLs ``now`` not answered yet, each behind the grants before it.
-        self.adopting: dict[int, WantKey] = {}
+        # Sessions granted to this worker and being adopted, by grant number (in order):
+        # their key and whether they answer an ask; and the RECALLs ``now`` not answered
+        # yet, each behind the grants before it.
+        self.adopting: dict[int, tuple[WantKey, bool]] = {}
         self.probes: collections.deque[tuple[int, str, str, int]] = collections.deque()
         self._grants = 0
         # Pending recalls by (actual service, slice the sessions are leased for; "" = any).
@@ -203,6 +204,18 @@ class LeaseBook(Generic[C]):
                 earliest = queue[0].deadline
         return expired, earliest
 
+    def want_counts(self, waiting: dict[WantKey, int]) -> dict[WantKey, int]:
+        """The WANT counts to report for *waiting* (requests waiting per key): less the
+        sessions on their way to them.  The acceptor took a unit off for each session it
+        granted, and the worker mirrors that at the GRANT; until the session is adopted
+        and hands over, its waiter still waits here, and reporting it would ask for a
+        second session (a phantom unit: an extra grant, or an extra RECALL from a
+        borrower).  Sessions granted for asks go to asking requests, not to waiters."""
+        coming: collections.Counter[WantKey] = collections.Counter(
+            key for key, asked in self.adopting.values() if not asked
+        )
+        return {key: n - coming[key] for key, n in waiting.items() if n > coming[key]}
+
     # -- asking (requests that may not wait) ----------------------------------------------
     # An asking ticket stays in line while something may still serve it: an ask not sent
     # yet or not answered yet (the newest tickets), or a session granted to this worker
@@ -232,7 +245,7 @@ class LeaseBook(Generic[C]):
         if asked:
             _less(self.asked, key, 1)
         self._grants += 1
-        self.adopting[self._grants] = key
+        self.adopting[self._grants] = (key, asked)
         return self._grants
 
     def ask_refused(self, key: WantKey, n: int) -> list[Ticket]:
@@ -243,8 +256,8 @@ class LeaseBook(Generic[C]):
     def adopted(self, grant: int) -> list[Ticket]:
         """Granted session number *grant* was settled (or could not be used): the asking
         tickets of its key now left without cover."""
-        key = self.adopting.pop(grant, None)
-        return [] if key is None else self._uncovered(key)
+        entry = self.adopting.pop(grant, None)
+        return [] if entry is None else self._uncovered(entry[0])
 
     def probe(self, service: str, slice_name: str, n: int) -> None:
         """A RECALL ``now``: answered once the sessions granted before it are adopted
@@ -280,7 +293,7 @@ class LeaseBook(Generic[C]):
         if not queue:
             return []
         tickets = list(queue)
-        oldest = sum(1 for k in self.adopting.values() if k == key)
+        oldest = sum(1 for k, _ in self.adopting.values() if k == key)
         newest = self.asked[key] + self.unsent[key]
         end = max(oldest, len(tickets) - newest)
         out = tickets[oldest:end]

@@ -395,7 +395,7 @@ class LeasePool:
         channel = self._channel
         if channel is None or channel.closed:
             return
-        counts = self.waiting_counts()
+        counts = self.book.want_counts(self.waiting_counts())
         for key in set(self._reported) | set(counts):
             n = counts.get(key, 0)
             if self._reported.get(key, 0) != n:
@@ -623,6 +623,7 @@ class LeasePool:
             if lease.epoch == self._epoch:
                 self._finish_asks(self.book.adopted(grant))
                 self._answer_probes()
+                self._mark_want()  # no longer on its way: what we report may change
 
     async def _take_in(self, lease: Lease) -> None:
         try:
