@@ -9,6 +9,7 @@ so a report can be re-rendered from a stored result:
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,31 @@ def _sweep(result: dict[str, Any], h: str) -> list[str]:
                 cells.append(cell)
             out.append(f"| {t} | " + " | ".join(cells) + " |")
         out.append("")
-    return out
+    return out + _sweep_errors(sweep)
+
+
+def _sweep_errors(sweep: dict[str, Any]) -> list[str]:
+    """Answers that were not 2xx (a bounded queue's 503s) and socket errors, as a share of
+    wrk's requests: req/s above counts every answer, so a fast 503 counts as one too."""
+    conns, targets_ = sweep["conns"], sweep["targets"]
+    out = [
+        "**not 2xx or socket errors, % of requests** (backdial's queue holds `maxWaiting` "
+        "requests; beyond it the answer is a fast 503, which req/s above counts too)",
+        "",
+        "| target | " + " | ".join(f"c={c}" for c in conns) + " |",
+        "|---|" + "---|" * len(conns),
+    ]
+    for t in targets_:
+        cells = []
+        for c in conns:
+            shares = [
+                100.0 * r["errors"] / r["wrk"]["requests"]
+                for r in sweep["runs"]
+                if r["target"] == t and r["conns"] == c and r["wrk"]["requests"]
+            ]
+            cells.append(_f(statistics.median(shares), 1) if shares else "—")
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 RATIO_KEYS = ("rps", "proxy_cpu_us_per_req", "proxy_csw_per_req")
