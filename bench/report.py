@@ -181,6 +181,14 @@ SWEEP_KEYS = (
 )
 
 
+def _conns_head(conns: list[int]) -> list[str]:
+    """The head of a table with one column per concurrency."""
+    return [
+        "| target | " + " | ".join(f"c={c}" for c in conns) + " |",
+        "|---|" + "---|" * len(conns),
+    ]
+
+
 def _sweep(result: dict[str, Any], h: str) -> list[str]:
     sweep = result.get("sweep")
     if not sweep:
@@ -197,8 +205,7 @@ def _sweep(result: dict[str, Any], h: str) -> list[str]:
         out += [
             f"**{label}**",
             "",
-            "| target | " + " | ".join(f"c={c}" for c in conns) + " |",
-            "|---|" + "---|" * len(conns),
+            *_conns_head(conns),
         ]
         for t in targets_:
             cells = []
@@ -223,8 +230,7 @@ def _sweep_errors(sweep: dict[str, Any]) -> list[str]:
         "**not 2xx or socket errors, % of requests** (backdial's queue holds `maxWaiting` "
         "requests; beyond it the answer is a fast 503, which req/s above counts too)",
         "",
-        "| target | " + " | ".join(f"c={c}" for c in conns) + " |",
-        "|---|" + "---|" * len(conns),
+        *_conns_head(conns),
     ]
     for t in targets_:
         cells = []
