@@ -98,6 +98,7 @@ from kubelet import (
     PROCESS_PLACEMENT,
     TAINT_KEY,
     place_on_process_node,
+    process_deployment,
 )
 from processes import Process, _tail, processes_matching, stop_processes
 from util import HarnessError, LogFn, ToolchainMissingError, _free_port, _stderr_log, poll
@@ -142,6 +143,7 @@ __all__ = [
     "missing_prerequisites",
     "place_on_process_node",
     "poll",
+    "process_deployment",
     "processes_matching",
     "service_account_with_role",
     "stop_processes",

@@ -35,23 +35,6 @@ def _pod(name: str, ns: str, containers: list[dict[str, Any]], **spec: Any) -> d
     }
 
 
-def _deployment(name: str, ns: str, replicas: int, pod_spec: dict[str, Any]) -> dict[str, Any]:
-    labels = {"app": name}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": harness.place_on_process_node(pod_spec),
-            },
-        },
-    }
-
-
 def _service(name: str, ns: str, port: int) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -138,7 +121,10 @@ def test_demo_deployment_runs_on_pod_ips_and_scales(
         readinessProbe={"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
     )
     k8s_cluster.apply(
-        [_deployment("demo", ns, 1, {"containers": [container]}), _service("demo", ns, 8080)]
+        [
+            harness.process_deployment("demo", ns, 1, {"containers": [container]}),
+            _service("demo", ns, 8080),
+        ]
     )
     (pod,) = _wait_ready(k8s_cluster, ns, "demo", 1)
     assert pod["spec"]["nodeName"] == harness.PROCESS_NODE_NAME
@@ -363,7 +349,7 @@ def test_emptydir_shared_within_a_pod_not_across_pods(
         },
     )
     spec = {"containers": [writer, reader], "volumes": [{"name": "data", "emptyDir": {}}]}
-    k8s_cluster.apply(_deployment("shared", ns, 2, spec))
+    k8s_cluster.apply(harness.process_deployment("shared", ns, 2, spec))
     pods = _wait_ready(k8s_cluster, ns, "shared", 2)
     for pod in pods:
         name = pod["metadata"]["name"]

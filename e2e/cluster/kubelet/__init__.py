@@ -53,3 +53,20 @@ def place_on_process_node(pod_spec: dict[str, Any]) -> dict[str, Any]:
     spec["nodeSelector"] = {**spec.get("nodeSelector", {}), **PROCESS_PLACEMENT["nodeSelector"]}
     spec["tolerations"] = [*spec.get("tolerations", []), *PROCESS_PLACEMENT["tolerations"]]
     return spec
+
+
+def process_deployment(
+    name: str, namespace: str, replicas: int, pod_spec: dict[str, Any]
+) -> dict[str, Any]:
+    """A Deployment ``name`` (pods labelled ``app: name``) whose pods run on the process node."""
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": place_on_process_node(pod_spec)},
+        },
+    }

@@ -62,7 +62,6 @@ def opted_in(crds: harness.Cluster, k8s_namespace: str) -> str:
 
 
 def deployment(name: str, ns: str, replicas: int, sessions: int) -> dict[str, Any]:
-    labels = {"app": name}
     app = {
         "name": "app",
         "image": IMAGE,
@@ -71,21 +70,9 @@ def deployment(name: str, ns: str, replicas: int, sessions: int) -> dict[str, An
         "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
         "livenessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 5},
     }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": harness.place_on_process_node(
-                    {"containers": [app], "terminationGracePeriodSeconds": 20}
-                ),
-            },
-        },
-    }
+    return harness.process_deployment(
+        name, ns, replicas, {"containers": [app], "terminationGracePeriodSeconds": 20}
+    )
 
 
 def service(name: str, ns: str) -> dict[str, Any]:
