@@ -654,11 +654,11 @@ impl Core {
 
     /// A clean session is free: a recall owed, else the key's oldest waiter, else idle.
     pub fn settle(&mut self, slot: usize) {
-        let (service, slice, key) = {
-            let s = self.sessions.at(slot);
-            (s.service.clone(), s.slice.clone(), s.key)
-        };
-        if self.book.owe(&service, &slice) {
+        // Borrowed, not cloned: this runs once per request (owe returns at once without
+        // recalls owed).
+        let s = self.sessions.at(slot);
+        let key = s.key;
+        if self.book.owe(&s.service, &s.slice) {
             self.give_back(slot, "idle");
             return;
         }
@@ -767,21 +767,25 @@ impl Core {
             st.rejected[Rejection::Timeout as usize] += 1;
             st.wait.observe(waited);
             self.mark_want(key, false);
-            match w.who {
-                Who::Client(ci, gen) => {
-                    if self.clients.alive(ci, gen) {
-                        if let Some(r) = self.clients.at(ci).active.as_mut() {
-                            r.waiter = None;
-                        }
-                        self.unavailable(ci, Rejection::Timeout);
-                    }
-                }
-                Who::Ticket(ticket) => {
-                    self.hooks.push(Hook::Refused { ticket, reason: Rejection::Timeout, waited })
-                }
-            }
+            self.refuse(w.who, Rejection::Timeout, waited);
         }
         self.arm_queue_timer();
+    }
+
+    /// A waiter that will get no session: a native client is answered 503, a Python ticket
+    /// is told through a hook.
+    fn refuse(&mut self, who: Who, reason: Rejection, waited: f64) {
+        match who {
+            Who::Client(ci, gen) => {
+                if self.clients.alive(ci, gen) {
+                    if let Some(r) = self.clients.at(ci).active.as_mut() {
+                        r.waiter = None;
+                    }
+                    self.unavailable(ci, reason);
+                }
+            }
+            Who::Ticket(ticket) => self.hooks.push(Hook::Refused { ticket, reason, waited }),
+        }
     }
 
     pub fn deliver_handoffs(&mut self) {
@@ -808,19 +812,7 @@ impl Core {
         for (_, w) in self.book.drain_waiters() {
             let waited = now - w.started;
             self.slice_stats(w.slice).rejected[Rejection::Draining as usize] += 1;
-            match w.who {
-                Who::Client(ci, gen) => {
-                    if self.clients.alive(ci, gen) {
-                        if let Some(r) = self.clients.at(ci).active.as_mut() {
-                            r.waiter = None;
-                        }
-                        self.unavailable(ci, Rejection::Draining);
-                    }
-                }
-                Who::Ticket(ticket) => {
-                    self.hooks.push(Hook::Refused { ticket, reason: Rejection::Draining, waited })
-                }
-            }
+            self.refuse(w.who, Rejection::Draining, waited);
         }
         self.arm_queue_timer();
         if self.busy == 0 {
