@@ -155,15 +155,14 @@ impl Core {
         if body > 0 && self.budgets[MEMORY].used > self.budgets[MEMORY].limit {
             return self.start_handover(slot); // Python spools it or answers 503
         }
-        let peer = c.peer.clone();
-        let (svc_idx, slice_idx) = self.router.classify(&c.inbuf, &h, peer.ip.as_ref());
+        let (svc_idx, slice_idx) = self.router.classify(&c.inbuf, &h, c.peer.ip.as_ref());
         let key = self.key(svc_idx, slice_idx);
         if self.must_ask(key, slice_idx) {
             return self.start_handover(slot); // no idle session, no room to wait: Python asks
         }
         let c = self.clients.at(slot);
         let mut wire = Vec::with_capacity(h.len + 160 + body);
-        h.build(&c.inbuf, &peer.forwarding, &peer.xff, &mut wire);
+        h.build(&c.inbuf, &c.peer.forwarding, &c.peer.xff, &mut wire);
         wire.extend_from_slice(&c.inbuf[h.len..h.len + body]);
         c.inbuf.drain(..h.len + body);
         c.booked_in -= body as i64; // the body stays booked, by the request now
