@@ -137,6 +137,17 @@ def rss_kib(pids: Iterable[int]) -> int:
 # ---------------------------------------------------------------- processes
 
 
+@dataclass(frozen=True)
+class IdleLimits:
+    """A peer configured for the idle-connection measurement (``idle.py``): room for
+    *max_conns* client connections, idle/header timeouts of *timeout_s* (longer than the
+    measurement), and a status endpoint on *status_port* where the peer needs one."""
+
+    max_conns: int
+    timeout_s: int
+    status_port: int = 0
+
+
 @dataclass
 class Proc:
     """One started process (and its descendants), in its own process group."""
@@ -444,8 +455,15 @@ def start_backend(ws: Workspace, cpus: str | None) -> Stack:
     return stack
 
 
-def _nginx_conf(ws: Workspace, name: str, port: int, backend: int, keepalive: bool) -> Path:
-    base = ws.path(name)
+def _nginx_conf(
+    ws: Workspace,
+    name: str,
+    port: int,
+    backend: int,
+    keepalive: bool,
+    idle: IdleLimits | None = None,
+) -> Path:
+    base = ws.path(name + ("-idle" if idle else ""))
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -463,15 +481,23 @@ def _nginx_conf(ws: Workspace, name: str, port: int, backend: int, keepalive: bo
         upstream = ""
         # nginx's defaults: HTTP/1.0 upstream, "Connection: close", one connect() per request.
         location = f"            proxy_pass http://{HOST}:{backend};\n"
+    idle_http = ""
+    if idle:  # longer header timeout; stub_status: the accepted connections idle.py checks
+        idle_http = (
+            f"    client_header_timeout {idle.timeout_s}s;\n"
+            f"    server {{\n        listen {HOST}:{idle.status_port};\n"
+            "        location / {\n            stub_status;\n        }\n    }\n"
+        )
     text = (
         f"{user}worker_processes 1;\n"
         "daemon off;\n"
         "master_process on;\n"
         f"pid {base}/nginx.pid;\n"
         f"error_log {base}/error.log warn;\n"
-        "events {\n    worker_connections 8192;\n}\n"
+        f"events {{\n    worker_connections {idle.max_conns if idle else 8192};\n}}\n"
         "http {\n"
         "    access_log off;\n"
+        f"{idle_http}"
         "    keepalive_requests 1000000;\n"
         "    keepalive_timeout 75s;\n"
         f"    client_body_temp_path {base}/client_body;\n"
@@ -493,14 +519,20 @@ def _nginx_conf(ws: Workspace, name: str, port: int, backend: int, keepalive: bo
     return conf
 
 
-def start_nginx(ws: Workspace, backend: Stack, keepalive: bool, cpus: str | None) -> Stack:
+def start_nginx(
+    ws: Workspace,
+    backend: Stack,
+    keepalive: bool,
+    cpus: str | None,
+    idle: IdleLimits | None = None,
+) -> Stack:
     name = "nginx-keepalive" if keepalive else "nginx-dialing"
     port = free_port()
-    conf = _nginx_conf(ws, name, port, backend.port, keepalive)
+    conf = _nginx_conf(ws, name, port, backend.port, keepalive, idle)
     proc = Proc(
         name,
         ["nginx", "-p", str(conf.parent), "-e", str(conf.parent / "error.log"), "-c", str(conf)],
-        ws.path(f"{name}.log"),
+        ws.path(f"{conf.parent.name}.log"),
         cpus,
     )
     note = (
@@ -511,25 +543,32 @@ def start_nginx(ws: Workspace, backend: Stack, keepalive: bool, cpus: str | None
     stack = Stack(
         name, port, backend.port, proxy=[proc], backend=backend.backend, owned=[proc], note=note
     )
+    if idle:
+        stack.extra["nginx_status"] = f"http://{HOST}:{idle.status_port}/"
     ws.stacks.append(stack)
     proc.start()
     wait_http(stack.url, 15, [proc, *backend.backend])
     return stack
 
 
-def start_haproxy(ws: Workspace, backend: Stack, cpus: str | None) -> Stack:
+def start_haproxy(
+    ws: Workspace, backend: Stack, cpus: str | None, idle: IdleLimits | None = None
+) -> Stack:
     port = free_port()
-    base = ws.path("haproxy")
+    base = ws.path("haproxy-idle" if idle else "haproxy")
     base.mkdir(exist_ok=True)
     conf = base / "haproxy.cfg"
+    stats = base / "stats.sock"
     conf.write_text(
         "global\n"
         "    nbthread 1\n"
-        "    maxconn 4000\n"
-        "defaults\n"
+        f"    maxconn {idle.max_conns if idle else 4000}\n"
+        # the accepted-connection count the idle measurement checks (show info: CurrConns)
+        + (f"    stats socket {stats}\n" if idle else "")
+        + "defaults\n"
         "    mode http\n"
         "    timeout connect 5s\n"
-        "    timeout client 60s\n"
+        f"    timeout client {idle.timeout_s if idle else 60}s\n"
         "    timeout server 60s\n"
         "    timeout http-keep-alive 75s\n"
         "    http-reuse always\n"
@@ -539,7 +578,7 @@ def start_haproxy(ws: Workspace, backend: Stack, cpus: str | None) -> Stack:
         "backend app\n"
         f"    server app1 {HOST}:{backend.port}\n"
     )
-    proc = Proc("haproxy", ["haproxy", "-db", "-f", str(conf)], ws.path("haproxy.log"), cpus)
+    proc = Proc("haproxy", ["haproxy", "-db", "-f", str(conf)], ws.path(f"{base.name}.log"), cpus)
     stack = Stack(
         "haproxy",
         port,
@@ -549,6 +588,8 @@ def start_haproxy(ws: Workspace, backend: Stack, cpus: str | None) -> Stack:
         owned=[proc],
         note="mode http, http-reuse always, nbthread 1",
     )
+    if idle:
+        stack.extra["haproxy_stats"] = str(stats)
     ws.stacks.append(stack)
     proc.start()
     wait_http(stack.url, 15, [proc, *backend.backend])

@@ -15,6 +15,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+from report import per_conn_ratio
 
 COLORS = {
     "direct": "#999999",
@@ -223,14 +225,44 @@ def slicing(result: dict[str, Any], out: Path) -> Path | None:
     return _save(fig, out / "slicing.png")
 
 
+def _idle_bars(ax: Any, im: dict[str, Any]) -> None:
+    """Bytes per idle connection and with a partial head; the ratio to nginx-keepalive
+    over each bar (the bound where growth was below one page)."""
+    rows = [r for r in im["rows"] if "idle" in r]
+    ref = next((r for r in rows if r["target"] == "nginx-keepalive"), {})
+    width = 0.4
+    variants = (("idle", "idle", ""), ("head", "partial head", "//"))
+    for k, (key, _, hatch) in enumerate(variants):
+        xs = [i + (k - 0.5) * width for i in range(len(rows))]
+        cells = [r[key] for r in rows]
+        heights = [(c["bytes"] or 0.0) / 1024 for c in cells]
+        ax.bar(xs, heights, width, color=[_color(r["target"]) for r in rows], hatch=hatch,
+               edgecolor="#333333", linewidth=0.5)  # fmt: skip
+        for x, h, c in zip(xs, heights, cells, strict=True):
+            ratio = per_conn_ratio(c, ref.get(key))
+            text = f"< {c['below']:.1f} B" if c["bytes"] is None else f"{ratio:.2f}×"
+            ax.annotate(text, (x, h), ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.set_xticks(range(len(rows)), [r["target"] for r in rows])
+    ax.set_title(f"RSS per client connection (KiB, {im['connections']:,}, fresh stacks; ×ka)")
+    ax.margins(y=0.2)
+    ax.legend(
+        handles=[Patch(facecolor="#dddddd", edgecolor="#333333", hatch=h, label=label)
+                 for _, label, h in variants],
+        fontsize=8,
+    )  # fmt: skip
+
+
 def memory_and_bodies(result: dict[str, Any], out: Path) -> Path | None:
-    idle = result.get("idle_connections") or []
+    im = result.get("idle_memory")
+    idle = result.get("idle_connections") or []  # runs before idle.py's method
     bodies = result.get("large_bodies") or []
     slow = result.get("slow_readers") or []
-    if not (idle or bodies or slow):
+    if not (im or idle or bodies or slow):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    if idle:
+    if im:
+        _idle_bars(axes[0], im)
+    elif idle:
         axes[0].bar(
             [r["target"] for r in idle],
             [r["bytes_per_connection"] / 1024 for r in idle],

@@ -396,15 +396,73 @@ def _slicing(result: dict[str, Any], h: str) -> list[str]:
     return [*out, ""]
 
 
+def per_conn_text(cell: dict[str, Any] | None) -> str:
+    """A bytes-per-connection cell (``idle.per_connection``): a figure, a bound, or a dash."""
+    if not cell:
+        return "—"
+    if cell["bytes"] is None:
+        return f"< {cell['below']:.1f} (below one page)"
+    return f"{cell['bytes']:,.0f}"
+
+
+def per_conn_ratio(cell: dict[str, Any] | None, ref: dict[str, Any] | None) -> float:
+    """*cell* ÷ *ref* when both are resolved figures, else NaN."""
+    if not cell or not ref or cell["bytes"] is None or ref["bytes"] is None:
+        return NAN
+    return float(cell["bytes"]) / float(ref["bytes"])
+
+
+def _idle_memory(im: dict[str, Any], h: str) -> list[str]:
+    n = im["connections"]
+    asked = im.get("requested", n)
+    clamp = (
+        f" ({asked:,} asked; the open-file limit allows no more for haproxy)" if asked > n else ""
+    )
+    out = [
+        f"{h}# Memory",
+        "",
+        f"Proxy RSS per client connection, {n:,} connections{clamp}, every target started "
+        "anew for this measurement (not the stacks that carried the load above). *idle*: "
+        "connected, nothing sent; *partial head*: then each sends "
+        f"`{im['partial_head'].strip()!r}` without the blank line that ends a head (a "
+        "slowloris client), counted from the same start (*of which the head*: growth over "
+        "*idle*). Every connection was counted open by the proxy itself "
+        "before and after RSS was read. RSS moves in pages: growth below one page "
+        f"({im['page_bytes']:,} B) shows as a bound. ×ka: ratio to nginx-keepalive. Kernel: "
+        "slab + TCP buffers machine-wide, both ends of each loopback connection, not in RSS "
+        "and not the proxy's doing (indicative; other processes move it too).",
+        "",
+        "| target | RSS before (MiB) | idle: bytes per connection | ×ka | partial head: bytes "
+        "per connection | ×ka | of which the head | kernel, both ends (B) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ref = next((r for r in im["rows"] if r["target"] == "nginx-keepalive" and "idle" in r), {})
+    for r in im["rows"]:
+        if "error" in r:
+            out.append(f"| {r['target']} | not measured: {r['error']} | | | | | | |")
+            continue
+        out.append(
+            f"| {r['target']} | {r['rss_before_kib'] / 1024:.1f} | {per_conn_text(r['idle'])} | "
+            f"{_x(per_conn_ratio(r['idle'], ref.get('idle')))} | {per_conn_text(r['head'])} | "
+            f"{_x(per_conn_ratio(r['head'], ref.get('head')))} | "
+            f"{per_conn_text(r.get('head_extra'))} | {_f(r['kernel_bytes_per_connection'])} |"
+        )
+    return [*out, ""]
+
+
 def _memory(result: dict[str, Any], h: str) -> list[str]:
     out: list[str] = []
-    idle = result.get("idle_connections")
+    im = result.get("idle_memory")
+    if im:
+        out += _idle_memory(im, h)
+    idle = result.get("idle_connections")  # runs before the fresh-stack method (idle.py)
     if idle:
         out += [
             f"{h}# Memory",
             "",
             f"RSS growth of the proxy processes with {idle[0]['connections']:,} idle client "
-            "connections (connected, nothing sent):",
+            "connections (connected, nothing sent), measured on stacks that had already "
+            "carried load (an earlier method: their heaps had room, so 0 means unmeasured):",
             "",
             "| target | RSS before (MiB) | after (MiB) | bytes per connection |",
             "|---|---|---|---|",

@@ -1,8 +1,7 @@
-"""Scenarios about memory and bytes: idle connections, sessions, large bodies, slow readers.
+"""Scenarios about memory and bytes: sessions, large bodies, slow readers.
 
-* **idle connections**: RSS of the proxy processes before and after 10,000
-  client connections that send nothing (all accepted, then RST-closed so no
-  TIME_WAIT is left behind), per connection; backdial, nginx-keepalive, haproxy.
+(RSS per idle client connection, on fresh stacks, is ``idle.py``.)
+
 * **sessions**: RSS of the acceptor and the sidecar with 16 and with 1,024
   registered sessions, after the same warm-up that leases every session;
   the difference divided by the extra sessions.
@@ -14,11 +13,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,68 +22,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from capacity import backdial_stack, one_slice, stop_stack
-from harness import HOST, Stack, Workspace, http_get, log, rss_kib, wrk
+from harness import Stack, Workspace, http_get, log, rss_kib, wrk
 from slow_clients import SlowClients, sessions_busy
-
-
-def _accept_queue(port: int) -> tuple[int, int]:
-    """(connections waiting in the listen queue, established connections) on *port*."""
-    listen = subprocess.run(
-        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    est = subprocess.run(
-        ["ss", "-Htn", "state", "established", f"sport = :{port}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    queued = int(listen[1]) if len(listen) > 1 and listen[1].isdigit() else 0
-    return queued, est.count("\n")
-
-
-def idle_connections(stack: Stack, n: int = 10_000, batch: int = 500) -> dict[str, Any]:
-    """Proxy RSS per idle client connection (connected, nothing sent)."""
-    pids = [pid for p in stack.proxy if p.name != "acceptor" for pid in p.pids()]
-    time.sleep(0.5)
-    before = rss_kib(pids)
-    socks: list[socket.socket] = []
-    linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT left for later scenarios
-    try:
-        for i in range(0, n, batch):
-            for _ in range(min(batch, n - i)):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-                s.connect((HOST, stack.port))
-                socks.append(s)
-            end = time.monotonic() + 20
-            while time.monotonic() < end:
-                queued, _ = _accept_queue(stack.port)
-                if queued == 0:
-                    break
-                time.sleep(0.05)
-        end = time.monotonic() + 30
-        established = 0
-        while time.monotonic() < end:
-            queued, established = _accept_queue(stack.port)
-            if queued == 0 and established >= n:
-                break
-            time.sleep(0.1)
-        time.sleep(1.0)  # the servers' per-connection setup settles
-        after = rss_kib(pids)
-    finally:
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.close()
-    per_conn = (after - before) * 1024 / n
-    log(f"idle connections {stack.name}: {before} -> {after} KiB, {per_conn:,.0f} B per connection")
-    return {
-        "target": stack.name,
-        "connections": n,
-        "established_seen": established,
-        "rss_before_kib": before,
-        "rss_after_kib": after,
-        "bytes_per_connection": per_conn,
-    }
 
 
 def _state(url: str) -> dict[str, Any]:

@@ -15,7 +15,8 @@ generators on CPU 1):
 2. the seed's method: a new connection per request (``Connection: close``), c=16;
 3. 10 MiB responses (MB/s) and 50 slow readers of 8 MiB each;
 4. a 10x spike, determinism (S x T grid), slicing under contention;
-5. memory: RSS per idle client connection (10,000) and per session.
+5. memory: RSS per idle client connection (10,000, every peer on a fresh stack:
+   ``idle.py``) and per session.
 
 Every figure in the report is a ratio against a peer of the same run where one
 applies; the report lists the targets of issue 11 with their measured status.
@@ -39,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import capacity
+import idle
 import resources
 from harness import (
     BenchError,
@@ -70,6 +72,7 @@ def native_engine() -> str | None:
 
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED = {"sweep", "close", "bodies", "spike"}  # the parts measured on the long-lived stacks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,7 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="",
-        help="comma list of parts: sweep,close,bodies,spike,determinism,slicing,memory,profile",
+        help="comma list of parts: sweep,close,bodies,spike,determinism,slicing,idle,memory,"
+        "profile (idle: RSS per idle client connection, each peer on a fresh stack; memory: "
+        "RSS per session)",
+    )
+    p.add_argument(
+        "--idle-connections",
+        type=int,
+        default=0,
+        help="client connections of the idle part (default 10,000; 2,000 with --quick)",
     )
     p.add_argument("--quick", action="store_true", help="short smoke run: 2 s windows, 1 round")
     p.add_argument("--pin", choices=["split", "none"], default="split")
@@ -101,14 +112,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true")
     ns = p.parse_args(argv)
     ns.conns = [int(c) for c in ns.conns.split(",") if c]
-    parts = {"sweep", "close", "bodies", "spike", "determinism", "slicing", "memory", "profile"}
+    parts = SHARED | {"determinism", "slicing", "idle", "memory", "profile"}
     ns.only = {x for x in ns.only.split(",") if x} or parts
     if ns.only - parts:
         p.error(f"unknown parts {sorted(ns.only - parts)}")
+    if ns.idle_connections < 0:
+        p.error("--idle-connections must be >= 0")
+    ns.idle_connections = ns.idle_connections or (2000 if ns.quick else 10_000)
     if ns.quick:
         ns.duration, ns.warmup, ns.rounds = 2.0, 0.5, 1
     ns.threads, ns.settle, ns.repeat = 2, 0.3, ns.rounds
     return ns
+
+
+def start_peers(
+    ws: Workspace, stacks: dict[str, Stack], ns: argparse.Namespace, engine: str | None
+) -> None:
+    """The long-lived stacks the shared parts measure, beside the backend in *stacks*."""
+    backend = stacks["direct"]
+    stacks["nginx-dialing"] = start_nginx(ws, backend, False, ns.server_cpus)
+    stacks["nginx-keepalive"] = start_nginx(ws, backend, True, ns.server_cpus)
+    stacks["haproxy"] = start_haproxy(ws, backend, ns.server_cpus)
+    stacks["backdial"] = start_backdial(ws, ns.server_cpus, ns.sessions)
+    stacks["backdial"].note += (
+        f", native engine {engine}" if engine else ", python engine (no native engine)"
+    )
+    capacity.wait_registered(stacks["backdial"], ns.sessions)
+    if engine:  # the pure-Python fallback, measured beside it (docs/engine.md)
+        stacks["backdial-python"] = start_backdial(
+            ws, ns.server_cpus, ns.sessions, sidecar_args=["--engine", "python"],
+            name="backdial-python",
+        )  # fmt: skip
+        stacks["backdial-python"].note += ", python engine (--engine python)"
+        capacity.wait_registered(stacks["backdial-python"], ns.sessions)
 
 
 def sweep(stacks: dict[str, Stack], ns: argparse.Namespace) -> dict[str, Any]:
@@ -204,22 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         stacks: dict[str, Stack] = {}
         backend = start_backend(ws, ns.server_cpus)
         stacks["direct"] = backend
-        stacks["nginx-dialing"] = start_nginx(ws, backend, False, ns.server_cpus)
-        stacks["nginx-keepalive"] = start_nginx(ws, backend, True, ns.server_cpus)
-        stacks["haproxy"] = start_haproxy(ws, backend, ns.server_cpus)
         engine = native_engine()
-        stacks["backdial"] = start_backdial(ws, ns.server_cpus, ns.sessions)
-        stacks["backdial"].note += (
-            f", native engine {engine}" if engine else ", python engine (no native engine)"
-        )
-        capacity.wait_registered(stacks["backdial"], ns.sessions)
-        if engine:  # the pure-Python fallback, measured beside it (docs/engine.md)
-            stacks["backdial-python"] = start_backdial(
-                ws, ns.server_cpus, ns.sessions, sidecar_args=["--engine", "python"],
-                name="backdial-python",
-            )  # fmt: skip
-            stacks["backdial-python"].note += ", python engine (--engine python)"
-            capacity.wait_registered(stacks["backdial-python"], ns.sessions)
+        if ns.only & SHARED:
+            start_peers(ws, stacks, ns, engine)
         result["target_notes"] = {t: s.note for t, s in stacks.items()}
         if "sweep" in ns.only:
             result["sweep"] = sweep(stacks, ns)
@@ -231,11 +254,6 @@ def main(argv: list[str] | None = None) -> int:
             result["slow_readers"] = [
                 resources.slow_readers(stacks[t], ns.wrk_cpus, seconds=ns.duration)
                 for t in ("nginx-keepalive", "backdial")
-            ]
-        if "memory" in ns.only:
-            result["idle_connections"] = [
-                resources.idle_connections(stacks[t], 2000 if ns.quick else 10_000)
-                for t in ("nginx-keepalive", "haproxy", "backdial")
             ]
         if "spike" in ns.only:
             spike_stack = capacity.backdial_stack(
@@ -258,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("nginx-dialing", "nginx-keepalive", "haproxy", "backdial", "backdial-python"):
             if name in stacks:
                 capacity.stop_stack(ws, stacks[name])  # the rest start their own stacks
+        if "idle" in ns.only:
+            targets = [t for t in idle.TARGETS if engine or t != "backdial-python"]
+            result["idle_memory"] = idle.idle_connections(
+                ws, backend, targets, ns.server_cpus, ns.idle_connections, ns.sessions
+            )
         if "determinism" in ns.only:
             result["determinism"] = capacity.determinism(
                 ws,

@@ -1,5 +1,6 @@
 # ruff: noqa: RUF001  (the multiplication sign is the ratio sign in the report)
-"""The benchmark suite's pure parts: wrk parsing, percentiles, target verdicts, the report.
+"""The benchmark suite's pure parts: wrk parsing, percentiles, target verdicts, the report,
+the idle-connection memory arithmetic and the proxies' connection counts.
 
 The suite itself needs nginx, haproxy and wrk and a quiet machine, so it does not run
 in CI; what decides its verdicts and renders its figures is tested here.
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import socket
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,7 +42,9 @@ def _import_bench(*names: str) -> list[ModuleType]:
         sys.modules.update(saved)
 
 
-capacity, harness, loadgen, report = _import_bench("capacity", "harness", "loadgen", "report")
+capacity, harness, idle, loadgen, report = _import_bench(
+    "capacity", "harness", "idle", "loadgen", "report"
+)
 
 WRK_OUT = """Running 5s test @ http://127.0.0.1:1/
   2 threads and 16 connections
@@ -162,3 +167,101 @@ def test_loadgen_reads_length_and_chunked_responses() -> None:
         return [await loadgen._response(reader), await loadgen._response(reader)]
 
     assert asyncio.run(go()) == [(200, False), (503, True)]
+
+
+def test_per_connection_divides_rss_growth_and_bounds_what_one_page_cannot_resolve() -> None:
+    cell = idle.per_connection(10_000, 14_096, 1000, page=4096)  # 4,096 KiB grew
+    assert cell == {"grew_bytes": 4096 * 1024, "bytes": 4096 * 1024 / 1000, "below": None}
+    for after in (10_000, 10_003, 9_000):  # no growth, less than a page, shrunk
+        flat = idle.per_connection(10_000, after, 1000, page=4096)
+        assert flat["bytes"] is None
+        assert flat["below"] == pytest.approx(4.096)
+    with pytest.raises(ValueError):
+        idle.per_connection(1, 2, 0)
+
+
+def test_connection_count_fits_haproxys_two_descriptors_per_connection() -> None:
+    assert idle.fit_connections(10_000, 65_536) == 10_000
+    assert idle.fit_connections(10_000, 20_000) == 9_500  # 2 x (9,500 + slack) + 64 <= 20,000
+    assert 2 * (idle.fit_connections(10_000, 20_000) + idle.SLACK) + 64 <= 20_000
+    with pytest.raises(harness.BenchError):
+        idle.fit_connections(10_000, 1024)
+
+
+def test_proxy_connection_counts_are_parsed_from_each_proxys_own_status() -> None:
+    stub = "Active connections: 10001 \nserver accepts handled requests\n 10001 10001 1 \n"
+    assert idle.parse_stub_status(stub) == 10_000  # without the status request itself
+    info = "Name: HAProxy\nMaxconn: 10256\nCurrConns: 9500\nCumConns: 9502\n"
+    assert idle.parse_show_info(info) == 9500
+    metrics = (
+        "# TYPE backdial_sidecar_client_connections gauge\n"
+        "backdial_sidecar_client_connections 9500.0\n"
+        'backdial_sidecar_client_connections_total{worker="0"} 9601.0\n'
+    )
+    assert idle.metric_value(metrics, "backdial_sidecar_client_connections") == 9500.0
+    for bad in (lambda: idle.parse_stub_status("nothing"), lambda: idle.parse_show_info("")):
+        with pytest.raises(harness.BenchError):
+            bad()
+    with pytest.raises(harness.BenchError):
+        idle.metric_value(metrics, "backdial_sidecar_client")
+
+
+def test_kernel_memory_is_slab_plus_tcp_pages() -> None:
+    meminfo = "MemTotal: 100 kB\nSlab:            2048 kB\nSReclaimable: 1 kB\n"
+    sockstat = "sockets: used 5\nTCP: inuse 1 orphan 0 tw 3 alloc 2 mem 10\n"
+    assert idle.kernel_kib(meminfo, sockstat, page=4096) == 2048 + 40
+
+
+def test_heads_read_waits_for_the_server_side_to_take_the_bytes() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            server_side, _ = srv.accept()
+            with server_side:
+                client.sendall(idle.PARTIAL_HEAD)
+                deadline = time.monotonic() + 5
+                while idle._unread_bytes(port) != (1, len(idle.PARTIAL_HEAD)):
+                    assert time.monotonic() < deadline, idle._unread_bytes(port)
+                    time.sleep(0.01)
+                assert not idle.heads_read(port, 1)
+                assert server_side.recv(4096) == idle.PARTIAL_HEAD
+                assert idle.heads_read(port, 1)
+                assert not idle.heads_read(port, 2)  # a connection missing is not "all read"
+
+
+def _idle_row(target: str, before: int, idle_kib: int, head_kib: int) -> dict[str, Any]:
+    n = 1000
+    return {
+        "target": target,
+        "connections": n,
+        "rss_before_kib": before,
+        "idle": idle.per_connection(before, idle_kib, n, page=4096),
+        "head": idle.per_connection(before, head_kib, n, page=4096),
+        "head_extra": idle.per_connection(idle_kib, head_kib, n, page=4096),
+        "kernel_bytes_per_connection": 7000.0,
+    }
+
+
+def test_idle_memory_table_gives_ratios_bounds_and_failures_never_a_silent_zero() -> None:
+    result = {
+        "idle_memory": {
+            "connections": 1000,
+            "requested": 10_000,
+            "page_bytes": 4096,
+            "partial_head": idle.PARTIAL_HEAD.decode(),
+            "rows": [
+                _idle_row("nginx-keepalive", 10_240, 10_740, 20_240),  # 512 B, 10,240 B
+                _idle_row("backdial", 40_960, 41_216, 41_216),  # 262 B both
+                _idle_row("haproxy", 10_240, 10_240, 15_240),  # idle below one page
+                {"target": "backdial-python", "connections": 1000, "error": "only 900 counted"},
+            ],
+        }
+    }
+    md = "\n".join(report._memory(result, "#"))
+    assert "1,000 connections (10,000 asked" in md
+    assert "| nginx-keepalive | 10.0 | 512 | 1.00× | 10,240 | 1.00× | 9,728 | 7,000 |" in md
+    below = "< 4.1 (below one page)"
+    assert f"| backdial | 40.0 | 262 | 0.51× | 262 | 0.03× | {below} | 7,000 |" in md
+    assert f"| haproxy | 10.0 | {below} | — | 5,120 | 0.50× | 5,120 | 7,000 |" in md
+    assert "| backdial-python | not measured: only 900 counted |" in md
+    assert "| 0 |" not in md
