@@ -38,6 +38,26 @@ def test_spool_file_is_an_unlinked_bounded_queue(tmp_path: Path) -> None:
     assert disk.used == 0 and _fds() == before - 2
 
 
+def test_spool_file_write_some_fills_up_to_its_limits(tmp_path: Path) -> None:
+    """A response's parked bytes fill the file up to its own limit or the worker's disk
+    budget, whichever is nearer; the count written says where the rest starts."""
+    disk = Budget(100)
+    f = SpoolFile(disk, limit=50, directory=str(tmp_path))
+    assert f.write_some(b"a" * 30) == 30
+    assert f.write_some(b"b" * 40) == 20  # the file's own limit: a prefix
+    assert f.write_some(b"c") == 0 and disk.refused == 0  # not the budget's doing
+    assert (f.pending, disk.used) == (50, 50)
+    other = SpoolFile(disk, limit=1000, directory=str(tmp_path))
+    assert other.write_some(b"x" * 70) == 50 and disk.refused == 1  # the budget's limit
+    assert f.read(100) == b"a" * 30 + b"b" * 20
+    assert other.write_some(b"y" * 10) == 10 and disk.used == 60
+    assert other.read(100) == b"x" * 50 + b"y" * 10 and disk.used == 0
+    assert other.write_some(b"") == 0
+    other.close()
+    f.close()
+    assert f.write_some(b"z") == 0 and disk.used == 0  # closed: nothing taken
+
+
 def test_spool_keeps_order_across_memory_and_file(tmp_path: Path) -> None:
     memory, disk = Budget(1000), Budget(1000)
     s = Spool(memory, disk, memory_limit=10, file_limit=100, directory=str(tmp_path))

@@ -150,7 +150,10 @@ class ClientOutput:
     def park(self, data: bytes, session: Session | None) -> None:
         """Queue *data* behind the parked bytes; pause the session once they are at a limit."""
         spill = self.spill
-        if self.held or spill is None or not spill.write(data):
+        if not self.held and spill is not None:
+            n = spill.write_some(data)  # the file fills up to its limit
+            data = data[n:] if n else data
+        if data:
             self.held.append(data)  # over a limit: memory, one session read at most
             self.held_bytes += len(data)
             self.account()
@@ -185,8 +188,16 @@ class ClientOutput:
             transport.write(data)  # may call pause_writing at once
             moved = True
             if spill is not None:
-                while self.held and spill.write(self.held[0]):  # room in the file again
-                    self.held_bytes -= len(self.held.pop(0))
+                while self.held:  # room in the file again: what waited in memory goes there
+                    head = self.held[0]
+                    n = spill.write_some(head)
+                    if not n:
+                        break
+                    self.held_bytes -= n
+                    if n < len(head):
+                        self.held[0] = head[n:]
+                        break
+                    del self.held[0]
             self.account()
         if moved:
             self.sent += 1

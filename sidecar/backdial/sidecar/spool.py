@@ -100,6 +100,21 @@ class SpoolFile:
         self._written += len(data)
         return True
 
+    def write_some(self, data: bytes) -> int:
+        """Append the longest prefix of *data* this file's limit and the budget allow; the
+        count written (a response's parked bytes fill the file up to its limit, what does
+        not fit waits behind it)."""
+        if self._fd < 0:
+            return 0
+        budget = self._budget
+        want = min(len(data), self.limit - self.pending)
+        n = min(want, budget.limit - budget.used)
+        if n < want:
+            budget.refused += 1  # the worker's disk budget keeps bytes out, not the file's limit
+        if n <= 0:
+            return 0
+        return n if self.write(data[:n] if n < len(data) else data) else 0
+
     def read(self, n: int) -> bytes:
         """Up to *n* of the oldest pending bytes (b"" when empty)."""
         if not self.pending:

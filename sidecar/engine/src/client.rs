@@ -532,22 +532,41 @@ impl Core {
     }
 
     // -- spilling (beyond response_buffer, spool.SpoolFile) ---------------------------------
-    fn park(&mut self, slot: usize, data: Vec<u8>) {
-        let session = {
-            let fits = {
-                let c = self.clients.at(slot);
-                c.held.is_empty()
-            };
-            let mut parked = false;
-            if fits && self.budgets[DISK].take(data.len() as i64) {
-                let c = self.clients.at(slot);
-                match c.spill.as_mut().expect("spill").write(&data) {
-                    Ok(true) => parked = true,
-                    _ => self.budgets[DISK].used -= data.len() as i64,
-                }
+    /// Append the longest prefix of `data` the spill file's limit and the disk budget
+    /// allow (`SpoolFile.write_some`): the file fills up to its limit; the count written.
+    fn spill_some(&mut self, slot: usize, data: &[u8]) -> usize {
+        let disk = &mut self.budgets[DISK];
+        let c = self.clients.items[slot].as_mut().expect("client");
+        let sp = match c.spill.as_mut() {
+            Some(sp) => sp,
+            None => return 0,
+        };
+        let want = (data.len() as u64).min(sp.limit.saturating_sub(sp.pending()));
+        let budget_room = (disk.limit - disk.used).max(0) as u64;
+        if budget_room < want {
+            disk.refused += 1; // the worker's disk budget keeps bytes out, not the file's limit
+        }
+        let n = want.min(budget_room) as usize;
+        if n == 0 {
+            return 0;
+        }
+        match sp.write(&data[..n]) {
+            Ok(true) => {
+                disk.used += n as i64;
+                n
             }
+            _ => 0, // a full disk is a spent budget: the bytes wait in memory
+        }
+    }
+
+    fn park(&mut self, slot: usize, mut data: Vec<u8>) {
+        if self.clients.at(slot).held.is_empty() {
+            let n = self.spill_some(slot, &data);
+            data.drain(..n);
+        }
+        let session = {
             let c = self.clients.at(slot);
-            if !parked {
+            if !data.is_empty() {
                 c.held.push(data); // over a limit: memory, one session read at most
             }
             let full = !c.held.is_empty() || !c.spill.as_ref().map_or(true, |s| s.room());
@@ -599,27 +618,18 @@ impl Core {
             }
             // Room again: what waited in memory goes behind the file.
             let mut moved = false;
-            loop {
-                let next = {
-                    let c = self.clients.at(slot);
-                    if c.held.is_empty() {
-                        break;
-                    }
-                    c.held[0].len() as i64
-                };
-                if !self.budgets[DISK].take(next) {
-                    break;
-                }
+            while !self.clients.at(slot).held.is_empty() {
+                let head = std::mem::take(&mut self.clients.at(slot).held[0]);
+                let n = self.spill_some(slot, &head);
                 let c = self.clients.at(slot);
-                let data = c.held.remove(0);
-                match c.spill.as_mut().expect("spill").write(&data) {
-                    Ok(true) => moved = true,
-                    _ => {
-                        c.held.insert(0, data);
-                        self.budgets[DISK].used -= next;
-                        break;
-                    }
+                moved |= n > 0;
+                if n == head.len() {
+                    c.held.remove(0); // all of it in the file (held bytes are never empty)
+                    continue;
                 }
+                c.held[0] = head;
+                c.held[0].drain(..n); // the file is at a limit: the rest waits here
+                break;
             }
             let c = self.clients.at(slot);
             if !moved || c.write_paused {
