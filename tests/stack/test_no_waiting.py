@@ -8,6 +8,11 @@ be served when a session can be had now — idle at the acceptor or idle in the 
 worker — and get a fast 503 with ``Retry-After`` when none can, while the slice's
 waiters stay within ``maxWaiting`` under a burst.
 
+On the native engine such requests stay native (docs/engine.md): the engine asks and
+answers them itself, so no connection is handed to the python engine
+(``backdial_sidecar_engine_handovers_total`` stays 0, on the python engine trivially)
+and a keep-alive connection answered ``503`` goes on being served.
+
 Real acceptor, sidecar (``--workers 1`` and ``2``) and demo service processes on
 loopback.  Requests go on fresh connections so both workers take some.
 """
@@ -17,15 +22,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import http.client
+import os
 import threading
 
 import pytest
 
 from backdial.adminhttp import admin_get
+from backdial.sidecar import engine
 from tests.helpers import get_json, metric, wait_for
 from tests.stack.conftest import Stack
 
 pytestmark = pytest.mark.slow
+
+NATIVE = engine.choose(os.environ.get("BACKDIAL_ENGINE", "auto"))[0] is engine.Kind.NATIVE
 
 SESSIONS = 2
 BURST = 10
@@ -66,6 +75,20 @@ def served_by_worker(stack: Stack, workers: int) -> list[float]:
             metric(body.decode(), "backdial_sidecar_requests_total", slice="default", code="200")
         )
     return out
+
+
+def handovers(stack: Stack) -> float:
+    """Connections the native engine gave to the python engine (0 on the python engine)."""
+    return stack.sidecar_metric("backdial_sidecar_engine_handovers_total")
+
+
+def ask(conn: http.client.HTTPConnection, path: str = "/") -> tuple[int, str]:
+    """One request on a kept-alive connection: (status, Retry-After)."""
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    resp.read()
+    assert not resp.will_close, "the connection must stay open"
+    return resp.status, resp.getheader("retry-after", "")
 
 
 def sidecar_figure(stack: Stack, name: str) -> int:
@@ -110,6 +133,8 @@ def test_requests_are_served_while_sessions_are_free_else_a_fast_503(
         for f in clients:
             f.result()
     assert set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    if workers == 2 and max_waiting == 0:  # sessions moved between the workers: by ASK
+        assert stack.metric("backdial_acceptor_asks_total", result="granted") > 0
 
     # No round trip per request at steady state: a worker holding an idle session of
     # the key never asks the acceptor.
@@ -123,7 +148,6 @@ def test_requests_are_served_while_sessions_are_free_else_a_fast_503(
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 200
-    conn.close()
     assert stack.metric("backdial_acceptor_control_records_total", type="ask") == asks
     assert stack.metric("backdial_acceptor_leases_granted_total") == granted
 
@@ -132,23 +156,29 @@ def test_requests_are_served_while_sessions_are_free_else_a_fast_503(
     rejected = stack.metric(
         "backdial_requests_rejected_total", slice="default", reason="queue_full"
     )
-    with concurrent.futures.ThreadPoolExecutor(SESSIONS + BURST) as pool:
+    with concurrent.futures.ThreadPoolExecutor(SESSIONS + BURST + 1) as pool:
         slow = [pool.submit(once, stack.port, SLOW) for _ in range(SESSIONS)]
         wait_for(lambda: sidecar_figure(stack, "busy") == SESSIONS, what="every session busy")
         burst = [pool.submit(once, stack.port) for _ in range(BURST)]
+        # A kept-alive connection asks too: refused (or waiting, where its worker still
+        # has room), it stays open and served by the same engine.
+        kept = pool.submit(ask, conn)
         # Every burst request is answered 503 or waits in a worker (asks are answered
         # at once): the slow requests still hold both sessions (4 s of service time).
         wait_for(
             lambda: (
-                sum(1 for f in burst if f.done()) + sidecar_figure(stack, "waiting") == BURST
+                sum(1 for f in [*burst, kept] if f.done()) + sidecar_figure(stack, "waiting")
+                == BURST + 1
                 and sidecar_figure(stack, "asking") == 0
             ),
             timeout=20,
             what="the burst answered or waiting",
         )
+        if max_waiting == 0:
+            assert kept.result(timeout=20) == (503, "3")
         assert not any(f.done() for f in slow), "the slow requests ended too early to tell"
-        waiting = sidecar_figure(stack, "waiting")
-        assert waiting <= max_waiting
+        assert sidecar_figure(stack, "waiting") <= max_waiting
+        waiting = sidecar_figure(stack, "waiting") - (0 if kept.done() else 1)  # the burst's
         assert stack.metric("backdial_requests_waiting", service="demo", slice="default") <= (
             max_waiting
         )
@@ -156,15 +186,21 @@ def test_requests_are_served_while_sessions_are_free_else_a_fast_503(
         assert refused == [(503, "3")] * (BURST - waiting)
         results = [f.result() for f in burst]
         assert [f.result()[0] for f in slow] == [200] * SESSIONS
+        assert kept.result() in ((200, ""), (503, "3"))
     # The waiters were served once the slow requests ended; nothing timed out.
     assert sorted(status for status, _ in results) == [200] * waiting + [503] * (BURST - waiting)
     stack.wait_metric(
-        rejected + BURST - waiting,
+        rejected + BURST - waiting + (kept.result()[0] == 503),
         "backdial_requests_rejected_total",
         slice="default",
         reason="queue_full",
     )
     assert stack.metric("backdial_requests_rejected_total", slice="default", reason="timeout") == 0
 
-    # 3. Free again: served again.
+    # 3. Free again: served again, the kept-alive connection too; on the native engine
+    #    every request above (asking ones included) stayed native.
     assert [once(stack.port)[0] for _ in range(10)] == [200] * 10
+    assert [ask(conn)[0] for _ in range(10)] == [200] * 10
+    conn.close()
+    assert handovers(stack) == 0, f"native engine: {NATIVE}"
+    assert sidecar_figure(stack, "asking") == 0 and sidecar_figure(stack, "waiting") == 0

@@ -291,9 +291,12 @@ class LeasePool:
         # another worker still serves it (also behind this worker's waiters, whose
         # sessions may be on their way).  Only the acceptor knows; asks of one loop turn
         # go together, and are answered at once (GRANT ``asked`` or REFUSE).
+        return self._ask(key, waiter, now, entry[0].queue.timeout)
+
+    def _ask(self, key: WantKey, waiter: Waiter, now: float, timeout: float) -> Ticket:
         if not self.book.unsent:
             self._loop.call_soon(self._flush_asks)
-        ticket = self.book.ask(key, waiter, now, entry[0].queue.timeout)
+        ticket = self.book.ask(key, waiter, now, timeout)
         if self._timer is None or ticket.deadline < self._timer_at:
             self._arm(ticket.deadline, now)
         return ticket
@@ -311,6 +314,10 @@ class LeasePool:
         """Requests waiting in this worker, per (service, slice) with any."""
         return {key: len(queue) for key, queue in self.book.waiters.items() if queue}
 
+    def asking_counts(self) -> dict[WantKey, int]:
+        """Requests that may not wait, while the acceptor is asked, per key with any."""
+        return {key: len(queue) for key, queue in self.book.asks.items() if queue}
+
     def _may_ask(self) -> bool:
         channel = self._channel
         return (
@@ -323,8 +330,24 @@ class LeasePool:
         channel = self._channel
         if channel is None or channel.closed:
             return  # lost the acceptor: _orphan_leases refuses them
-        for key, n in self.book.take_unsent().items():
+        for key, n in self._take_unsent().items():
             channel.send(control.Ask(key[0], key[1], n))
+
+    # The asking requests' book operations (overridden where the book lives elsewhere).
+    def _take_unsent(self) -> dict[WantKey, int]:
+        return dict(self.book.take_unsent())
+
+    def _granted(self, key: WantKey, asked: bool) -> int:
+        return self.book.granted(key, asked)
+
+    def _ask_refused(self, key: WantKey, n: int) -> None:
+        self._finish_asks(self.book.ask_refused(key, n))
+
+    def _adopted(self, grant: int) -> None:
+        self._finish_asks(self.book.adopted(grant))
+
+    def _forget_asks(self) -> None:
+        self._finish_asks(self.book.forget_asks())
 
     def _finish_asks(self, tickets: list[Ticket]) -> None:
         """Asking requests no answer can serve any more: an idle session of the key if
@@ -528,7 +551,7 @@ class LeasePool:
         for conn in self._forget_leases():
             conn.close()
         self._answers = 0
-        self._finish_asks(self.book.forget_asks())
+        self._forget_asks()
         for listener in self._listen_waiters.values():
             if not listener.done():
                 listener.set_exception(ConnectionError("acceptor connection lost"))
@@ -544,7 +567,7 @@ class LeasePool:
             for entry, fd in zip(msg.leases, fds, strict=True):
                 key = (entry.requested, entry.slice)
                 # On its way (an ``asked`` one to an asking ticket): it covers one.
-                grant = self.book.granted(key, entry.asked)
+                grant = self._granted(key, entry.asked)
                 if not entry.prefetch and not entry.asked:
                     # The acceptor took one unit off our WANT for this key: mirror it, so
                     # the next change of our count is measured against what it now knows.
@@ -579,7 +602,7 @@ class LeasePool:
                 for conn in self._recall_idle(msg.service, msg.slice, msg.n):
                     self._give_back(conn, ReleaseState.IDLE)
         elif isinstance(msg, control.Refuse):
-            self._finish_asks(self.book.ask_refused((msg.service, msg.slice), msg.n))
+            self._ask_refused((msg.service, msg.slice), msg.n)
         elif isinstance(msg, control.Listener):
             self._resolve_listener(msg.address, fds)
         elif isinstance(msg, control.Error):
@@ -621,7 +644,7 @@ class LeasePool:
             # Arrived (or unusable): it no longer covers an asking ticket (any left
             # without cover is refused), and probes granted after it may be answered.
             if lease.epoch == self._epoch:
-                self._finish_asks(self.book.adopted(grant))
+                self._adopted(grant)
                 self._answer_probes()
                 self._mark_want()  # no longer on its way: what we report may change
 

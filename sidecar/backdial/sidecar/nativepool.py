@@ -13,6 +13,14 @@ same book: ``try_acquire`` checks a session out of the engine into an
 ``EngineSession`` (a ``SessionConn`` over ``FdTransport``), ``release`` checks it
 back in, and their waiting requests are ``Ticket``s in the engine's FIFOs, so whoever
 waited longest is served first, whichever path accepted it.
+
+Requests that may not wait (control revision 3) are kept by the engine too: its asking
+requests (native connections and Python tickets in one FIFO per key) and the ASK units
+not sent or not answered yet.  This class sends the ASK records the engine reports due,
+and tells it each GRANT entry, REFUSE and adopted session; the engine then serves or
+answers (503 ``queue_full``) its asking requests itself, so a native connection stays
+native.  The grants being adopted and the probes stay in the Python ``LeaseBook``
+(WANT and the probes' order need them); its own asking FIFOs stay empty.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from backdial.control import ASK_REVISION, ConfigMsg, Rejection, ReleaseState, WantKey
+from backdial.control import ConfigMsg, Rejection, ReleaseState, WantKey
 from backdial.policy import Policy, Slice
 from backdial.sidecar.classify import _config_host
 from backdial.sidecar.fdtransport import FdTransport
@@ -157,7 +165,8 @@ class NativeLeasePool(LeasePool):
 
     def _settle(self, conn: LeasedConn) -> None:
         assert isinstance(conn, EngineSession)
-        self.engine.settle(conn.handle)
+        asked, conn.lease.asked = conn.lease.asked, False
+        self.engine.settle(conn.handle, asked)
 
     def lost(self, conn: LeasedConn, state: ReleaseState) -> None:
         self.release(conn, state)  # idle sessions are watched by the engine, not here
@@ -170,6 +179,39 @@ class NativeLeasePool(LeasePool):
         ticket = Ticket(waiter, key, now, now + timeout)
         self._ticket_ids[ticket] = self.engine.enqueue(key[0], key[1], ticket, now, timeout)
         return ticket
+
+    def asking_counts(self) -> dict[WantKey, int]:
+        counts: dict[WantKey, int] = self.engine.asking_counts()
+        return counts
+
+    # -- asking: the engine's asking requests and ASK units ----------------------------------
+    def _ask(self, key: WantKey, waiter: Waiter, now: float, timeout: float) -> Ticket:
+        ticket = Ticket(waiter, key, now, now + timeout, asking=True)
+        ident, due = self.engine.ask(key[0], key[1], ticket, now, timeout)
+        self._ticket_ids[ticket] = ident
+        if due:
+            self._loop.call_soon(self._flush_asks)
+        return ticket
+
+    def _take_unsent(self) -> dict[WantKey, int]:
+        return {(service, slice_name): n for service, slice_name, n in self.engine.take_unsent()}
+
+    def _granted(self, key: WantKey, asked: bool) -> int:
+        self.engine.granted(key[0], key[1], asked)
+        return super()._granted(key, asked)
+
+    def _ask_refused(self, key: WantKey, n: int) -> None:
+        self.engine.ask_refused(key[0], key[1], n)
+
+    def _adopted(self, grant: int) -> None:
+        entry = self.book.adopting.get(grant)
+        super()._adopted(grant)
+        if entry is not None:
+            self.engine.adopted(*entry[0])
+
+    def _forget_asks(self) -> None:
+        super()._forget_asks()
+        self.engine.forget_asks()  # asking off until the next CONFIG
 
     def cancel(self, ticket: Ticket) -> None:
         ident = self._ticket_ids.pop(ticket, None)
@@ -226,9 +268,9 @@ class NativeLeasePool(LeasePool):
     def _apply_config(self, msg: ConfigMsg) -> None:
         super()._apply_config(msg)
         configure_engine(self.engine, self.policy, self._queues)
-        # A request with no idle session and no room to wait goes to the Python path,
-        # which asks the acceptor for a session now (``LeasePool.wait``, revision 3).
-        self.engine.set_asking(self.acceptor_revision >= ASK_REVISION)
+        # A request with no idle session and no room to wait asks the acceptor for a
+        # session now (revision 3), as ``LeasePool.wait`` does (``_may_ask``).
+        self.engine.set_asking(self._may_ask())
 
     def counters(self) -> dict[str, float]:
         out = super().counters()

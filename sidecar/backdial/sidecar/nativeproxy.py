@@ -42,6 +42,7 @@ ENGINE_COUNTERS = (
     "response_memory_full",
     "client_aborts",
     "untrusted_forwarding",
+    "handovers",
 )
 
 
@@ -323,6 +324,10 @@ class EngineHooks:
 
     def want(self, urgent: bool) -> None:
         self.pool._mark_want(urgent)
+
+    def ask(self) -> None:
+        """ASK units are due: sent now, at the end of the engine's turn (its asks together)."""
+        self.pool._flush_asks()
 
     def drained(self) -> None:
         if self.pool.closing:

@@ -55,6 +55,7 @@ class ProxyStats:
         self.client_aborts = 0  # client went away with a request in flight
         self.proxy_header_errors = 0
         self.untrusted_forwarding = 0  # forwarding claims from untrusted peers, replaced
+        self.handovers = 0  # connections the native engine gave to the python engine
 
     @property
     def buffered_request_bytes(self) -> int:
@@ -129,6 +130,12 @@ class ProxyStats:
                 "untrusted_forwarding_total",
                 "Addresses claimed by untrusted peers (PROXY, X-Forwarded-For...), replaced.",
                 self.untrusted_forwarding,
+            ),
+            (
+                "engine_handovers_total",
+                "Client connections the native engine handed to the python engine (requests "
+                "outside its subset; always 0 with the python engine).",
+                self.handovers,
             ),
         )
         for name, text, value in counters:

@@ -128,7 +128,7 @@ class WorkerAdmin:
                     },
                     # Requests that may not wait, while the acceptor is asked (not waiting).
                     "asking": {
-                        f"{k[0] or '(default)'}/{k[1]}": len(q) for k, q in pool.asks.items() if q
+                        f"{k[0] or '(default)'}/{k[1]}": n for k, n in pool.asking_counts().items()
                     },
                 },
             )

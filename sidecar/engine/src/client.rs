@@ -5,6 +5,7 @@
 //! output.  A head outside the native subset (see `head.rs`), a body that did not arrive
 //! with its head, or a policy the engine cannot classify hands the connection to the
 //! Python path at that request, once everything before it has been answered and written.
+//! A request that may not wait (control revision 3) stays here: it asks (`Book::ask`).
 
 use crate::book::Who;
 use crate::core::{Core, Deadline, Hook, Req, SState, DISK, MEMORY, MEMORY_FLOOR, RESPONSE, T_CLIENT};
@@ -157,9 +158,6 @@ impl Core {
         }
         let (svc_idx, slice_idx) = self.router.classify(&c.inbuf, &h, c.peer.ip.as_ref());
         let key = self.key(svc_idx, slice_idx);
-        if self.must_ask(key, slice_idx) {
-            return self.start_handover(slot); // no idle session, no room to wait: Python asks
-        }
         let c = self.clients.at(slot);
         let mut wire = Vec::with_capacity(h.len + 160 + body);
         h.build(&c.inbuf, &c.peer.forwarding, &c.peer.xff, &mut wire);
@@ -216,7 +214,8 @@ impl Core {
         }
     }
 
-    /// A session for the active request: an idle one now, else a place in the queue.
+    /// A session for the active request: an idle one now, else a place in the queue, else
+    /// (no room in this worker's part of it) ask the acceptor for one now, else 503.
     pub fn acquire(&mut self, slot: usize, gen: u32) {
         let (key, slice) = {
             let r = self.clients.at(slot).active.as_ref().expect("active request");
@@ -230,21 +229,34 @@ impl Core {
             self.slice_stats(slice).rejected[Rejection::Draining as usize] += 1;
             return self.unavailable(slot, Rejection::Draining);
         }
-        let limit = self.queues.get(&slice).copied();
-        let (timeout, share) = match limit {
-            Some(q) if self.book.waiting_in(slice) < q.1 => q,
-            _ => {
+        let (timeout, share) = match self.queues.get(&slice).copied() {
+            Some(q) => q,
+            None => {
                 self.slice_stats(slice).rejected[Rejection::QueueFull as usize] += 1;
                 return self.unavailable(slot, Rejection::QueueFull);
             }
         };
-        let _ = share;
         let now = sys::now();
-        let id = self.book.enqueue(key, slice, Who::Client(slot, gen), now, timeout);
+        let id = if self.book.waiting_in(slice) < share {
+            let id = self.book.enqueue(key, slice, Who::Client(slot, gen), now, timeout);
+            self.mark_want(key, true);
+            id
+        } else if self.asking {
+            // No room to wait and no idle session here: one idle now at the acceptor or in
+            // another worker still serves it.  Python sends the ASK records of this turn
+            // together (`Hook::Ask`); the answer (GRANT `asked` or REFUSE) comes at once.
+            let (id, first) = self.book.ask(key, slice, Who::Client(slot, gen), now, timeout);
+            if first {
+                self.hooks.push(Hook::Ask);
+            }
+            id
+        } else {
+            self.slice_stats(slice).rejected[Rejection::QueueFull as usize] += 1;
+            return self.unavailable(slot, Rejection::QueueFull);
+        };
         if let Some(r) = self.clients.at(slot).active.as_mut() {
             r.waiter = Some(id);
         }
-        self.mark_want(key, true);
         self.arm_queue_timer();
     }
 

@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use pyo3::prelude::*;
 
-use crate::book::{Book, KeyId, Who};
+use crate::book::{Book, KeyId, Waiter, Who};
 use crate::response::{Release, Resp};
 use crate::route::{Ip, Net, Router};
 use crate::spill::Spill;
@@ -68,6 +68,8 @@ pub enum Hook {
     Handoff { handle: u64, ticket: Py<PyAny>, pre: Vec<u8>, waited: f64 },
     Refused { ticket: Py<PyAny>, reason: Rejection, waited: f64 },
     Want { urgent: bool },
+    /// ASK units are due (`Book::take_unsent`): Python sends them.
+    Ask,
     Drained,
     Empty,
     FdRefused,
@@ -284,7 +286,8 @@ pub struct Core {
     pub peers: HashMap<String, Rc<Peer>>,
     pub draining: bool,
     pub closing: bool,
-    /// The acceptor answers ASK (control revision 3): see `must_ask`.
+    /// The acceptor answers ASK (control revision 3) and the control connection is up: a
+    /// request with no idle session and no room in its slice's queue asks (`Book::ask`).
     pub asking: bool,
     pub epoch: u64,
     pub busy: usize,
@@ -352,20 +355,6 @@ impl Core {
             events: Vec::new(),
             shutting_down: false,
         })
-    }
-
-    /// A request of `key` that finds no idle session and no room in its slice's queue
-    /// (always with `maxWaiting: 0`) may still be served by a session idle now at the
-    /// acceptor or in another worker: the Python path asks for one (`LeasePool.wait`,
-    /// ASK), so the connection is handed over instead of answered 503 here.
-    pub fn must_ask(&self, key: KeyId, slice: usize) -> bool {
-        if !self.asking || self.closing {
-            return false;
-        }
-        if !self.book.has_waiters(key) && self.book.idle.get(&key).map_or(false, |r| r.len() > 0) {
-            return false;
-        }
-        self.queues.get(&slice).map_or(false, |q| self.book.waiting_in(slice) >= q.1)
     }
 
     pub fn key(&mut self, service: usize, slice: usize) -> KeyId {
@@ -654,6 +643,12 @@ impl Core {
 
     /// A clean session is free: a recall owed, else the key's oldest waiter, else idle.
     pub fn settle(&mut self, slot: usize) {
+        self.settle_as(slot, false);
+    }
+
+    /// `settle` for a session just adopted: one granted for an ask (`asked`) goes to the
+    /// key's oldest asking request before older waiters (`LeaseBook.settle`).
+    pub fn settle_as(&mut self, slot: usize, asked: bool) {
         // Borrowed, not cloned: this runs once per request (owe returns at once without
         // recalls owed).
         let s = self.sessions.at(slot);
@@ -662,24 +657,16 @@ impl Core {
             self.give_back(slot, "idle");
             return;
         }
-        if let Some(w) = self.book.pop(key) {
-            let now = sys::now();
-            let waited = now - w.started;
-            self.slice_stats(w.slice).wait.observe(waited);
-            self.mark_want(key, false);
-            self.busy += 1;
-            match w.who {
-                Who::Client(ci, gen) => {
-                    self.sessions.at(slot).state = SState::Busy;
-                    // Written at the end of this turn: a burst of hand-offs wakes the
-                    // services once, not once per request.
-                    self.handoffs.push((ci, gen, slot));
-                }
-                Who::Ticket(ticket) => {
-                    let (handle, pre) = self.checkout(slot);
-                    self.hooks.push(Hook::Handoff { handle, ticket, pre, waited });
-                }
+        if let Some((w, asking)) = self.book.pop(key, asked) {
+            let waited = sys::now() - w.started;
+            if !asking {
+                // An asking request did not wait in the queue.
+                self.slice_stats(w.slice).wait.observe(waited);
+                self.mark_want(key, false);
             }
+            self.busy += 1;
+            self.sessions.at(slot).state = SState::Busy;
+            self.hand(slot, w.who, waited);
             return;
         }
         let (key, registrant) = {
@@ -689,6 +676,35 @@ impl Core {
             (s.key, s.registrant)
         };
         self.book.idle.entry(key).or_default().push(registrant, slot);
+    }
+
+    /// A busy session goes to a request: a native client's is written at the end of this
+    /// turn (a burst of hand-offs wakes the services once, not once per request), a Python
+    /// ticket's is checked out to it.
+    fn hand(&mut self, slot: usize, who: Who, waited: f64) {
+        match who {
+            Who::Client(ci, gen) => self.handoffs.push((ci, gen, slot)),
+            Who::Ticket(ticket) => {
+                let (handle, pre) = self.checkout(slot);
+                self.hooks.push(Hook::Handoff { handle, ticket, pre, waited });
+            }
+        }
+    }
+
+    /// Asking requests no answer can serve any more (`LeasePool._finish_asks`): an idle
+    /// session of the key if there is one now, else the fast 503 `queue_full`.
+    pub fn finish_asks(&mut self, asks: Vec<(KeyId, Waiter)>) {
+        let now = sys::now();
+        for (key, w) in asks {
+            let waited = now - w.started;
+            if let Some(slot) = self.take(key) {
+                self.hand(slot, w.who, waited);
+                continue;
+            }
+            self.slice_stats(w.slice).rejected[Rejection::QueueFull as usize] += 1;
+            self.refuse(w.who, Rejection::QueueFull, waited);
+        }
+        self.arm_queue_timer();
     }
 
     /// Take a session out of our epoll set for a Python `SessionConn` (it stays held).
@@ -774,7 +790,7 @@ impl Core {
 
     /// A waiter that will get no session: a native client is answered 503, a Python ticket
     /// is told through a hook.
-    fn refuse(&mut self, who: Who, reason: Rejection, waited: f64) {
+    pub fn refuse(&mut self, who: Who, reason: Rejection, waited: f64) {
         match who {
             Who::Client(ci, gen) => {
                 if self.clients.alive(ci, gen) {

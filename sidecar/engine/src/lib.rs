@@ -22,6 +22,7 @@ mod spill;
 mod stats;
 mod sys;
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
@@ -98,6 +99,7 @@ impl Engine {
                         t.call_method1("refused", (ticket, reason.name(), waited))
                     }
                     Hook::Want { urgent } => t.call_method1("want", (urgent,)),
+                    Hook::Ask => t.call_method0("ask"),
                     Hook::Drained => t.call_method0("drained"),
                     Hook::Empty => t.call_method0("empty"),
                     Hook::FdRefused => t.call_method0("fd_refused"),
@@ -115,6 +117,24 @@ impl Engine {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// {(service, slice): queue length} for the non-empty queues of one of the book's FIFOs.
+    fn counts(py: Python<'_>, c: &Core, queues: &HashMap<book::KeyId, VecDeque<book::Waiter>>) -> PyResult<Py<PyDict>> {
+        let d = PyDict::new(py);
+        for (&key, q) in queues {
+            if !q.is_empty() {
+                let (svc, sl) = c.key_names[key];
+                d.set_item((&c.services.names[svc], &c.slices.names[sl]), q.len())?;
+            }
+        }
+        Ok(d.unbind())
+    }
+
+    fn key_of(core: &mut Core, service: &str, slice: &str) -> book::KeyId {
+        let svc = core.services.id(service);
+        let sl = core.slices.id(slice);
+        core.key(svc, sl)
     }
 
     fn slot(core: &Core, handle: u64) -> Option<usize> {
@@ -284,12 +304,14 @@ impl Engine {
             .map_err(|e| PyOSError::new_err(e.to_string()))
     }
 
-    /// A clean, free session (just adopted): recall, waiter or idle.
-    fn settle(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
+    /// A clean, free session (just adopted): recall, waiter or idle; one granted for an
+    /// ask (`asked`) to the oldest asking request first.
+    #[pyo3(signature = (handle, asked=false))]
+    fn settle(&self, py: Python<'_>, handle: u64, asked: bool) -> PyResult<()> {
         {
             let mut c = self.lock()?;
             if let Some(slot) = Self::slot(&c, handle) {
-                c.settle(slot);
+                c.settle_as(slot, asked);
             }
         }
         self.deliver(py)
@@ -360,11 +382,79 @@ impl Engine {
         self.take_idle_where(|s| s.service == service && (slice.is_empty() || s.slice == slice), n as usize)
     }
 
-    /// The acceptor answers ASK (control revision 3): a request that finds no idle session
-    /// and no room in its slice's queue goes to the Python path, which asks for one now.
+    /// The acceptor answers ASK (control revision 3) and the control connection is up: a
+    /// request that finds no idle session and no room in its slice's queue asks for one now.
     fn set_asking(&self, asking: bool) -> PyResult<()> {
         self.lock()?.asking = asking;
         Ok(())
+    }
+
+    // -- asking (control revision 3; `LeaseBook.ask` ... `forget_asks`) ----------------------
+    /// A Python request that may not wait joins the key's asking requests: (id, whether a
+    /// flush of ASK units is now due).
+    fn ask(&self, service: &str, slice: &str, ticket: Py<PyAny>, started: f64, timeout: f64) -> PyResult<(u64, bool)> {
+        let mut c = self.lock()?;
+        let key = Self::key_of(&mut c, service, slice);
+        let sl = c.key_names[key].1;
+        let got = c.book.ask(key, sl, Who::Ticket(ticket), started, timeout);
+        c.arm_queue_timer();
+        Ok(got)
+    }
+
+    /// The ASK units to send now, [(service, slice, n)], counted as sent.
+    fn take_unsent(&self) -> PyResult<Vec<(String, String, u32)>> {
+        let mut c = self.lock()?;
+        let units = c.book.take_unsent();
+        Ok(units.into_iter().map(|(key, n)| { let (svc, sl) = c.key_names[key]; (c.services.names[svc].clone(), c.slices.names[sl].clone(), n) }).collect())
+    }
+
+    /// A GRANT entry for the key (`asked`: it answers one ask unit); its session is on its way.
+    fn granted(&self, service: &str, slice: &str, asked: bool) -> PyResult<()> {
+        let mut c = self.lock()?;
+        let key = Self::key_of(&mut c, service, slice);
+        c.book.granted(key, asked);
+        Ok(())
+    }
+
+    /// A REFUSE of `n` units: the asking requests left without cover get an idle session
+    /// of the key, else 503 `queue_full`.
+    fn ask_refused(&self, py: Python<'_>, service: &str, slice: &str, n: u32) -> PyResult<()> {
+        {
+            let mut c = self.lock()?;
+            let key = Self::key_of(&mut c, service, slice);
+            let out = c.book.ask_refused(key, n);
+            c.finish_asks(out.into_iter().map(|w| (key, w)).collect());
+        }
+        self.deliver(py)
+    }
+
+    /// A session granted for the key was settled (or could not be used).
+    fn adopted(&self, py: Python<'_>, service: &str, slice: &str) -> PyResult<()> {
+        {
+            let mut c = self.lock()?;
+            let key = Self::key_of(&mut c, service, slice);
+            let out = c.book.adopted(key);
+            c.finish_asks(out.into_iter().map(|w| (key, w)).collect());
+        }
+        self.deliver(py)
+    }
+
+    /// The acceptor is gone: asking is off until the next CONFIG says it may, and no ask or
+    /// grant of the old connection will be answered: every asking request is finished.
+    fn forget_asks(&self, py: Python<'_>) -> PyResult<()> {
+        {
+            let mut c = self.lock()?;
+            c.asking = false;
+            let out = c.book.forget_asks();
+            c.finish_asks(out);
+        }
+        self.deliver(py)
+    }
+
+    /// {(service, slice): asking requests} for keys with any.
+    fn asking_counts(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let c = self.lock()?;
+        Self::counts(py, &c, &c.book.asks)
     }
 
     /// A session given back unasked (idle release, a removed slice) still answers a
@@ -472,14 +562,7 @@ impl Engine {
     /// {(service, slice): waiting requests} for keys with waiters.
     fn waiting_counts(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
         let c = self.lock()?;
-        let d = PyDict::new(py);
-        for (&key, q) in &c.book.waiters {
-            if !q.is_empty() {
-                let (svc, sl) = c.key_names[key];
-                d.set_item((&c.services.names[svc], &c.slices.names[sl]), q.len())?;
-            }
-        }
-        Ok(d.unbind())
+        Self::counts(py, &c, &c.book.waiters)
     }
 
     /// Python sent the WANT records: which keys the acceptor now knows to be waiting.
