@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from backdial.sidecar.proxy import FEED_CHUNK
+from backdial.sidecar.relay import FEED_CHUNK
 from backdial.sidecar.sessionconn import SessionConn
 from tests.sidecar.conftest import ProxyRunner, RawClient
 

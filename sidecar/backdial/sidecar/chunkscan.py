@@ -10,7 +10,7 @@ the next pipelined request).  Framing it cannot follow (anything llhttp would
 refuse anyway) makes it stop judging; llhttp then answers 400.
 
 The proxy starts a scan when a chunked request's head ends inside a read it
-split at the head's ``CRLF CRLF`` (``proxy.ClientProtocol._feed_framed``).
+split at the head's ``CRLF CRLF`` (``clientread.RequestReader._parse_framed``).
 Pure state machine; no IO.
 """
 

@@ -60,7 +60,7 @@ class ListenerState:
         self.booked: set[SweptConnection] = set()
         self.memory_waiters: set[SweptConnection] = set()
         self.draining = False
-        # The worker's disk budget: response bytes parked for slow clients (proxy.py).
+        # The worker's disk budget: response bytes parked for slow clients (clientout.py).
         self.disk_budget = disk = Budget(settings.response_spill_total)
         stats.spilled_bytes = lambda: disk.used
         self.via = settings.via.encode("ascii")
