@@ -6,15 +6,17 @@ held idle by another worker: then it asks that worker back first (RECALL ``now``
 the request stays asking until the probe is answered.  Here that other worker is a raw
 control peer built from docs/protocol.md, so the test decides when the answer comes.
 
-Whatever happens to the asking request meanwhile — its client goes away (a reset), or its queue
-timeout passes — nothing leaks: the session the answer brings is kept idle (it serves
-the next request with no new ASK), no asking or waiting request is left, and the
-acceptor holds no ask.  Runs on the engine under test (on the native engine the request
-is an asking waiter inside the engine, its connection never handed over).
+Whatever happens to the asking request meanwhile — its client goes away (a reset), its
+queue timeout passes, or the pool closes (``503`` ``draining``) — nothing leaks: the
+session the answer brings is kept idle (it serves the next request with no new ASK), no
+asking or waiting request is left, and the acceptor holds no ask.  Runs on the engine
+under test (on the native engine the request is an asking waiter inside the engine,
+its connection never handed over).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -25,7 +27,7 @@ import pytest
 from backdial import control
 from backdial.control import Rejection
 from tests.acceptor.conftest import RawWorker
-from tests.sidecar.conftest import ProxyRunner, RawClient
+from tests.sidecar.conftest import TIMEOUT, ProxyRunner, RawClient
 
 GET = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"
 
@@ -40,16 +42,13 @@ def state(proxy: ProxyRunner) -> tuple[int, int, int, int]:
     return idle, asking, pool.waiting, len(proxy.acceptor.ledger.asks)
 
 
-@pytest.mark.parametrize("ending", ["client_gone", "timeout"])
-def test_an_asking_request_that_ends_before_its_answer_leaks_nothing(
-    make_proxy: Callable[..., ProxyRunner],
-    raw_client: Callable[[int], RawClient],
-    ending: str,
-) -> None:
-    timeout = 30.0 if ending == "client_gone" else 0.3
-    proxy = make_proxy(pool={"sessions": 1, "max_waiting": 0, "queue_timeout": timeout})
+def ask_behind_a_probe(
+    proxy: ProxyRunner, raw_client: Callable[[int], RawClient]
+) -> tuple[RawWorker, int, RawClient]:
+    """Another worker holds the only session idle; a request to the proxy asks, and the
+    acceptor asks that worker back and waits for its answer (the test gives it).
+    Returns (the other worker, the session, the asking request's client)."""
     assert proxy.wait_for(lambda: proxy.pool.acceptor_revision >= control.ASK_REVISION)
-
     # Another worker takes the only session and keeps it idle.
     other = RawWorker(proxy.run_dir)
     other.send(control.Hello(os.getpid(), "other", control.REVISION))
@@ -66,6 +65,19 @@ def test_an_asking_request_that_ends_before_its_answer_leaks_nothing(
     probe, _ = other.recv(control.Recall)
     assert isinstance(probe, control.Recall) and probe.now
     assert proxy.wait_for(lambda: state(proxy)[1] == 1), proxy.call(lambda: state(proxy))
+    return other, session, client
+
+
+@pytest.mark.parametrize("ending", ["client_gone", "timeout"])
+def test_an_asking_request_that_ends_before_its_answer_leaks_nothing(
+    make_proxy: Callable[..., ProxyRunner],
+    raw_client: Callable[[int], RawClient],
+    ending: str,
+) -> None:
+    timeout = 30.0 if ending == "client_gone" else 0.3
+    proxy = make_proxy(pool={"sessions": 1, "max_waiting": 0, "queue_timeout": timeout})
+
+    other, session, client = ask_behind_a_probe(proxy, raw_client)
 
     if ending == "client_gone":
         # Reset, not a FIN: a half-closed client may still read its response.
@@ -93,4 +105,26 @@ def test_an_asking_request_that_ends_before_its_answer_leaks_nothing(
     assert again.read_response().status == 200
     assert proxy.wait_for(lambda: state(proxy) == (1, 0, 0, 0)), proxy.call(lambda: state(proxy))
     assert dict(counters.asks) == asked == {"granted": 2}
+    other.close()
+
+
+def test_an_asking_request_is_refused_when_the_pool_closes(
+    make_proxy: Callable[..., ProxyRunner], raw_client: Callable[[int], RawClient]
+) -> None:
+    proxy = make_proxy(pool={"sessions": 1, "max_waiting": 0, "queue_timeout": 30.0})
+    other, session, client = ask_behind_a_probe(proxy, raw_client)
+
+    closing = asyncio.run_coroutine_threadsafe(proxy.pool.close(5.0), proxy.loop)
+    response = client.read_response()
+    assert response.status == 503 and response.header("retry-after") is not None
+    closing.result(TIMEOUT)
+    assert proxy.stats.unavailable[Rejection.DRAINING] == 1
+    assert proxy.call(lambda: state(proxy)[1:3]) == (0, 0)
+
+    # The worker is gone: its ask goes with it, and the session answering the probe is
+    # idle at the acceptor again.
+    other.send(control.Release([control.Released(session, control.ReleaseState.IDLE)], 1))
+    assert proxy.acceptor is not None
+    ledger = proxy.acceptor.ledger
+    assert proxy.wait_for(lambda: not ledger.asks and ledger.sessions[session].worker == 0)
     other.close()
