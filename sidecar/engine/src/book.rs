@@ -150,7 +150,13 @@ impl Book {
     pub fn enqueue(&mut self, key: KeyId, slice: usize, who: Who, now: f64, timeout: f64) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
-        self.waiters.entry(key).or_default().push_back(Waiter { id, who, started: now, deadline: now + timeout, slice });
+        self.waiters.entry(key).or_default().push_back(Waiter {
+            id,
+            who,
+            started: now,
+            deadline: now + timeout,
+            slice,
+        });
         *self.waiting_by_slice.entry(slice).or_insert(0) += 1;
         self.waiting += 1;
         id
@@ -167,11 +173,12 @@ impl Book {
     /// waiting or asking; a session granted for an ask (`asked`) to the oldest asking one.
     /// The flag says it was an asking request.
     pub fn pop(&mut self, key: KeyId, asked: bool) -> Option<(Waiter, bool)> {
-        let ask_first = match (self.asks.get(&key).and_then(|q| q.front()), self.waiters.get(&key).and_then(|q| q.front())) {
-            (Some(a), Some(w)) => asked || a.started < w.started,
-            (Some(_), None) => true,
-            _ => false,
-        };
+        let ask_first =
+            match (self.asks.get(&key).and_then(|q| q.front()), self.waiters.get(&key).and_then(|q| q.front())) {
+                (Some(a), Some(w)) => asked || a.started < w.started,
+                (Some(_), None) => true,
+                _ => false,
+            };
         if ask_first {
             let w = self.asks.get_mut(&key)?.pop_front()?;
             self.asking -= 1;
@@ -304,7 +311,8 @@ impl Book {
             _ => return Vec::new(),
         };
         let oldest = self.adopting.get(&key).copied().unwrap_or(0) as usize;
-        let newest = (self.asked.get(&key).copied().unwrap_or(0) + self.unsent.get(&key).copied().unwrap_or(0)) as usize;
+        let newest =
+            (self.asked.get(&key).copied().unwrap_or(0) + self.unsent.get(&key).copied().unwrap_or(0)) as usize;
         let end = oldest.max(q.len().saturating_sub(newest));
         if end <= oldest {
             return Vec::new();

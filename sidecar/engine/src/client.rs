@@ -582,7 +582,11 @@ impl Core {
                 c.held.push(data); // over a limit: memory, one session read at most
             }
             let full = !c.held.is_empty() || !c.spill.as_ref().map_or(true, |s| s.room());
-            if full { c.session } else { None }
+            if full {
+                c.session
+            } else {
+                None
+            }
         };
         if let Some(s) = session {
             self.session_pause(s); // full: back-pressure the session as without spilling

@@ -63,11 +63,28 @@ pub struct Settings {
 
 /// What Python must hear about; delivered after the lock is released.
 pub enum Hook {
-    Adopt { fd: RawFd, data: Vec<u8> },
-    GiveBack { handle: u64, state: &'static str },
-    Handoff { handle: u64, ticket: Py<PyAny>, pre: Vec<u8>, waited: f64 },
-    Refused { ticket: Py<PyAny>, reason: Rejection, waited: f64 },
-    Want { urgent: bool },
+    Adopt {
+        fd: RawFd,
+        data: Vec<u8>,
+    },
+    GiveBack {
+        handle: u64,
+        state: &'static str,
+    },
+    Handoff {
+        handle: u64,
+        ticket: Py<PyAny>,
+        pre: Vec<u8>,
+        waited: f64,
+    },
+    Refused {
+        ticket: Py<PyAny>,
+        reason: Rejection,
+        waited: f64,
+    },
+    Want {
+        urgent: bool,
+    },
     /// ASK units are due (`Book::take_unsent`): Python sends them.
     Ask,
     Drained,

@@ -365,7 +365,8 @@ pub fn parse(buf: &[u8], limits: &Limits<'_>) -> Verdict {
                 host = Some((vstart, vend));
             }
             Field::ContentLength => {
-                if length.is_some() || value.is_empty() || value.len() > 15 || !value.iter().all(|b| b.is_ascii_digit()) {
+                if length.is_some() || value.is_empty() || value.len() > 15 || !value.iter().all(|b| b.is_ascii_digit())
+                {
                     return Verdict::Python;
                 }
                 let mut n = 0usize;
@@ -426,19 +427,7 @@ pub fn parse(buf: &[u8], limits: &Limits<'_>) -> Verdict {
     }
     // llhttp_should_keep_alive: HTTP/1.1 unless "close"; HTTP/1.0 only with "keep-alive".
     let keep_alive = if v10 { conn_keep } else { !conn_close };
-    Verdict::Native(Head {
-        len: pos,
-        method,
-        target,
-        v10,
-        host,
-        host_key,
-        length,
-        keep_alive,
-        claims,
-        fields,
-        wanted,
-    })
+    Verdict::Native(Head { len: pos, method, target, v10, host, host_key, length, keep_alive, claims, fields, wanted })
 }
 
 fn trim_ows(mut s: &[u8]) -> &[u8] {

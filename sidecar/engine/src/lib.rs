@@ -405,7 +405,13 @@ impl Engine {
     fn take_unsent(&self) -> PyResult<Vec<(String, String, u32)>> {
         let mut c = self.lock()?;
         let units = c.book.take_unsent();
-        Ok(units.into_iter().map(|(key, n)| { let (svc, sl) = c.key_names[key]; (c.services.names[svc].clone(), c.slices.names[sl].clone(), n) }).collect())
+        Ok(units
+            .into_iter()
+            .map(|(key, n)| {
+                let (svc, sl) = c.key_names[key];
+                (c.services.names[svc].clone(), c.slices.names[sl].clone(), n)
+            })
+            .collect())
     }
 
     /// A GRANT entry for the key (`asked`: it answers one ask unit); its session is on its way.
@@ -526,7 +532,8 @@ impl Engine {
                 continue;
             }
             let (svc, sl) = c.key_names[key];
-            let handles: Vec<u64> = ring.slots().iter().map(|&s| c.sessions.items[s].as_ref().map_or(0, |x| x.handle)).collect();
+            let handles: Vec<u64> =
+                ring.slots().iter().map(|&s| c.sessions.items[s].as_ref().map_or(0, |x| x.handle)).collect();
             d.set_item((&c.services.names[svc], &c.slices.names[sl]), handles)?;
         }
         Ok(d.unbind())
@@ -637,7 +644,15 @@ impl Engine {
             let lat = (st.latency.counts.to_vec(), st.latency.sum);
             let wait = (st.wait.counts.to_vec(), st.wait.sum);
             let rej = (st.rejected[0], st.rejected[1], st.rejected[2]);
-            let row = PyTuple::new(py, [status.into_any(), lat.into_pyobject(py)?.into_any(), wait.into_pyobject(py)?.into_any(), rej.into_pyobject(py)?.into_any()])?;
+            let row = PyTuple::new(
+                py,
+                [
+                    status.into_any(),
+                    lat.into_pyobject(py)?.into_any(),
+                    wait.into_pyobject(py)?.into_any(),
+                    rej.into_pyobject(py)?.into_any(),
+                ],
+            )?;
             d.set_item(&c.slices.names[i], row)?;
         }
         Ok(d.unbind())
@@ -673,7 +688,8 @@ impl Engine {
     /// would hand the request to Python (the parity tests compare with `Classifier`).
     fn classify(&self, raw: &[u8], peer: &str) -> PyResult<Option<(String, String)>> {
         let c = self.lock()?;
-        let limits = head::Limits { max_header_bytes: 65536, max_body: 65536, trusted_peer: false, wanted: &c.router.wanted };
+        let limits =
+            head::Limits { max_header_bytes: 65536, max_body: 65536, trusted_peer: false, wanted: &c.router.wanted };
         let h = match head::parse(raw, &limits) {
             head::Verdict::Native(h) if !c.router.python_only => h,
             _ => return Ok(None),
@@ -700,7 +716,12 @@ impl Engine {
 /// The head recogniser on its own, for the parity tests against llhttp: None when the
 /// engine would hand the request to Python, else (head length, upstream head, host key).
 #[pyfunction]
-fn recognise(py: Python<'_>, raw: &[u8], forwarding: &[u8], xff: &[u8]) -> PyResult<Option<(usize, Py<PyBytes>, Py<PyBytes>, bool)>> {
+fn recognise(
+    py: Python<'_>,
+    raw: &[u8],
+    forwarding: &[u8],
+    xff: &[u8],
+) -> PyResult<Option<(usize, Py<PyBytes>, Py<PyBytes>, bool)>> {
     let limits = head::Limits { max_header_bytes: 65536, max_body: 65536, trusted_peer: false, wanted: &[] };
     match head::parse(raw, &limits) {
         head::Verdict::Native(h) => {
@@ -716,7 +737,14 @@ fn recognise(py: Python<'_>, raw: &[u8], forwarding: &[u8], xff: &[u8]) -> PyRes
 /// (client bytes, outcome: more, idle, idle+pre, retired, broken or fail).
 #[pyfunction]
 #[pyo3(signature = (reads, head_only, v10, keep_allowed, eof=false))]
-fn relay_response(py: Python<'_>, reads: Vec<Vec<u8>>, head_only: bool, v10: bool, keep_allowed: bool, eof: bool) -> PyResult<(Py<PyBytes>, String)> {
+fn relay_response(
+    py: Python<'_>,
+    reads: Vec<Vec<u8>>,
+    head_only: bool,
+    v10: bool,
+    keep_allowed: bool,
+    eof: bool,
+) -> PyResult<(Py<PyBytes>, String)> {
     let mut r = response::Resp::new(Vec::new());
     let ctx = response::Ctx { head_only, v10, keep_allowed };
     let mut out = Vec::new();

@@ -24,7 +24,9 @@ pub const MAX_HEAD: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Release {
     /// Clean and reusable; `pre` holds the beginning of a RETIRE line that followed.
-    Idle { pre: Vec<u8> },
+    Idle {
+        pre: Vec<u8>,
+    },
     Retired,
     Broken,
 }
@@ -65,14 +67,20 @@ enum Src {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
-    Size { digits: u8, value: u64 },
+    Size {
+        digits: u8,
+        value: u64,
+    },
     Ext(u64),
     SizeLf(u64),
     Data(u64),
     DataCr,
     DataLf,
     /// Trailer section: a field line (or the blank line) is being read.
-    Trailer { cr: bool, empty: bool },
+    Trailer {
+        cr: bool,
+        empty: bool,
+    },
 }
 
 /// How the body is framed towards the client (`http1.BodyMode`).
@@ -322,7 +330,11 @@ impl Resp {
             let name = &fl[..colon];
             match name.len() {
                 14 if name.eq_ignore_ascii_case(b"content-length") => {
-                    if length.is_some() || value.is_empty() || value.len() > 18 || !value.iter().all(|b| b.is_ascii_digit()) {
+                    if length.is_some()
+                        || value.is_empty()
+                        || value.len() > 18
+                        || !value.iter().all(|b| b.is_ascii_digit())
+                    {
                         return false;
                     }
                     let mut n = 0u64;
@@ -387,7 +399,11 @@ impl Resp {
         } else if chunked {
             Src::Chunked(Chunk::Size { digits: 0, value: 0 })
         } else if let Some(n) = length {
-            if n == 0 { Src::None } else { Src::Length(n) }
+            if n == 0 {
+                Src::None
+            } else {
+                Src::Length(n)
+            }
         } else {
             Src::Eof
         };
@@ -687,7 +703,10 @@ mod tests {
     fn interim_heads() {
         let (out, o) = relay(&[b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], KEEP);
         assert!(matches!(o, Outcome::Done(_)));
-        assert_eq!(out, b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec());
+        assert_eq!(
+            out,
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec()
+        );
     }
 
     #[test]

@@ -18,7 +18,8 @@ pub struct Spill {
 
 impl Spill {
     pub fn open(dir: &str, limit: u64) -> io::Result<Spill> {
-        let dir = if dir.is_empty() { std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into()) } else { dir.to_string() };
+        let dir =
+            if dir.is_empty() { std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into()) } else { dir.to_string() };
         let cdir = CString::new(dir.clone()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         let fd = unsafe { libc::open(cdir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
         let fd = if fd >= 0 {

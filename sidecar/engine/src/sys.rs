@@ -84,9 +84,7 @@ pub struct Timer {
 
 impl Timer {
     pub fn new() -> io::Result<Timer> {
-        let fd = cvt(unsafe {
-            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
-        })?;
+        let fd = cvt(unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) })?;
         Ok(Timer { fd, at: 0.0 })
     }
 
@@ -97,7 +95,10 @@ impl Timer {
             (0, 0)
         } else {
             let at = at.max(1e-6);
-            (at.trunc() as libc::time_t, ((at.fract() * 1e9) as libc::c_long).max(if at.trunc() == 0.0 { 1 } else { 0 }))
+            (
+                at.trunc() as libc::time_t,
+                ((at.fract() * 1e9) as libc::c_long).max(if at.trunc() == 0.0 { 1 } else { 0 }),
+            )
         };
         let spec = libc::itimerspec {
             it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
