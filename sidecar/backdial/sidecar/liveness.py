@@ -1,6 +1,6 @@
 """Is this worker alive, and can it serve now?  ``/healthz`` and ``/readyz`` that mean it.
 
-A worker that lost the acceptor keeps reconnecting (``leasepool``), but one
+A worker that lost the acceptor keeps reconnecting (``poolcontrol``), but one
 that cannot get back for longer than ``max_disconnected`` is wedged as far as
 anyone can tell, and so is one whose event loop stalls for ``max_loop_lag``
 (a blocked loop also answers no probe, but a loop that stalls now and then
