@@ -614,10 +614,7 @@ impl Core {
                     }
                     let want = (room as usize).min(SPILL_CHUNK);
                     let sp = c.spill.as_mut().expect("spill");
-                    match sp.peek(&mut buf[..want]) {
-                        Ok(n) => n,
-                        Err(_) => 0,
-                    }
+                    sp.peek(&mut buf[..want]).unwrap_or(0)
                 };
                 if n == 0 {
                     break;
@@ -841,6 +838,6 @@ impl Core {
         let c = self.clients.items[slot].as_ref().expect("client");
         let r = c.active.as_ref().expect("active request");
         let queued = self.queued_request(slot);
-        Ctx { head_only: r.head_only, v10: r.v10, keep_allowed: r.keep_alive && !(self.draining && !queued) }
+        Ctx { head_only: r.head_only, v10: r.v10, keep_allowed: r.keep_alive && (queued || !self.draining) }
     }
 }

@@ -34,6 +34,14 @@ use crate::core::{Core, Hook, SState, Settings, RESPONSE};
 use crate::response::Release;
 use crate::route::{Net, Router, Rule, SliceRules};
 
+/// One slice rule as `nativeproxy` passes it: CIDRs, (header name, regular expression)
+/// pairs, path prefixes.
+type RuleArgs = (Vec<String>, Vec<(Vec<u8>, String)>, Vec<Vec<u8>>);
+
+/// What `recognise` finds in a head the engine takes: its length, the upstream head, the
+/// host key and whether the connection is kept alive.
+type Recognised = (usize, Py<PyBytes>, Py<PyBytes>, bool);
+
 #[pyclass(frozen, module = "backdial_engine")]
 pub struct Engine {
     core: Mutex<Core>,
@@ -218,12 +226,11 @@ impl Engine {
     }
 
     /// The routing and slicing tables of a policy generation (built by `nativeproxy`).
-    #[allow(clippy::too_many_arguments)]
     fn configure(
         &self,
         routes: Vec<(Option<Vec<u8>>, Vec<u8>, String)>,
         default_service: String,
-        slices: Vec<(String, Vec<(Vec<String>, Vec<(Vec<u8>, String)>, Vec<Vec<u8>>)>)>,
+        slices: Vec<(String, Vec<RuleArgs>)>,
         default_slice: String,
         queues: Vec<(String, f64, usize)>,
         retry_after: i64,
@@ -287,6 +294,7 @@ impl Engine {
     }
 
     // -- sessions -------------------------------------------------------------------------
+    // pyo3 parameters are the Python call's positional arguments (`nativepool`'s adopt).
     #[allow(clippy::too_many_arguments)]
     fn add_session(
         &self,
@@ -716,12 +724,7 @@ impl Engine {
 /// The head recogniser on its own, for the parity tests against llhttp: None when the
 /// engine would hand the request to Python, else (head length, upstream head, host key).
 #[pyfunction]
-fn recognise(
-    py: Python<'_>,
-    raw: &[u8],
-    forwarding: &[u8],
-    xff: &[u8],
-) -> PyResult<Option<(usize, Py<PyBytes>, Py<PyBytes>, bool)>> {
+fn recognise(py: Python<'_>, raw: &[u8], forwarding: &[u8], xff: &[u8]) -> PyResult<Option<Recognised>> {
     let limits = head::Limits { max_header_bytes: 65536, max_body: 65536, trusted_peer: false, wanted: &[] };
     match head::parse(raw, &limits) {
         head::Verdict::Native(h) => {

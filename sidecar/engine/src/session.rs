@@ -8,6 +8,7 @@ use crate::sys;
 
 impl Core {
     /// A session the pool adopted (a GRANT): watched from now on, not yet idle.
+    // The wrapper's arguments passed through as they are (the pyo3 `add_session`).
     #[allow(clippy::too_many_arguments)]
     pub fn add_session(
         &mut self,
