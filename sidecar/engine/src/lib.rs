@@ -10,11 +10,19 @@
 //! idle release and drain, sends the control records, and serves every connection the
 //! engine hands over (`Hook::Adopt`).  Engine calls into Python happen only through
 //! hooks delivered after the engine's lock is released, so Python may call back in.
+//!
+//! This file holds the class's Python methods (one `#[pymethods]` block: pyo3 is built
+//! without `multiple-pymethods`); `engine.rs` holds what they share.
 
+mod accept;
 mod book;
 mod client;
 mod core;
+mod engine;
 pub mod head;
+mod lease;
+mod output;
+mod parity;
 pub mod response;
 mod route;
 mod session;
@@ -22,151 +30,19 @@ mod spill;
 mod stats;
 mod sys;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::book::Who;
-use crate::core::{Core, Hook, SState, Settings, RESPONSE};
-use crate::response::Release;
-use crate::route::{Net, Router, Rule, SliceRules};
+use crate::core::{Core, SState, Settings, RESPONSE};
+use crate::route::Net;
+use crate::session::Adopted;
 
-/// One slice rule as `nativeproxy` passes it: CIDRs, (header name, regular expression)
-/// pairs, path prefixes.
-type RuleArgs = (Vec<String>, Vec<(Vec<u8>, String)>, Vec<Vec<u8>>);
-
-/// What `recognise` finds in a head the engine takes: its length, the upstream head, the
-/// host key and whether the connection is kept alive.
-type Recognised = (usize, Py<PyBytes>, Py<PyBytes>, bool);
-
-#[pyclass(frozen, module = "backdial_engine")]
-pub struct Engine {
-    core: Mutex<Core>,
-    hooks: Mutex<Option<Py<PyAny>>>,
-}
-
-fn get<'py, T: FromPyObject<'py>>(d: &Bound<'py, PyDict>, name: &str) -> PyResult<T> {
-    match d.get_item(name)? {
-        Some(v) => v.extract(),
-        None => Err(PyValueError::new_err(format!("engine setting {name} missing"))),
-    }
-}
-
-fn release_of(state: &str, pre: Vec<u8>) -> PyResult<Release> {
-    Ok(match state {
-        "idle" => Release::Idle { pre },
-        "retired" => Release::Retired,
-        "broken" => Release::Broken,
-        _ => return Err(PyValueError::new_err(format!("unknown release state {state}"))),
-    })
-}
-
-impl Engine {
-    fn lock(&self) -> PyResult<MutexGuard<'_, Core>> {
-        self.core.lock().map_err(|_| PyRuntimeError::new_err("engine state poisoned by an earlier panic"))
-    }
-
-    /// Deliver the hooks queued by the last call, with the engine unlocked.
-    fn deliver(&self, py: Python<'_>) -> PyResult<()> {
-        let mut first_err: Option<PyErr> = None;
-        loop {
-            let hooks = {
-                let mut c = self.lock()?;
-                // Sessions handed to native waiters are written now, then the hooks.
-                c.deliver_handoffs();
-                c.arm_tick();
-                std::mem::take(&mut c.hooks)
-            };
-            if hooks.is_empty() {
-                break;
-            }
-            let target = match self.hooks.lock().ok().and_then(|h| h.as_ref().map(|o| o.clone_ref(py))) {
-                Some(t) => t,
-                None => {
-                    // No Python side (unit use): close what would have been adopted.
-                    for h in hooks {
-                        if let Hook::Adopt { fd, .. } = h {
-                            sys::close(fd);
-                        }
-                    }
-                    continue;
-                }
-            };
-            let t = target.bind(py);
-            for h in hooks {
-                let res = match h {
-                    Hook::Adopt { fd, data } => t.call_method1("adopt", (fd, PyBytes::new(py, &data))),
-                    Hook::GiveBack { handle, state } => t.call_method1("give_back", (handle, state)),
-                    Hook::Handoff { handle, ticket, pre, waited } => {
-                        t.call_method1("handoff", (handle, ticket, PyBytes::new(py, &pre), waited))
-                    }
-                    Hook::Refused { ticket, reason, waited } => {
-                        t.call_method1("refused", (ticket, reason.name(), waited))
-                    }
-                    Hook::Want { urgent } => t.call_method1("want", (urgent,)),
-                    Hook::Ask => t.call_method0("ask"),
-                    Hook::Drained => t.call_method0("drained"),
-                    Hook::Empty => t.call_method0("empty"),
-                    Hook::FdRefused => t.call_method0("fd_refused"),
-                };
-                if let Err(e) = res {
-                    if first_err.is_none() {
-                        first_err = Some(e);
-                    } else {
-                        e.print(py);
-                    }
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// {(service, slice): queue length} for the non-empty queues of one of the book's FIFOs.
-    fn counts(py: Python<'_>, c: &Core, queues: &HashMap<book::KeyId, VecDeque<book::Waiter>>) -> PyResult<Py<PyDict>> {
-        let d = PyDict::new(py);
-        for (&key, q) in queues {
-            if !q.is_empty() {
-                let (svc, sl) = c.key_names[key];
-                d.set_item((&c.services.names[svc], &c.slices.names[sl]), q.len())?;
-            }
-        }
-        Ok(d.unbind())
-    }
-
-    fn key_of(core: &mut Core, service: &str, slice: &str) -> book::KeyId {
-        let svc = core.services.id(service);
-        let sl = core.slices.id(slice);
-        core.key(svc, sl)
-    }
-
-    fn slot(core: &Core, handle: u64) -> Option<usize> {
-        core.by_handle.get(&handle).copied()
-    }
-
-    /// Idle sessions matching `pred`, out of the idle rings: Python gives them back
-    /// (its `_give_back` closes them through `close_session`).
-    fn take_idle_where(&self, pred: impl Fn(&core::Session) -> bool, limit: usize) -> PyResult<Vec<u64>> {
-        let mut c = self.lock()?;
-        let c = &mut *c;
-        let mut out = Vec::new();
-        for ring in c.book.idle.values_mut() {
-            for slot in ring.slots() {
-                let s = c.sessions.items[slot].as_ref().expect("idle session");
-                if out.len() < limit && pred(s) {
-                    out.push(s.handle);
-                    ring.remove(s.registrant, slot);
-                }
-            }
-        }
-        Ok(out)
-    }
-}
+pub use crate::engine::Engine;
+use crate::engine::{get, release_of};
 
 #[pymethods]
 impl Engine {
@@ -230,58 +106,14 @@ impl Engine {
         &self,
         routes: Vec<(Option<Vec<u8>>, Vec<u8>, String)>,
         default_service: String,
-        slices: Vec<(String, Vec<RuleArgs>)>,
+        slices: Vec<(String, Vec<route::RuleArgs>)>,
         default_slice: String,
         queues: Vec<(String, f64, usize)>,
         retry_after: i64,
     ) -> PyResult<bool> {
         let mut core = self.lock()?;
         let c = &mut *core;
-        let mut router = Router::default();
-        // Longest prefix first; ties keep config order (a stable sort, as Python's).
-        for (host, prefix, service) in routes {
-            let sid = c.services.id(&service);
-            match host {
-                Some(h) => router.by_host.entry(h).or_default().push((prefix, sid)),
-                None => router.any_host.push((prefix, sid)),
-            }
-        }
-        for v in router.by_host.values_mut() {
-            v.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
-        }
-        router.any_host.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
-        router.default_service = c.services.id(&default_service);
-        router.default_slice = c.slices.id(&default_slice);
-        for (name, rules) in slices {
-            let slice = c.slices.id(&name);
-            let mut compiled = Vec::new();
-            for (cidrs, headers, prefixes) in rules {
-                let mut nets = Vec::new();
-                for cidr in &cidrs {
-                    match Net::parse(cidr) {
-                        Some(n) => nets.push(n),
-                        None => router.python_only = true,
-                    }
-                }
-                router.uses_ip |= !nets.is_empty();
-                let mut hs = Vec::new();
-                for (hname, pattern) in headers {
-                    let i = match router.wanted.iter().position(|w| w == &hname) {
-                        Some(i) => i,
-                        None => {
-                            router.wanted.push(hname);
-                            router.wanted.len() - 1
-                        }
-                    };
-                    match regex::Regex::new(&pattern) {
-                        Ok(rx) => hs.push((i, rx)),
-                        Err(_) => router.python_only = true,
-                    }
-                }
-                compiled.push(Rule { nets, headers: hs, prefixes });
-            }
-            router.slices.push(SliceRules { slice, rules: compiled });
-        }
+        let router = route::compile(c, routes, &default_service, slices, &default_slice);
         c.queues.clear();
         for (name, timeout, limit) in queues {
             let id = c.slices.id(&name);
@@ -294,7 +126,8 @@ impl Engine {
     }
 
     // -- sessions -------------------------------------------------------------------------
-    // pyo3 parameters are the Python call's positional arguments (`nativepool`'s adopt).
+    /// `session::Adopted`, field by field: pyo3 parameters are the Python call's
+    /// positional arguments (`nativepool`'s `_wrap`).
     #[allow(clippy::too_many_arguments)]
     fn add_session(
         &self,
@@ -308,7 +141,7 @@ impl Engine {
         epoch: u64,
     ) -> PyResult<u64> {
         self.lock()?
-            .add_session(sid, fd, service, registrant, key_service, key_slice, lease_slice, epoch)
+            .add_session(Adopted { sid, fd, service, registrant, key_service, key_slice, lease_slice, epoch })
             .map_err(|e| PyOSError::new_err(e.to_string()))
     }
 
@@ -721,71 +554,11 @@ impl Engine {
     }
 }
 
-/// The head recogniser on its own, for the parity tests against llhttp: None when the
-/// engine would hand the request to Python, else (head length, upstream head, host key).
-#[pyfunction]
-fn recognise(py: Python<'_>, raw: &[u8], forwarding: &[u8], xff: &[u8]) -> PyResult<Option<Recognised>> {
-    let limits = head::Limits { max_header_bytes: 65536, max_body: 65536, trusted_peer: false, wanted: &[] };
-    match head::parse(raw, &limits) {
-        head::Verdict::Native(h) => {
-            let mut out = Vec::new();
-            h.build(raw, forwarding, xff, &mut out);
-            Ok(Some((h.len, PyBytes::new(py, &out).unbind(), PyBytes::new(py, &h.host_key).unbind(), h.keep_alive)))
-        }
-        _ => Ok(None),
-    }
-}
-
-/// One response fed in the given reads (then end-of-file when `eof`), for parity tests:
-/// (client bytes, outcome: more, idle, idle+pre, retired, broken or fail).
-#[pyfunction]
-#[pyo3(signature = (reads, head_only, v10, keep_allowed, eof=false))]
-fn relay_response(
-    py: Python<'_>,
-    reads: Vec<Vec<u8>>,
-    head_only: bool,
-    v10: bool,
-    keep_allowed: bool,
-    eof: bool,
-) -> PyResult<(Py<PyBytes>, String)> {
-    let mut r = response::Resp::new(Vec::new());
-    let ctx = response::Ctx { head_only, v10, keep_allowed };
-    let mut out = Vec::new();
-    let mut outcome = String::from("more");
-    let mut steps: Vec<Option<Vec<u8>>> = reads.into_iter().map(Some).collect();
-    if eof {
-        steps.push(None);
-    }
-    for step in steps {
-        let o = match step {
-            Some(read) => r.feed(&read, &ctx, &mut out),
-            None => r.eof(&mut out),
-        };
-        match o {
-            response::Outcome::More => continue,
-            response::Outcome::Done(rel) => {
-                outcome = match rel {
-                    Release::Idle { pre } if pre.is_empty() => "idle".into(),
-                    Release::Idle { .. } => "idle+pre".into(),
-                    Release::Retired => "retired".into(),
-                    Release::Broken => "broken".into(),
-                };
-                break;
-            }
-            response::Outcome::Fail => {
-                outcome = "fail".into();
-                break;
-            }
-        }
-    }
-    Ok((PyBytes::new(py, &out).unbind(), outcome))
-}
-
 #[pymodule]
 fn backdial_engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Engine>()?;
-    m.add_function(wrap_pyfunction!(recognise, m)?)?;
-    m.add_function(wrap_pyfunction!(relay_response, m)?)?;
+    m.add_function(wrap_pyfunction!(parity::recognise, m)?)?;
+    m.add_function(wrap_pyfunction!(parity::relay_response, m)?)?;
     Ok(())
 }

@@ -12,6 +12,8 @@ use std::net::IpAddr;
 
 use regex::Regex;
 
+use crate::core::Core;
+
 #[derive(Clone, Copy, Debug)]
 pub struct Net {
     v6: bool,
@@ -149,6 +151,68 @@ impl Router {
         }
         self.default_slice
     }
+}
+
+/// One slice rule as `nativeproxy` passes it: CIDRs, (header name, regular expression)
+/// pairs, path prefixes.
+pub type RuleArgs = (Vec<String>, Vec<(Vec<u8>, String)>, Vec<Vec<u8>>);
+
+/// Compile a policy generation's routes and slice rules (as `nativeproxy` passes them)
+/// into a `Router`, naming services and slices in the engine's tables. A CIDR or regular
+/// expression the engine cannot take as Python does marks the router `python_only`.
+pub fn compile(
+    c: &mut Core,
+    routes: Vec<(Option<Vec<u8>>, Vec<u8>, String)>,
+    default_service: &str,
+    slices: Vec<(String, Vec<RuleArgs>)>,
+    default_slice: &str,
+) -> Router {
+    let mut router = Router::default();
+    // Longest prefix first; ties keep config order (a stable sort, as Python's).
+    for (host, prefix, service) in routes {
+        let sid = c.services.id(&service);
+        match host {
+            Some(h) => router.by_host.entry(h).or_default().push((prefix, sid)),
+            None => router.any_host.push((prefix, sid)),
+        }
+    }
+    for v in router.by_host.values_mut() {
+        v.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
+    }
+    router.any_host.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
+    router.default_service = c.services.id(default_service);
+    router.default_slice = c.slices.id(default_slice);
+    for (name, rules) in slices {
+        let slice = c.slices.id(&name);
+        let mut compiled = Vec::new();
+        for (cidrs, headers, prefixes) in rules {
+            let mut nets = Vec::new();
+            for cidr in &cidrs {
+                match Net::parse(cidr) {
+                    Some(n) => nets.push(n),
+                    None => router.python_only = true,
+                }
+            }
+            router.uses_ip |= !nets.is_empty();
+            let mut hs = Vec::new();
+            for (hname, pattern) in headers {
+                let i = match router.wanted.iter().position(|w| w == &hname) {
+                    Some(i) => i,
+                    None => {
+                        router.wanted.push(hname);
+                        router.wanted.len() - 1
+                    }
+                };
+                match regex::Regex::new(&pattern) {
+                    Ok(rx) => hs.push((i, rx)),
+                    Err(_) => router.python_only = true,
+                }
+            }
+            compiled.push(Rule { nets, headers: hs, prefixes });
+        }
+        router.slices.push(SliceRules { slice, rules: compiled });
+    }
+    router
 }
 
 #[cfg(test)]

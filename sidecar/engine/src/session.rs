@@ -6,21 +6,24 @@ use crate::core::{Core, SState, Session, T_SESSION};
 use crate::response::{Ctx, Outcome, Release, Resp, RETIRE_LINE};
 use crate::sys;
 
+/// A session the pool adopted (a GRANT), as `nativepool` describes it: the acceptor's
+/// session id, the descriptor the engine owns from now on, the service and registrant,
+/// the (service, slice) key it serves, the slice it is leased for and its control epoch.
+pub struct Adopted<'a> {
+    pub sid: i64,
+    pub fd: i32,
+    pub service: &'a str,
+    pub registrant: i64,
+    pub key_service: &'a str,
+    pub key_slice: &'a str,
+    pub lease_slice: &'a str,
+    pub epoch: u64,
+}
+
 impl Core {
     /// A session the pool adopted (a GRANT): watched from now on, not yet idle.
-    // The wrapper's arguments passed through as they are (the pyo3 `add_session`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_session(
-        &mut self,
-        sid: i64,
-        fd: i32,
-        service: &str,
-        registrant: i64,
-        key_service: &str,
-        key_slice: &str,
-        lease_slice: &str,
-        epoch: u64,
-    ) -> std::io::Result<u64> {
+    pub fn add_session(&mut self, a: Adopted<'_>) -> std::io::Result<u64> {
+        let Adopted { sid, fd, service, registrant, key_service, key_slice, lease_slice, epoch } = a;
         sys::set_nonblocking(fd)?;
         if sys::is_tcp(fd) {
             sys::set_nodelay(fd);
