@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tests.acceptor.test_ledger import LENDING, TWO_SLICES, make
 
-from backdial.acceptor.asking import Refusal, settle
+from backdial.acceptor.asking import ROUNDS, Refusal, settle
 from backdial.acceptor.ledger import Ledger, RecallAction
 
 KEY = ("", "default")
@@ -49,6 +49,45 @@ def test_a_probe_brings_back_an_idle_session_for_the_ask() -> None:
     (g,) = ledger.pump()
     assert (g.worker, g.session.id, g.asked) == (2, sid, True)
     assert settle(ledger) == ([], []) and not ledger.asks
+
+
+def test_an_ask_whose_answer_went_to_an_older_waiter_is_probed_again() -> None:
+    """Worker 2 holds both sessions idle; worker 1 has a waiting request and one that may
+    not wait.  The probe brings one session back, and the older waiter takes it: the ask
+    is probed again (the other session is still idle there), not refused."""
+    ledger = make(sessions=2)
+    first, second = lease(ledger, 2, KEY, 2)
+    ledger.set_want(1, KEY, 1)
+    ledger.add_ask(1, KEY, 1)
+    assert ledger.pump() == []
+    assert settle(ledger) == ([RecallAction(2, "svc", "default", 1, now=True)], [])
+    assert ledger.give_back(first, 2)
+    ledger.probes_answered(2, 1, returned=1)
+    (g,) = ledger.pump()
+    assert (g.worker, g.session.id, g.asked) == (1, first, False)  # the waiter, first
+    assert settle(ledger) == ([RecallAction(2, "svc", "default", 1, now=True)], [])
+    assert ledger.give_back(second, 2)
+    ledger.probes_answered(2, 1, returned=1)
+    (g,) = ledger.pump()
+    assert (g.worker, g.session.id, g.asked) == (1, second, True)
+    assert settle(ledger) == ([], []) and not ledger.asks
+
+
+def test_an_ask_is_probed_again_a_bounded_number_of_rounds() -> None:
+    """Every round brings a session back and an older waiter takes it: after the first
+    probe and ``ROUNDS`` more the ask is refused, though worker 2 still holds sessions."""
+    ledger = make(sessions=8)
+    held = lease(ledger, 2, KEY, 8)
+    ledger.add_ask(1, KEY, 1)
+    for round_ in range(1 + ROUNDS):
+        ledger.set_want(1, KEY, 1)  # a new waiter, older than nothing idle here
+        assert ledger.pump() == []
+        assert settle(ledger) == ([RecallAction(2, "svc", "default", 1, now=True)], [])
+        assert ledger.give_back(held[round_], 2)
+        ledger.probes_answered(2, 1, returned=1)
+        assert [(g.worker, g.asked) for g in ledger.pump()] == [(1, False)]
+    assert settle(ledger) == ([], [Refusal(1, KEY, 1)])
+    assert not ledger.asks
 
 
 def test_probes_never_ask_twice_for_a_session_and_skip_old_workers_and_the_asker() -> None:

@@ -11,6 +11,10 @@ Such a request is served if a session can be had *now*, else it gets a fast 503:
   ``settle`` asks those workers for them with a RECALL ``now`` (a *probe*): a worker
   gives back at once what it holds idle, owes nothing for the rest, and says it has
   answered (RELEASE ``answers``).  What comes back is granted by the next pump;
+* what comes back goes to the oldest request first, so an older waiting request
+  may take it: an ask whose answers brought sessions back and still has units
+  left is probed again where sessions may still be idle (at most ``ROUNDS`` more
+  times; each such round served a request);
 * an ask whose probes are all answered (or that had none to send) and still has
   units left is refused (REFUSE).
 
@@ -19,9 +23,9 @@ for a slice under its quota also those of slices leased beyond their quota (the
 borrowers, furthest beyond first, as ``lending.py`` revokes lending), never more than
 the slice is owed.  Workers below revision 3 are never probed (they would not answer).
 
-An ask is probed at most once and each probe asks only for sessions no other probe
-asks for, so a burst costs a bounded number of records, and nothing here runs at
-steady state: a worker holding an idle session of the key never asks.
+An ask is probed at most ``1 + ROUNDS`` times and each probe asks only for sessions
+no other probe asks for, so a burst costs a bounded number of records, and nothing
+here runs at steady state: a worker holding an idle session of the key never asks.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ from backdial.acceptor.ledger import Ask, Ledger, Probe, RecallAction
 from backdial.control import WantKey
 
 Held = collections.Counter[tuple[int, str, str]]  # (worker, service, slice) -> sessions
+
+# Rounds of probes an ask may have after its first, each only when the last one brought
+# sessions back (which older waiting requests took): a handful, since every round serves
+# a request and asks are answered "now".
+ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,12 @@ def settle(ledger: Ledger) -> tuple[list[RecallAction], list[Refusal]]:
             continue
         if not ask.probed:
             ask.probed = True
+            probes += _probe(ledger, ask_id, ask, held, probing)
+        elif ask.probes <= 0 and ask.yielded and ask.rounds < ROUNDS:
+            # Its answers brought sessions back, but older waiters took them: other idle
+            # sessions it could use may still sit in workers.
+            ask.yielded = False
+            ask.rounds += 1
             probes += _probe(ledger, ask_id, ask, held, probing)
         if ask.probes <= 0:
             refusals.append(Refusal(ask.worker, ask.key, ask.n))

@@ -85,8 +85,10 @@ class Ask:
     worker: int
     key: WantKey
     n: int  # units not answered yet
-    probed: bool = False  # its probes were planned (once: an ask never probes twice)
+    probed: bool = False  # its first round of probes was planned
     probes: int = 0  # probe records (RECALL now) not answered yet that it waits for
+    yielded: bool = False  # the answers to its last round brought sessions back
+    rounds: int = 0  # rounds of probes planned after the first (bounded: asking.ROUNDS)
 
 
 @dataclass(slots=True)
@@ -345,9 +347,9 @@ class Ledger:
     def asks_of(self, worker: int) -> int:
         return sum(1 for ask in self.asks.values() if ask.worker == worker)
 
-    def probes_answered(self, worker: int, k: int) -> None:
-        """*worker* answered its *k* oldest probes (RELEASE ``answers``; the sessions it
-        had idle came with it and are idle here now)."""
+    def probes_answered(self, worker: int, k: int, returned: int = 0) -> None:
+        """*worker* answered its *k* oldest probes (RELEASE ``answers``; the *returned*
+        sessions it had idle came with it and are idle here now)."""
         queue = self.probes.get(worker)
         while queue and k > 0:
             probe = queue.popleft()
@@ -356,6 +358,7 @@ class Ledger:
                 ask = self.asks.get(ask_id)
                 if ask is not None:
                     ask.probes -= 1
+                    ask.yielded = ask.yielded or returned > 0
 
     def waiting(self) -> collections.Counter[WantKey]:
         """Waiting requests per (resolved service, slice), summed over workers."""

@@ -361,7 +361,8 @@ class Acceptor:
             for item in msg.sessions:
                 self._on_release(wid, item)
             if msg.answers:  # its answers to probes: the idle sessions came with them
-                self.ledger.probes_answered(wid, msg.answers)
+                returned = sum(1 for item in msg.sessions if item.state is ReleaseState.IDLE)
+                self.ledger.probes_answered(wid, msg.answers, returned)
             self.enforce_cap()
             self.schedule_pump()
         elif isinstance(msg, control.Ask):
