@@ -31,8 +31,7 @@ class Asker(PoolBase):
         if not self.book.unsent:
             self._loop.call_soon(self._flush_asks)
         ticket = self.book.ask(key, waiter, now, timeout)
-        if self._timer is None or ticket.deadline < self._timer_at:
-            self._arm(ticket.deadline, now)
+        self._arm(ticket.deadline, now)
         return ticket
 
     def asking_counts(self) -> dict[WantKey, int]:

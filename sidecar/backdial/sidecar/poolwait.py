@@ -75,8 +75,7 @@ class WaitQueue(PoolBase):
 
     def _enqueue(self, key: WantKey, waiter: Waiter, now: float, timeout: float) -> Ticket:
         ticket = self.book.enqueue(key, waiter, now, timeout)
-        if self._timer is None or ticket.deadline < self._timer_at:
-            self._arm(ticket.deadline, now)
+        self._arm(ticket.deadline, now)
         return ticket
 
     def waiting_counts(self) -> dict[WantKey, int]:
@@ -84,7 +83,10 @@ class WaitQueue(PoolBase):
         return {key: len(queue) for key, queue in self.book.waiters.items() if queue}
 
     def _arm(self, deadline: float, now: float) -> None:
+        """The one queue timer fires by *deadline* (kept when it fires before)."""
         if self._timer is not None:
+            if self._timer_at <= deadline:
+                return
             self._timer.cancel()
         self._timer_at = deadline
         self._timer = self._loop.call_at(self._loop.time() + deadline - now, self._expire)
