@@ -56,9 +56,14 @@ def place_on_process_node(pod_spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def process_deployment(
-    name: str, namespace: str, replicas: int, pod_spec: dict[str, Any]
+    name: str,
+    namespace: str,
+    replicas: int,
+    pod_spec: dict[str, Any],
+    pod_labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A Deployment ``name`` (pods labelled ``app: name``) whose pods run on the process node."""
+    """A Deployment ``name`` (pods labelled ``app: name`` and *pod_labels*) whose pods run
+    on the process node."""
     labels = {"app": name}
     return {
         "apiVersion": "apps/v1",
@@ -67,6 +72,9 @@ def process_deployment(
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": place_on_process_node(pod_spec)},
+            "template": {
+                "metadata": {"labels": {**labels, **(pod_labels or {})}},
+                "spec": place_on_process_node(pod_spec),
+            },
         },
     }

@@ -96,36 +96,23 @@ def pod_spec(env: OperatorEnv, sessions: int) -> dict[str, Any]:
     token = {
         "serviceAccountToken": {"audience": "backdial", "expirationSeconds": 3600, "path": "token"}
     }
-    return harness.place_on_process_node(
-        {
-            "containers": [acceptor, sidecar, app],
-            "terminationGracePeriodSeconds": 5,
-            "volumes": [
-                {"name": "backdial-run", "emptyDir": {}},
-                {"name": "backdial-token", "projected": {"sources": [token]}},
-                {"name": "operator-ca", "configMap": {"name": "backdial-operator-ca"}},
-            ],
-        }
-    )
+    return {
+        "containers": [acceptor, sidecar, app],
+        "terminationGracePeriodSeconds": 5,
+        "volumes": [
+            {"name": "backdial-run", "emptyDir": {}},
+            {"name": "backdial-token", "projected": {"sources": [token]}},
+            {"name": "operator-ca", "configMap": {"name": "backdial-operator-ca"}},
+        ],
+    }
 
 
 def deployment(env: OperatorEnv, namespace: str, name: str, replicas: int, sessions: int) -> Any:
-    labels = {"app": name}
     return [
         ca_configmap(env, namespace),
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "replicas": replicas,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": {**labels, **INJECTED}},
-                    "spec": pod_spec(env, sessions),
-                },
-            },
-        },
+        harness.process_deployment(
+            name, namespace, replicas, pod_spec(env, sessions), pod_labels=INJECTED
+        ),
     ]
 
 
