@@ -25,6 +25,7 @@ COLORS = {
     "haproxy": "#1565c0",
     "backdial": "#c62828",
     "backdial-python": "#ef9a9a",
+    "backdial-normal": "#8d6e63",
 }
 
 

@@ -82,6 +82,25 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             rows.append(
                 ("c=64 rate ≥ c=16 rate (16 sessions)", _x(r), r >= 1.0 if r == r else None)
             )
+            # For reference, not a target: the same stack with the worker kept on
+            # SCHED_OTHER while requests wait (--queued-cpu-policy normal).
+            ref = _ratio(_med(s64, "backdial-normal", "rps"), _med(s16, "backdial-normal", "rps"))
+            if ref == ref:
+                csw = [
+                    _ratio(
+                        _med(x, "backdial-normal", "proxy_csw_per_req"),
+                        _med(x, "nginx-keepalive", "proxy_csw_per_req"),
+                    )
+                    for x in (s16, s64)
+                ]
+                rows.append(
+                    (
+                        "reference, --queued-cpu-policy normal: c=64 ÷ c=16 rate; "
+                        "csw/request ×nginx-keepalive at c=16, c=64",
+                        f"{_x(ref)}; {_x(csw[0])}, {_x(csw[1])}",
+                        None,
+                    )
+                )
     close = result.get("close")
     if close:
         s = close["summary"]

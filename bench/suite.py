@@ -59,7 +59,18 @@ from harness import (
 from report import render
 from run import _clean, measure_stable, summarize
 
-PEERS = ["direct", "nginx-dialing", "nginx-keepalive", "haproxy", "backdial", "backdial-python"]
+PEERS = [
+    "direct",
+    "nginx-dialing",
+    "nginx-keepalive",
+    "haproxy",
+    "backdial",
+    "backdial-python",
+    "backdial-normal",
+]
+# In the sweep only: the default stack with --queued-cpu-policy normal, to show what the
+# worker's batch policy while requests wait is worth (docs/engine.md).
+SWEEP_ONLY = {"backdial-normal"}
 
 
 def native_engine() -> str | None:
@@ -145,6 +156,13 @@ def start_peers(
         )  # fmt: skip
         stacks["backdial-python"].note += ", python engine (--engine python)"
         capacity.wait_registered(stacks["backdial-python"], ns.sessions)
+        stacks["backdial-normal"] = start_backdial(
+            ws, ns.server_cpus, ns.sessions, name="backdial-normal",
+            sidecar_args=["--queued-cpu-policy", "normal"],
+        )  # fmt: skip
+        normal = f", native engine {engine}, --queued-cpu-policy normal (SCHED_OTHER always)"
+        stacks["backdial-normal"].note += normal
+        capacity.wait_registered(stacks["backdial-normal"], ns.sessions)
 
 
 def sweep(stacks: dict[str, Stack], ns: argparse.Namespace) -> dict[str, Any]:
@@ -175,7 +193,7 @@ def sweep(stacks: dict[str, Stack], ns: argparse.Namespace) -> dict[str, Any]:
 def connection_per_request(
     stacks: dict[str, Stack], ns: argparse.Namespace, conns: int = 16
 ) -> dict[str, Any]:
-    targets = [t for t in PEERS if t in stacks and t != "direct"]
+    targets = [t for t in PEERS if t in stacks and t != "direct" and t not in SWEEP_ONLY]
     runs: list[dict[str, Any]] = []
     for rnd in range(ns.rounds):
         order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
@@ -273,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             result["spike"][0]["target"] = "backdial"
             capacity.stop_stack(ws, spike_stack)
-        for name in ("nginx-dialing", "nginx-keepalive", "haproxy", "backdial", "backdial-python"):
+        for name in PEERS[1:]:
             if name in stacks:
                 capacity.stop_stack(ws, stacks[name])  # the rest start their own stacks
         if "idle" in ns.only:

@@ -27,6 +27,7 @@ from backdial.options import (
     words,
 )
 from backdial.runtime import ConfigError
+from backdial.sidecar.cpupolicy import CpuPolicy
 
 
 def cidrs(raw: str) -> tuple[str, ...]:
@@ -38,6 +39,10 @@ def cidrs(raw: str) -> tuple[str, ...]:
         except ValueError as exc:
             raise ValueError(str(exc)) from None
     return tuple(out)
+
+
+def cpu_policy(raw: str) -> CpuPolicy:
+    return CpuPolicy(choice(*(p.value for p in CpuPolicy))(raw))
 
 
 def listen_address(raw: str) -> str:
@@ -111,6 +116,16 @@ class ProxySettings:
         default="128",
         help="file descriptors kept free for sessions, control and spool files; client "
         "connections beyond the limit minus this get 503",
+    )
+    # While requests wait for sessions the services are the bottleneck: under SCHED_BATCH
+    # the worker stops preempting them on every wake-up (cpupolicy.py, docs/engine.md).
+    queued_cpu_policy: CpuPolicy = option(
+        "--queued-cpu-policy",
+        parse=cpu_policy,
+        default="auto",
+        help="the worker's scheduling policy while requests wait for sessions: batch "
+        "(SCHED_BATCH, it stops preempting the services on wake-up), normal, or auto "
+        "(batch on the native engine, normal on the python engine); docs/engine.md",
     )
     max_header_bytes: int = option(
         "--max-header-bytes", parse=size, default="64k", help="request head limit; beyond it 431"

@@ -24,6 +24,7 @@ from typing import Any
 from backdial.runtime import ConfigError
 from backdial.sidecar import nativeproxy
 from backdial.sidecar.config import ProxySettings
+from backdial.sidecar.cpupolicy import CpuSwitch
 from backdial.sidecar.leasepool import LeasePool
 from backdial.sidecar.listener import ListenerState
 from backdial.sidecar.nativepool import NativeLeasePool
@@ -100,7 +101,9 @@ def worker(kind: Kind, run_dir: Path, settings: ProxySettings, name: str = "") -
     holder: list[LeasePool] = []
     pool = LeasePool(run_dir, lambda lease: wrap_lease(lease, holder[0]), name)
     holder.append(pool)
-    return Worker(kind, pool, ProxyStats())
+    stats = ProxyStats()
+    pool.cpu = CpuSwitch(settings.queued_cpu_policy, stats)
+    return Worker(kind, pool, stats)
 
 
 def native_worker(

@@ -19,6 +19,7 @@ from typing import Any
 from backdial.control import Rejection
 from backdial.metrics import Histogram
 from backdial.sidecar.config import ProxySettings
+from backdial.sidecar.cpupolicy import CpuPolicy
 from backdial.sidecar.lease import Ticket
 from backdial.sidecar.listener import ListenerState, SweptConnection
 from backdial.sidecar.nativepool import NativeLeasePool
@@ -43,6 +44,8 @@ ENGINE_COUNTERS = (
     "client_aborts",
     "untrusted_forwarding",
     "handovers",
+    "cpu_policy_switches",
+    "cpu_policy_refused",
 )
 
 
@@ -64,6 +67,7 @@ def engine_settings(settings: ProxySettings) -> dict[str, Any]:
         # PROXY protocol headers are read by the Python path: it gets every connection.
         "takeover_all": settings.proxy_protocol,
         "fd_reserve": settings.fd_reserve,
+        "queued_batch": settings.queued_cpu_policy.resolved(native=True) is CpuPolicy.BATCH,
         "via": settings.via,
         "proto": settings.forwarded_proto,
         "trusted_proxies": list(settings.trusted_proxies),

@@ -46,6 +46,7 @@ from backdial.control import Rejection, ReleaseState, WantKey
 from backdial.metrics import LATENCY_BUCKETS, Histogram
 from backdial.policy import Policy, Slice
 from backdial.sdk.backoff import StateLog
+from backdial.sidecar.cpupolicy import CpuPolicy, CpuSwitch
 from backdial.sidecar.idlering import IdleRing
 from backdial.sidecar.lease import Lease, LeasedConn, Ticket, Waiter
 from backdial.sidecar.leasebook import LeaseBook
@@ -111,6 +112,9 @@ class PoolBase:
         self._handoffs: list[tuple[Ticket, LeasedConn]] = []
         self.stats: dict[str, SliceStats] = collections.defaultdict(SliceStats)
         self.registered = 0  # sessions registered at the acceptor, as last announced
+        # The loop thread's policy while requests wait (cpupolicy.py); the python engine's
+        # worker sets it from --queued-cpu-policy, the native engine switches itself.
+        self.cpu = CpuSwitch(CpuPolicy.NORMAL)
         self.closing = False
         self._drained = asyncio.Event()  # set when closing and no session is busy
         self.connected = asyncio.Event()
@@ -163,6 +167,12 @@ class PoolBase:
         def _adopted(self, grant: int) -> None: ...
 
         def _forget_asks(self) -> None: ...
+
+    def _settle_cpu(self) -> None:
+        """After the waiting or asking count may have changed: the policy it calls for."""
+        cpu = self.cpu
+        if cpu.queued is not CpuPolicy.NORMAL or cpu.applied is not CpuPolicy.NORMAL:
+            cpu.settle(self.book.waiting + self.book.asking)
 
     # The book's state, as the worker's admin, metrics and tests read it.
     @property

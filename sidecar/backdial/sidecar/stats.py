@@ -56,6 +56,10 @@ class ProxyStats:
         self.proxy_header_errors = 0
         self.untrusted_forwarding = 0  # forwarding claims from untrusted peers, replaced
         self.handovers = 0  # connections the native engine gave to the python engine
+        # Worker scheduling-policy switches while requests wait (cpupolicy.py), and
+        # switches the kernel refused (then the feature is off for the worker).
+        self.cpu_policy_switches = 0
+        self.cpu_policy_refused = 0
 
     @property
     def buffered_request_bytes(self) -> int:
@@ -136,6 +140,17 @@ class ProxyStats:
                 "Client connections the native engine handed to the python engine (requests "
                 "outside its subset; always 0 with the python engine).",
                 self.handovers,
+            ),
+            (
+                "cpu_policy_switches_total",
+                "Switches of the worker's scheduling policy between normal and batch, made as "
+                "requests start and stop waiting for sessions (--queued-cpu-policy).",
+                self.cpu_policy_switches,
+            ),
+            (
+                "cpu_policy_refused_total",
+                "Policy switches the kernel refused; the worker then stays normal.",
+                self.cpu_policy_refused,
             ),
         )
         for name, text, value in counters:

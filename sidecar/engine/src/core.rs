@@ -57,6 +57,8 @@ pub struct Settings {
     pub tick: f64,
     pub takeover_all: bool,
     pub fd_reserve: usize,
+    /// `--queued-cpu-policy batch`: SCHED_BATCH while requests wait (cpu.rs).
+    pub queued_batch: bool,
     pub via: Vec<u8>,
     pub proto: Vec<u8>,
     pub trusted: Vec<Net>,
@@ -280,6 +282,8 @@ pub struct Core {
     pub ep: Epoll,
     pub tick: Timer,
     pub qtimer: Timer,
+    /// The worker thread runs SCHED_BATCH now (cpu.rs).
+    pub batch: bool,
     pub listener: Option<RawFd>,
     pub clients: Slab<Client>,
     pub sessions: Slab<Session>,
@@ -336,6 +340,7 @@ impl Core {
             ep,
             tick,
             qtimer,
+            batch: false,
             listener: None,
             clients: Slab::default(),
             sessions: Slab::default(),

@@ -50,6 +50,7 @@ impl Engine {
                 // Sessions handed to native waiters are written now, then the hooks.
                 c.deliver_handoffs();
                 c.arm_tick();
+                c.settle_cpu();
                 std::mem::take(&mut c.hooks)
             };
             if hooks.is_empty() {

@@ -18,6 +18,7 @@ mod accept;
 mod book;
 mod client;
 mod core;
+mod cpu;
 mod engine;
 pub mod head;
 mod lease;
@@ -68,6 +69,7 @@ impl Engine {
             tick: get(settings, "tick")?,
             takeover_all: get(settings, "takeover_all")?,
             fd_reserve: get(settings, "fd_reserve")?,
+            queued_batch: get(settings, "queued_batch")?,
             via: get::<String>(settings, "via")?.into_bytes(),
             proto: get::<String>(settings, "proto")?.into_bytes(),
             trusted: nets,

@@ -66,6 +66,9 @@ pub struct Counters {
     pub client_aborts: i64,
     pub untrusted_forwarding: i64,
     pub handovers: i64,
+    /// Scheduling policy switches (cpu.rs), and switches the kernel refused.
+    pub cpu_policy_switches: i64,
+    pub cpu_policy_refused: i64,
     pub unavailable: [i64; 3],
 }
 
@@ -85,6 +88,8 @@ impl Counters {
             ("client_aborts", self.client_aborts),
             ("untrusted_forwarding", self.untrusted_forwarding),
             ("handovers", self.handovers),
+            ("cpu_policy_switches", self.cpu_policy_switches),
+            ("cpu_policy_refused", self.cpu_policy_refused),
         ]
     }
 }

@@ -1,0 +1,97 @@
+"""The worker thread's CPU scheduling policy while requests wait for sessions.
+
+A request waits (or asks the acceptor) only when every session of its key is busy:
+the services are the bottleneck.  A sidecar worker usually shares CPUs with them, and
+a normal (``SCHED_OTHER``) thread woken by a socket preempts whatever runs on its CPU,
+so every response a service writes wakes the worker in the middle of the service's own
+loop turn and the two ping-pong on the CPU: context switches, cache refills, and CPU
+taken from the part that limits throughput.  Under ``SCHED_BATCH`` the kernel does not
+preempt on wake-up: the service finishes its turn and the worker then finds its
+responses ready together.  The worker goes back to ``SCHED_OTHER`` as soon as nothing
+waits, so a worker that keeps up is never delayed by this (``--queued-cpu-policy``,
+docs/engine.md).
+
+``wanted`` is the decision, ``CpuSwitch`` the thin shell the Python engine's pool calls
+when its waiting count may have changed; the native engine does the same in
+``sidecar/engine/src/cpu.rs`` once per turn.  Either makes one ``sched_setscheduler``
+call per change, never one per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+from typing import Protocol
+
+log = logging.getLogger("backdial.sidecar")
+
+
+class CpuPolicy(enum.Enum):
+    """What ``--queued-cpu-policy`` names: the policy while requests wait."""
+
+    AUTO = "auto"  # BATCH on the native engine, NORMAL on the python engine
+    NORMAL = "normal"  # SCHED_OTHER throughout: the switch is off
+    BATCH = "batch"  # SCHED_BATCH while requests wait or ask, SCHED_OTHER otherwise
+
+    def resolved(self, native: bool) -> CpuPolicy:
+        """AUTO made concrete for an engine.  The premise (waiting requests mean the
+        services are the slower part) holds for the native engine, which costs less CPU
+        per request than the services behind it; the python engine costs more than they
+        do, and under BATCH it lost about 7 % at 64 clients on 16 sessions (docs/engine.md)."""
+        if self is CpuPolicy.AUTO:
+            return CpuPolicy.BATCH if native else CpuPolicy.NORMAL
+        return self
+
+    @property
+    def sched(self) -> int:
+        return os.SCHED_BATCH if self is CpuPolicy.BATCH else os.SCHED_OTHER
+
+
+def wanted(queued: CpuPolicy, waiting: int) -> CpuPolicy:
+    """The policy for a worker with *waiting* requests waiting or asking for a session."""
+    return queued if waiting > 0 else CpuPolicy.NORMAL
+
+
+class SwitchCounts(Protocol):
+    cpu_policy_switches: int
+    cpu_policy_refused: int
+
+
+class CpuSwitch:
+    """Applies ``wanted`` to the calling thread (the worker's loop) on a change only.
+
+    A refused switch (a seccomp profile that forbids ``sched_setscheduler``, say) turns
+    the switch off for the worker, logged once, instead of being retried per request.
+    """
+
+    __slots__ = ("applied", "counts", "queued")
+
+    def __init__(self, queued: CpuPolicy, counts: SwitchCounts | None = None) -> None:
+        self.queued = queued.resolved(native=False)
+        self.applied = CpuPolicy.NORMAL
+        self.counts = counts
+
+    def settle(self, waiting: int) -> None:
+        want = wanted(self.queued, waiting)
+        if want is self.applied:
+            return
+        try:
+            os.sched_setscheduler(0, want.sched, os.sched_param(0))
+        except OSError as exc:
+            log.warning(
+                "--queued-cpu-policy %s refused (%s); staying normal", self.queued.value, exc
+            )
+            self.queued = CpuPolicy.NORMAL
+            if self.counts is not None:
+                self.counts.cpu_policy_refused += 1
+            if self.applied is not CpuPolicy.NORMAL:
+                self.applied = CpuPolicy.NORMAL
+                # Going back to normal is always allowed; nothing to do if it was not.
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            return
+        self.applied = want
+        if self.counts is not None:
+            self.counts.cpu_policy_switches += 1

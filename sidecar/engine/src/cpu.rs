@@ -1,0 +1,65 @@
+//! The worker thread's CPU scheduling policy while requests wait for sessions
+//! (`--queued-cpu-policy`, the twin of `cpupolicy.py`).
+//!
+//! A request waits (or asks) only when every session of its key is busy: the services
+//! are the bottleneck. The worker usually shares CPUs with them, and a normal
+//! (`SCHED_OTHER`) thread woken by a socket preempts whatever runs there, so each
+//! response the service writes wakes the worker in the middle of the service's own
+//! loop turn, and the two ping-pong on the CPU. Under `SCHED_BATCH` the kernel does not
+//! preempt on wake-up: the service finishes its turn, the worker then finds all its
+//! responses ready at once. The worker goes back to `SCHED_OTHER` when nothing waits,
+//! so a worker that keeps up is never delayed. Checked once per engine turn (and per
+//! call from Python that delivers hooks): a switch is one `sched_setscheduler` call on
+//! a change only, never per request.
+
+use crate::core::Core;
+
+/// Whether the calling thread should run `SCHED_BATCH` now.
+pub fn wanted(enabled: bool, waiting: usize, asking: usize) -> bool {
+    enabled && waiting + asking > 0
+}
+
+/// Set the calling thread's policy: `SCHED_BATCH` or `SCHED_OTHER` (nice unchanged;
+/// allowed without privileges).
+pub fn apply(batch: bool) -> std::io::Result<()> {
+    let policy = if batch { libc::SCHED_BATCH } else { libc::SCHED_OTHER };
+    let param = libc::sched_param { sched_priority: 0 };
+    crate::sys::cvt(unsafe { libc::sched_setscheduler(0, policy, &param) }).map(|_| ())
+}
+
+impl Core {
+    /// Switch the policy when the wanted one changed; a refused switch (a seccomp
+    /// profile, say) turns the feature off for this engine instead of retrying per turn.
+    pub fn settle_cpu(&mut self) {
+        let want = wanted(self.settings.queued_batch, self.book.waiting, self.book.asking);
+        if want == self.batch {
+            return;
+        }
+        match apply(want) {
+            Ok(()) => {
+                self.batch = want;
+                self.stats.cpu_policy_switches += 1;
+            }
+            Err(_) => {
+                self.settings.queued_batch = false;
+                if self.batch && apply(false).is_ok() {
+                    self.batch = false;
+                }
+                self.stats.cpu_policy_refused += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wanted;
+
+    #[test]
+    fn batch_only_while_requests_wait_or_ask_and_enabled() {
+        assert!(!wanted(true, 0, 0));
+        assert!(wanted(true, 1, 0));
+        assert!(wanted(true, 0, 2));
+        assert!(!wanted(false, 5, 5));
+    }
+}

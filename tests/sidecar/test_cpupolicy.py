@@ -1,0 +1,85 @@
+"""``cpupolicy``: the decision, AUTO per engine, and the switch on a real thread."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from backdial.sidecar.cpupolicy import CpuPolicy, CpuSwitch, wanted
+from backdial.sidecar.stats import ProxyStats
+
+
+def on_thread(fn: Callable[[], object]) -> object:
+    """Run *fn* on a thread of its own: a policy set there leaves pytest's thread alone."""
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def test_batch_is_wanted_only_while_requests_wait() -> None:
+    assert wanted(CpuPolicy.BATCH, 0) is CpuPolicy.NORMAL
+    assert wanted(CpuPolicy.BATCH, 1) is CpuPolicy.BATCH
+    assert wanted(CpuPolicy.NORMAL, 5) is CpuPolicy.NORMAL
+
+
+def test_auto_is_batch_on_the_native_engine_only() -> None:
+    assert CpuPolicy.AUTO.resolved(native=True) is CpuPolicy.BATCH
+    assert CpuPolicy.AUTO.resolved(native=False) is CpuPolicy.NORMAL
+    assert CpuPolicy.BATCH.resolved(native=False) is CpuPolicy.BATCH
+    assert CpuPolicy.NORMAL.resolved(native=True) is CpuPolicy.NORMAL
+    assert CpuSwitch(CpuPolicy.AUTO).queued is CpuPolicy.NORMAL  # the python engine's
+
+
+def test_switch_sets_the_calling_thread_on_changes_only() -> None:
+    stats = ProxyStats()
+
+    def run() -> list[int]:
+        switch = CpuSwitch(CpuPolicy.BATCH, stats)
+        seen = [os.sched_getscheduler(0)]
+        switch.settle(1)
+        seen.append(os.sched_getscheduler(0))
+        switch.settle(3)  # still waiting: no call, no count
+        switch.settle(0)
+        seen.append(os.sched_getscheduler(0))
+        return seen
+
+    assert on_thread(run) == [os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_OTHER]
+    assert stats.cpu_policy_switches == 2
+    assert stats.cpu_policy_refused == 0
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # pytest's own thread untouched
+
+
+def test_normal_never_calls_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> None:
+        raise AssertionError("sched_setscheduler called")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    switch = CpuSwitch(CpuPolicy.NORMAL)
+    for waiting in (1, 0, 7, 0):
+        switch.settle(waiting)
+    assert switch.applied is CpuPolicy.NORMAL
+
+
+def test_a_refused_switch_turns_the_feature_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No seccomp profile can be installed on the test process, so the kernel's refusal
+    # (EPERM from a profile that forbids sched_setscheduler) is simulated here.
+    calls: list[int] = []
+
+    def refuse(pid: int, policy: int, param: os.sched_param) -> None:
+        calls.append(policy)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    stats = ProxyStats()
+    switch = CpuSwitch(CpuPolicy.BATCH, stats)
+    switch.settle(1)
+    switch.settle(0)
+    switch.settle(2)
+    assert calls == [os.SCHED_BATCH]  # tried once, then off
+    assert switch.queued is CpuPolicy.NORMAL and switch.applied is CpuPolicy.NORMAL
+    assert (stats.cpu_policy_switches, stats.cpu_policy_refused) == (0, 1)
