@@ -21,10 +21,13 @@ def on_thread(fn: Callable[[], object]) -> object:
     return out[0]
 
 
-def test_batch_is_wanted_only_while_requests_wait() -> None:
-    assert wanted(CpuPolicy.BATCH, 0) is CpuPolicy.NORMAL
-    assert wanted(CpuPolicy.BATCH, 1) is CpuPolicy.BATCH
-    assert wanted(CpuPolicy.NORMAL, 5) is CpuPolicy.NORMAL
+def test_batch_is_wanted_only_while_requests_wait_on_busy_cpus() -> None:
+    assert wanted(CpuPolicy.BATCH, 0, contended=True) is CpuPolicy.NORMAL
+    assert wanted(CpuPolicy.BATCH, 1, contended=True) is CpuPolicy.BATCH
+    # Requests wait, but the CPUs have idle time: the services wait on something else,
+    # and a hand-off delayed behind their burst would leave sessions idle.
+    assert wanted(CpuPolicy.BATCH, 1, contended=False) is CpuPolicy.NORMAL
+    assert wanted(CpuPolicy.NORMAL, 5, contended=True) is CpuPolicy.NORMAL
 
 
 def test_auto_is_batch_on_the_native_engine_only() -> None:
@@ -41,6 +44,9 @@ def test_switch_sets_the_calling_thread_on_changes_only() -> None:
     def run() -> list[int]:
         switch = CpuSwitch(CpuPolicy.BATCH, stats)
         seen = [os.sched_getscheduler(0)]
+        switch.settle(1)  # CPUs not known to be busy yet: no switch
+        seen.append(os.sched_getscheduler(0))
+        switch.contended = True
         switch.settle(1)
         seen.append(os.sched_getscheduler(0))
         switch.settle(3)  # still waiting: no call, no count
@@ -48,7 +54,7 @@ def test_switch_sets_the_calling_thread_on_changes_only() -> None:
         seen.append(os.sched_getscheduler(0))
         return seen
 
-    assert on_thread(run) == [os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_OTHER]
+    assert on_thread(run) == [os.SCHED_OTHER, os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_OTHER]
     assert stats.cpu_policy_switches == 2
     assert stats.cpu_policy_refused == 0
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # pytest's own thread untouched
@@ -60,6 +66,7 @@ def test_normal_never_calls_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     switch = CpuSwitch(CpuPolicy.NORMAL)
+    switch.contended = True
     for waiting in (1, 0, 7, 0):
         switch.settle(waiting)
     assert switch.applied is CpuPolicy.NORMAL
@@ -77,6 +84,7 @@ def test_a_refused_switch_turns_the_feature_off(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     stats = ProxyStats()
     switch = CpuSwitch(CpuPolicy.BATCH, stats)
+    switch.contended = True
     switch.settle(1)
     switch.settle(0)
     switch.settle(2)

@@ -1,13 +1,18 @@
 """The worker's scheduling policy follows its queue (``--queued-cpu-policy``).
 
-While a request waits for a session the services are the bottleneck, and a worker on
-``batch`` runs ``SCHED_BATCH`` so that its wake-ups do not preempt them; as soon as
-nothing waits it is back on ``SCHED_OTHER``.  ``auto`` (the default) is ``batch`` on
-the native engine and ``normal`` on the python engine; ``normal`` never switches.
+While a request waits for a session and the worker's CPUs have no idle time, a worker
+on ``batch`` runs ``SCHED_BATCH`` so that its wake-ups do not preempt the services; as
+soon as nothing waits it is back on ``SCHED_OTHER``.  ``auto`` (the default) is
+``batch`` on the native engine and ``normal`` on the python engine; ``normal`` never
+switches.
 
-Real acceptor, sidecar and demo service processes; the policy is read from the kernel
+Real acceptor, sidecar and demo service processes.  The sidecar is confined to one CPU
+(it inherits the test's affinity, set for its start) that a busy-looping process keeps
+saturated, so the CPU is really contended.  The policy is read from the kernel
 (``sched_getscheduler`` of the worker's loop thread, the process's main thread with
-``--workers 1``), the waiting count from the worker's own ``/v1/state``.
+``--workers 1``), the waiting count from the worker's own ``/v1/state``.  That an idle
+CPU keeps the worker normal is checked in tests/sidecar/test_cpupolicy.py: here the
+machine's other load could fill any CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -44,6 +52,19 @@ def policy_of(pid: int) -> int:
     return os.sched_getscheduler(pid)
 
 
+@pytest.fixture
+def busy_cpu() -> Iterator[int]:
+    """One CPU of ours, kept without idle time by a busy loop for the test."""
+    cpu = max(os.sched_getaffinity(0))
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, {cpu})
+        yield cpu
+    finally:
+        hog.kill()
+        hog.wait()
+
+
 @pytest.mark.parametrize(
     ("given", "batch"),
     [
@@ -52,12 +73,19 @@ def policy_of(pid: int) -> int:
         ("auto", NATIVE),
     ],
 )
-def test_worker_runs_batch_only_while_requests_wait(stack: Stack, given: str, batch: bool) -> None:
+def test_worker_runs_batch_only_while_requests_wait(
+    stack: Stack, busy_cpu: int, given: str, batch: bool
+) -> None:
     stack.config_path.write_text(CONFIG)
     stack.restart_acceptor()
     stack.service("main", 1)
     wait_for(lambda: stack.registered() == 1, what="1 session")
-    stack.restart_sidecar(extra=("--queued-cpu-policy", given))
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {busy_cpu})  # the sidecar inherits it
+    try:
+        stack.restart_sidecar(extra=("--queued-cpu-policy", given))
+    finally:
+        os.sched_setaffinity(0, mine)
     pid = int(get_json(stack.sidecar_url("/v1/state"))["pid"])
     assert policy_of(pid) == os.SCHED_OTHER
 
@@ -67,8 +95,10 @@ def test_worker_runs_batch_only_while_requests_wait(stack: Stack, given: str, ba
         wait_for(lambda: get_json(stack.sidecar_url("/v1/state"))["busy"] == 1, what="busy")
         waiting = pool.submit(get, stack.port, "/")
         wait_for(lambda: stack.waiting_in_sidecar() == 1, what="one request waiting")
-        expected = os.SCHED_BATCH if batch else os.SCHED_OTHER
-        assert policy_of(pid) == expected
+        if batch:  # at the next sample of the CPU (every cpuload.WINDOW)
+            wait_for(lambda: policy_of(pid) == os.SCHED_BATCH, what="SCHED_BATCH")
+        else:
+            assert policy_of(pid) == os.SCHED_OTHER
 
         # The held request ends: the waiting one is served on the same session, the queue
         # is empty, and the worker is back to normal.

@@ -117,15 +117,17 @@ class ProxySettings:
         help="file descriptors kept free for sessions, control and spool files; client "
         "connections beyond the limit minus this get 503",
     )
-    # While requests wait for sessions the services are the bottleneck: under SCHED_BATCH
-    # the worker stops preempting them on every wake-up (cpupolicy.py, docs/engine.md).
+    # While requests wait for sessions on saturated CPUs, the services' CPU is the
+    # bottleneck: under SCHED_BATCH the worker stops preempting them on every wake-up
+    # (cpupolicy.py, cpuload.py, docs/engine.md).
     queued_cpu_policy: CpuPolicy = option(
         "--queued-cpu-policy",
         parse=cpu_policy,
         default="auto",
-        help="the worker's scheduling policy while requests wait for sessions: batch "
-        "(SCHED_BATCH, it stops preempting the services on wake-up), normal, or auto "
-        "(batch on the native engine, normal on the python engine); docs/engine.md",
+        help="the worker's scheduling policy while requests wait for sessions and its CPUs "
+        "have no idle time: batch (SCHED_BATCH, it stops preempting the services on "
+        "wake-up), normal, or auto (batch on the native engine, normal on the python "
+        "engine); docs/engine.md",
     )
     max_header_bytes: int = option(
         "--max-header-bytes", parse=size, default="64k", help="request head limit; beyond it 431"

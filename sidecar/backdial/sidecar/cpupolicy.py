@@ -1,7 +1,8 @@
 """The worker thread's CPU scheduling policy while requests wait for sessions.
 
 A request waits (or asks the acceptor) only when every session of its key is busy:
-the services are the bottleneck.  A sidecar worker usually shares CPUs with them, and
+the services are the bottleneck; when, besides, the worker's CPUs have no idle time
+(``cpuload.py``), what limits them is the CPU.  A sidecar worker usually shares CPUs with them, and
 a normal (``SCHED_OTHER``) thread woken by a socket preempts whatever runs on its CPU,
 so every response a service writes wakes the worker in the middle of the service's own
 loop turn and the two ping-pong on the CPU: context switches, cache refills, and CPU
@@ -11,10 +12,10 @@ responses ready together.  The worker goes back to ``SCHED_OTHER`` as soon as no
 waits, so a worker that keeps up is never delayed by this (``--queued-cpu-policy``,
 docs/engine.md).
 
-``wanted`` is the decision, ``CpuSwitch`` the thin shell the Python engine's pool calls
-when its waiting count may have changed; the native engine does the same in
-``sidecar/engine/src/cpu.rs`` once per turn.  Either makes one ``sched_setscheduler``
-call per change, never one per request.
+``wanted`` is the decision, ``CpuSwitch`` the thin shell the Python engine's pool
+calls when its waiting count or the CPUs' state (sampled every ``cpuload.WINDOW``)
+changed; the native engine does the same in ``sidecar/engine/src/cpu.rs`` once per
+turn.  Either makes one ``sched_setscheduler`` call per change, never one per request.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ class CpuPolicy(enum.Enum):
         return os.SCHED_BATCH if self is CpuPolicy.BATCH else os.SCHED_OTHER
 
 
-def wanted(queued: CpuPolicy, waiting: int) -> CpuPolicy:
-    """The policy for a worker with *waiting* requests waiting or asking for a session."""
-    return queued if waiting > 0 else CpuPolicy.NORMAL
+def wanted(queued: CpuPolicy, waiting: int, contended: bool) -> CpuPolicy:
+    """The policy for a worker with *waiting* requests waiting or asking for a session,
+    whose CPUs were *contended* in the last sample (``cpuload.py``)."""
+    return queued if waiting > 0 and contended else CpuPolicy.NORMAL
 
 
 class SwitchCounts(Protocol):
@@ -66,15 +68,16 @@ class CpuSwitch:
     the switch off for the worker, logged once, instead of being retried per request.
     """
 
-    __slots__ = ("applied", "counts", "queued")
+    __slots__ = ("applied", "contended", "counts", "queued")
 
     def __init__(self, queued: CpuPolicy, counts: SwitchCounts | None = None) -> None:
         self.queued = queued.resolved(native=False)
         self.applied = CpuPolicy.NORMAL
+        self.contended = False  # the worker's CPUs, as last sampled (cpuload.CpuWatch)
         self.counts = counts
 
     def settle(self, waiting: int) -> None:
-        want = wanted(self.queued, waiting)
+        want = wanted(self.queued, waiting, self.contended)
         if want is self.applied:
             return
         try:

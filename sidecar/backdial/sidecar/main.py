@@ -16,6 +16,7 @@ trusted by its file permissions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -26,6 +27,8 @@ from backdial.options import load
 from backdial.runtime import ConfigError, fail, run, setup_logging
 from backdial.sidecar import engine
 from backdial.sidecar.config import SidecarSettings
+from backdial.sidecar.cpuload import WINDOW, CpuWatch
+from backdial.sidecar.cpupolicy import CpuPolicy
 from backdial.sidecar.drain import Drainer
 from backdial.sidecar.leasepool import LeasePool
 from backdial.sidecar.liveness import Liveness
@@ -85,6 +88,9 @@ async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
     )
     admin_api.drainer = drainer
     reporter = asyncio.ensure_future(_report(pool, cfg.stats_interval))
+    # Batch while requests wait needs the CPUs' state (cpuload.py): sampled only then.
+    batch = cfg.proxy.queued_cpu_policy.resolved(native=kind is engine.Kind.NATIVE)
+    watcher = asyncio.ensure_future(_watch_cpu(pool)) if batch is CpuPolicy.BATCH else None
     await stop.wait()
     admin_api.draining = True
     if drainer.started:  # the pod is terminating: finish that sequence (SIGTERM cut its quiet)
@@ -97,9 +103,13 @@ async def serve_worker(cfg: SidecarSettings, stop: asyncio.Event) -> int:
     await pool.close(1.0)
     reporter.cancel()
     monitor.cancel()
+    if watcher is not None:
+        watcher.cancel()
     admin.close()
     if cfg.admin[0] == "unix":
-        os.unlink(str(cfg.admin[1]))
+        # The run directory may be gone already (the pod's emptyDir, a test's tmp dir).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(cfg.admin[1]))
     return 0
 
 
@@ -115,6 +125,13 @@ async def _listener(pool: LeasePool, address: str, stop: asyncio.Event) -> socke
         except OSError as exc:
             raise ConnectionError(f"acceptor cannot listen on {address}: {exc}") from None
     return None
+
+
+async def _watch_cpu(pool: LeasePool) -> None:
+    watch = CpuWatch()
+    while True:
+        pool.cpu_contended(watch.update())
+        await asyncio.sleep(WINDOW)
 
 
 async def _report(pool: LeasePool, interval: float) -> None:

@@ -213,6 +213,9 @@ class NativeLeasePool(LeasePool):
         super()._forget_asks()
         self.engine.forget_asks()  # asking off until the next CONFIG
 
+    def cpu_contended(self, contended: bool) -> None:
+        self.engine.set_contended(contended)  # the engine switches its own policy
+
     def cancel(self, ticket: Ticket) -> None:
         ident = self._ticket_ids.pop(ticket, None)
         if ticket.active and ident is not None:

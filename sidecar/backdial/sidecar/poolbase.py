@@ -168,6 +168,11 @@ class PoolBase:
 
         def _forget_asks(self) -> None: ...
 
+    def cpu_contended(self, contended: bool) -> None:
+        """The worker's CPUs as last sampled (``cpuload.CpuWatch``): batch needs them busy."""
+        self.cpu.contended = contended
+        self._settle_cpu()
+
     def _settle_cpu(self) -> None:
         """After the waiting or asking count may have changed: the policy it calls for."""
         cpu = self.cpu

@@ -284,6 +284,8 @@ pub struct Core {
     pub qtimer: Timer,
     /// The worker thread runs SCHED_BATCH now (cpu.rs).
     pub batch: bool,
+    /// The worker's CPUs were saturated in the last sample (`Engine.set_contended`).
+    pub contended: bool,
     pub listener: Option<RawFd>,
     pub clients: Slab<Client>,
     pub sessions: Slab<Session>,
@@ -341,6 +343,7 @@ impl Core {
             tick,
             qtimer,
             batch: false,
+            contended: false,
             listener: None,
             clients: Slab::default(),
             sessions: Slab::default(),

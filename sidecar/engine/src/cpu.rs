@@ -2,7 +2,8 @@
 //! (`--queued-cpu-policy`, the twin of `cpupolicy.py`).
 //!
 //! A request waits (or asks) only when every session of its key is busy: the services
-//! are the bottleneck. The worker usually shares CPUs with them, and a normal
+//! are the bottleneck, and when the worker's CPUs have no idle time besides
+//! (`cpuload.py` samples them and calls `set_contended`), what limits them is the CPU. The worker usually shares CPUs with them, and a normal
 //! (`SCHED_OTHER`) thread woken by a socket preempts whatever runs there, so each
 //! response the service writes wakes the worker in the middle of the service's own
 //! loop turn, and the two ping-pong on the CPU. Under `SCHED_BATCH` the kernel does not
@@ -14,9 +15,10 @@
 
 use crate::core::Core;
 
-/// Whether the calling thread should run `SCHED_BATCH` now.
-pub fn wanted(enabled: bool, waiting: usize, asking: usize) -> bool {
-    enabled && waiting + asking > 0
+/// Whether the calling thread should run `SCHED_BATCH` now: requests wait or ask, and
+/// the worker's CPUs were saturated in the last sample (`cpuload.py`, told by Python).
+pub fn wanted(enabled: bool, contended: bool, waiting: usize, asking: usize) -> bool {
+    enabled && contended && waiting + asking > 0
 }
 
 /// Set the calling thread's policy: `SCHED_BATCH` or `SCHED_OTHER` (nice unchanged;
@@ -31,7 +33,7 @@ impl Core {
     /// Switch the policy when the wanted one changed; a refused switch (a seccomp
     /// profile, say) turns the feature off for this engine instead of retrying per turn.
     pub fn settle_cpu(&mut self) {
-        let want = wanted(self.settings.queued_batch, self.book.waiting, self.book.asking);
+        let want = wanted(self.settings.queued_batch, self.contended, self.book.waiting, self.book.asking);
         if want == self.batch {
             return;
         }
@@ -56,10 +58,11 @@ mod tests {
     use super::wanted;
 
     #[test]
-    fn batch_only_while_requests_wait_or_ask_and_enabled() {
-        assert!(!wanted(true, 0, 0));
-        assert!(wanted(true, 1, 0));
-        assert!(wanted(true, 0, 2));
-        assert!(!wanted(false, 5, 5));
+    fn batch_only_while_requests_wait_or_ask_on_busy_cpus_and_enabled() {
+        assert!(!wanted(true, true, 0, 0));
+        assert!(wanted(true, true, 1, 0));
+        assert!(wanted(true, true, 0, 2));
+        assert!(!wanted(true, false, 3, 0));
+        assert!(!wanted(false, true, 5, 5));
     }
 }

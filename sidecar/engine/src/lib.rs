@@ -84,6 +84,14 @@ impl Engine {
         Ok(())
     }
 
+    /// The worker's CPUs as last sampled (`cpuload.CpuWatch`); the policy follows now.
+    fn set_contended(&self, contended: bool) -> PyResult<()> {
+        let mut c = self.lock()?;
+        c.contended = contended;
+        c.settle_cpu();
+        Ok(())
+    }
+
     fn fileno(&self) -> PyResult<i32> {
         Ok(self.lock()?.ep.fd)
     }
