@@ -30,12 +30,18 @@ def test_throttled_time_from_cgroup_cpu_stat() -> None:
     assert throttled_us("usage_usec 500\n") == 0
 
 
-def test_contended_when_idle_is_below_five_percent_or_throttled() -> None:
+def test_contended_below_five_percent_idle_until_above_a_quarter_or_throttled() -> None:
     start = CpuSample(busy=1000, idle=1000, throttled_us=0)
-    assert contended(start, CpuSample(1050, 1001, 0))  # 1 idle tick in 51
-    assert not contended(start, CpuSample(1050, 1010, 0))  # 10 in 60: idle time left
-    assert contended(start, CpuSample(1001, 1050, 10))  # throttled: the quota is spent
-    assert not contended(start, start)  # no time passed: nothing known
+    assert contended(start, CpuSample(1050, 1001, 0), was=False)  # 1 idle tick in 51
+    assert not contended(start, CpuSample(1050, 1010, 0), was=False)  # 10 in 60
+    # Once saturated, a little idle time (about 2 % under batch) does not end it...
+    assert contended(start, CpuSample(1047, 1003, 0), was=True)
+    assert contended(start, CpuSample(1040, 1010, 0), was=True)  # 20 %
+    # ...real room does.
+    assert not contended(start, CpuSample(1030, 1020, 0), was=True)  # 40 %
+    assert contended(start, CpuSample(1001, 1050, 10), was=False)  # throttled: quota spent
+    assert not contended(start, start, was=False)  # no time passed: nothing new known
+    assert contended(start, start, was=True)
 
 
 def test_watch_samples_real_files_and_says_nothing_before_two_samples(tmp_path: Path) -> None:
@@ -46,12 +52,14 @@ def test_watch_samples_real_files_and_says_nothing_before_two_samples(tmp_path: 
     assert watch.update() is False
     stat.write_text(f"cpu{cpu} 200 0 0 101 0 0 0 0 0 0\n")
     assert watch.update() is True
-    stat.write_text(f"cpu{cpu} 220 0 0 181 0 0 0 0 0 0\n")
-    assert watch.update() is False
+    stat.write_text(f"cpu{cpu} 290 0 0 111 0 0 0 0 0 0\n")
+    assert watch.update() is True  # 10 % idle: still saturated, once saturated
+    stat.write_text(f"cpu{cpu} 310 0 0 191 0 0 0 0 0 0\n")
+    assert watch.update() is False  # 80 % idle
     cgroup.write_text("throttled_usec 0\n")
     watch.update()
     cgroup.write_text("throttled_usec 900\n")
-    stat.write_text(f"cpu{cpu} 221 0 0 281 0 0 0 0 0 0\n")
+    stat.write_text(f"cpu{cpu} 311 0 0 291 0 0 0 0 0 0\n")
     assert watch.update() is True  # idle CPU time, but the container's quota ran out
     stat.unlink()
     assert watch.update() is False  # unreadable: not contended, never an error

@@ -22,12 +22,13 @@ def on_thread(fn: Callable[[], object]) -> object:
 
 
 def test_batch_is_wanted_only_while_requests_wait_on_busy_cpus() -> None:
-    assert wanted(CpuPolicy.BATCH, 0, contended=True) is CpuPolicy.NORMAL
-    assert wanted(CpuPolicy.BATCH, 1, contended=True) is CpuPolicy.BATCH
+    assert wanted(CpuPolicy.BATCH, True, waited=False, held=False) is CpuPolicy.NORMAL
+    assert wanted(CpuPolicy.BATCH, True, waited=True, held=False) is CpuPolicy.BATCH
+    assert wanted(CpuPolicy.BATCH, True, waited=False, held=True) is CpuPolicy.BATCH
     # Requests wait, but the CPUs have idle time: the services wait on something else,
     # and a hand-off delayed behind their burst would leave sessions idle.
-    assert wanted(CpuPolicy.BATCH, 1, contended=False) is CpuPolicy.NORMAL
-    assert wanted(CpuPolicy.NORMAL, 5, contended=True) is CpuPolicy.NORMAL
+    assert wanted(CpuPolicy.BATCH, False, waited=True, held=True) is CpuPolicy.NORMAL
+    assert wanted(CpuPolicy.NORMAL, True, waited=True, held=True) is CpuPolicy.NORMAL
 
 
 def test_auto_is_batch_on_the_native_engine_only() -> None:
@@ -38,7 +39,7 @@ def test_auto_is_batch_on_the_native_engine_only() -> None:
     assert CpuSwitch(CpuPolicy.AUTO).queued is CpuPolicy.NORMAL  # the python engine's
 
 
-def test_switch_sets_the_calling_thread_on_changes_only() -> None:
+def test_switch_follows_waiting_and_samples_on_the_calling_thread_only() -> None:
     stats = ProxyStats()
 
     def run() -> list[int]:
@@ -46,18 +47,27 @@ def test_switch_sets_the_calling_thread_on_changes_only() -> None:
         seen = [os.sched_getscheduler(0)]
         switch.settle(1)  # CPUs not known to be busy yet: no switch
         seen.append(os.sched_getscheduler(0))
-        switch.contended = True
+        switch.sample(True, 1)  # saturated, requests waiting
+        seen.append(os.sched_getscheduler(0))
+        switch.settle(0)  # the queue empties for a moment: still batch
+        switch.settle(2)
+        switch.settle(0)
+        seen.append(os.sched_getscheduler(0))
+        switch.sample(True, 0)  # requests waited in the window that ended: held
+        seen.append(os.sched_getscheduler(0))
+        switch.sample(True, 0)  # a whole window without waiting: normal
+        seen.append(os.sched_getscheduler(0))
         switch.settle(1)
         seen.append(os.sched_getscheduler(0))
-        switch.settle(3)  # still waiting: no call, no count
-        switch.settle(0)
+        switch.sample(False, 3)  # idle CPU time: normal although requests wait
         seen.append(os.sched_getscheduler(0))
         return seen
 
-    assert on_thread(run) == [os.SCHED_OTHER, os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_OTHER]
-    assert stats.cpu_policy_switches == 2
+    b, o = os.SCHED_BATCH, os.SCHED_OTHER
+    assert on_thread(run) == [o, o, b, b, b, o, b, o]
+    assert stats.cpu_policy_switches == 4
     assert stats.cpu_policy_refused == 0
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # pytest's own thread untouched
+    assert os.sched_getscheduler(0) == o  # pytest's own thread untouched
 
 
 def test_normal_never_calls_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,8 +76,8 @@ def test_normal_never_calls_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     switch = CpuSwitch(CpuPolicy.NORMAL)
-    switch.contended = True
     for waiting in (1, 0, 7, 0):
+        switch.sample(True, waiting)
         switch.settle(waiting)
     assert switch.applied is CpuPolicy.NORMAL
 
@@ -84,10 +94,9 @@ def test_a_refused_switch_turns_the_feature_off(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     stats = ProxyStats()
     switch = CpuSwitch(CpuPolicy.BATCH, stats)
-    switch.contended = True
-    switch.settle(1)
-    switch.settle(0)
-    switch.settle(2)
+    switch.sample(True, 1)
+    switch.sample(True, 0)
+    switch.sample(True, 2)
     assert calls == [os.SCHED_BATCH]  # tried once, then off
     assert switch.queued is CpuPolicy.NORMAL and switch.applied is CpuPolicy.NORMAL
     assert (stats.cpu_policy_switches, stats.cpu_policy_refused) == (0, 1)

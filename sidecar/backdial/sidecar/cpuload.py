@@ -10,9 +10,13 @@ declared rate ``sessions ÷ service time`` with 16 and 64 sessions (docs/engine.
 
 So the worker samples, every ``WINDOW`` seconds, the idle time of the CPUs in its
 affinity mask (``/proc/stat``) and its cgroup's CPU throttling (cgroup v2
-``cpu.stat``, when the container has a CPU limit): *contended* means less than
-``IDLE_MAX`` of that CPU time was idle, or the cgroup was throttled, during the last
-window.  Parsing and the decision are pure functions; ``CpuWatch`` reads the files.
+``cpu.stat``, when the container has a CPU limit): the CPUs become *contended* when
+less than ``ENTER_IDLE`` of that CPU time was idle, or the cgroup was throttled, during
+the last window, and stay so until more than ``LEAVE_IDLE`` was idle.  The gap matters:
+under batch a saturated CPU still idles a little (about 2 % in the suite, between the
+service's turn and the worker's), which at 10 ms ticks moves around ``ENTER_IDLE``, and
+a single threshold made the worker flap between policies every window.  Parsing and
+the decision are pure functions; ``CpuWatch`` reads the files.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WINDOW = 0.5  # seconds between samples: /proc/stat counts in 10 ms ticks
-IDLE_MAX = 0.05  # below this idle share of the worker's CPUs, they are saturated
+ENTER_IDLE = 0.05  # below this idle share of the worker's CPUs, they are saturated
+LEAVE_IDLE = 0.25  # and they stay so until the idle share is above this
 PROC_STAT = Path("/proc/stat")
 CGROUP_CPU_STAT = Path("/sys/fs/cgroup/cpu.stat")
 
@@ -61,24 +66,30 @@ def throttled_us(cpu_stat: str) -> int:
     return 0
 
 
-def contended(before: CpuSample, after: CpuSample, idle_max: float = IDLE_MAX) -> bool:
-    """Whether the CPUs were saturated between two samples."""
+def contended(before: CpuSample, after: CpuSample, was: bool) -> bool:
+    """Whether the CPUs count as saturated after two samples, given whether they did
+    before (*was*): entering takes less than ``ENTER_IDLE`` idle, leaving more than
+    ``LEAVE_IDLE``."""
     if after.throttled_us > before.throttled_us:
         return True
     busy, idle = after.busy - before.busy, after.idle - before.idle
     total = busy + idle
-    return total > 0 and idle < idle_max * total
+    if total <= 0:
+        return was  # no tick passed: nothing new known
+    return idle < (LEAVE_IDLE if was else ENTER_IDLE) * total
 
 
 class CpuWatch:
-    """Samples this process's CPUs; ``update`` says whether they were contended since
-    the previous call (False on the first, and when ``/proc/stat`` cannot be read)."""
+    """Samples this process's CPUs; ``update`` says whether they are contended, from
+    the time since the previous call (False on the first, and while ``/proc/stat``
+    cannot be read)."""
 
     def __init__(self, proc_stat: Path = PROC_STAT, cgroup: Path = CGROUP_CPU_STAT) -> None:
         self.proc_stat = proc_stat
         self.cgroup = cgroup
         self.cpus = sorted(os.sched_getaffinity(0))
         self._last: CpuSample | None = None
+        self.contended = False
 
     def sample(self) -> CpuSample | None:
         try:
@@ -94,4 +105,6 @@ class CpuWatch:
     def update(self) -> bool:
         now = self.sample()
         last, self._last = self._last, now
-        return last is not None and now is not None and contended(last, now)
+        was = self.contended
+        self.contended = last is not None and now is not None and contended(last, now, was)
+        return self.contended

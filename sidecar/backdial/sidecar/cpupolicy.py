@@ -50,10 +50,13 @@ class CpuPolicy(enum.Enum):
         return os.SCHED_BATCH if self is CpuPolicy.BATCH else os.SCHED_OTHER
 
 
-def wanted(queued: CpuPolicy, waiting: int, contended: bool) -> CpuPolicy:
-    """The policy for a worker with *waiting* requests waiting or asking for a session,
-    whose CPUs were *contended* in the last sample (``cpuload.py``)."""
-    return queued if waiting > 0 and contended else CpuPolicy.NORMAL
+def wanted(queued: CpuPolicy, contended: bool, waited: bool, held: bool) -> CpuPolicy:
+    """The policy for a worker whose CPUs were *contended* in the last sample
+    (``cpuload.py``) and whose requests waited or asked for a session in this sampling
+    window (*waited*) or the one before (*held*).  A queue that empties for a moment
+    (the clients' next requests still on their way) does not end batch, or the worker
+    would flap between policies many times a second; a full window without waiting does."""
+    return queued if contended and (waited or held) else CpuPolicy.NORMAL
 
 
 class SwitchCounts(Protocol):
@@ -68,16 +71,25 @@ class CpuSwitch:
     the switch off for the worker, logged once, instead of being retried per request.
     """
 
-    __slots__ = ("applied", "contended", "counts", "queued")
+    __slots__ = ("applied", "contended", "counts", "held", "queued", "waited")
 
     def __init__(self, queued: CpuPolicy, counts: SwitchCounts | None = None) -> None:
         self.queued = queued.resolved(native=False)
         self.applied = CpuPolicy.NORMAL
         self.contended = False  # the worker's CPUs, as last sampled (cpuload.CpuWatch)
+        self.waited = self.held = False  # requests waited this window, the one before
         self.counts = counts
 
+    def sample(self, contended: bool, waiting: int) -> None:
+        """A sample of the worker's CPUs (every ``cpuload.WINDOW``): a new window."""
+        self.contended = contended
+        self.held, self.waited = self.waited, waiting > 0
+        self.settle(waiting)
+
     def settle(self, waiting: int) -> None:
-        want = wanted(self.queued, waiting, self.contended)
+        if waiting > 0:
+            self.waited = True
+        want = wanted(self.queued, self.contended, self.waited, self.held)
         if want is self.applied:
             return
         try:

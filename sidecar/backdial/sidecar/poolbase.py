@@ -170,8 +170,9 @@ class PoolBase:
 
     def cpu_contended(self, contended: bool) -> None:
         """The worker's CPUs as last sampled (``cpuload.CpuWatch``): batch needs them busy."""
-        self.cpu.contended = contended
-        self._settle_cpu()
+        cpu = self.cpu
+        if cpu.queued is not CpuPolicy.NORMAL or cpu.applied is not CpuPolicy.NORMAL:
+            cpu.sample(contended, self.book.waiting + self.book.asking)
 
     def _settle_cpu(self) -> None:
         """After the waiting or asking count may have changed: the policy it calls for."""

@@ -286,6 +286,9 @@ pub struct Core {
     pub batch: bool,
     /// The worker's CPUs were saturated in the last sample (`Engine.set_contended`).
     pub contended: bool,
+    /// Requests waited or asked in this sampling window, and in the one before.
+    pub waited: bool,
+    pub held: bool,
     pub listener: Option<RawFd>,
     pub clients: Slab<Client>,
     pub sessions: Slab<Session>,
@@ -344,6 +347,8 @@ impl Core {
             qtimer,
             batch: false,
             contended: false,
+            waited: false,
+            held: false,
             listener: None,
             clients: Slab::default(),
             sessions: Slab::default(),

@@ -15,10 +15,13 @@
 
 use crate::core::Core;
 
-/// Whether the calling thread should run `SCHED_BATCH` now: requests wait or ask, and
-/// the worker's CPUs were saturated in the last sample (`cpuload.py`, told by Python).
-pub fn wanted(enabled: bool, contended: bool, waiting: usize, asking: usize) -> bool {
-    enabled && contended && waiting + asking > 0
+/// Whether the calling thread should run `SCHED_BATCH` now: the worker's CPUs were
+/// saturated in the last sample (`cpuload.py`, told by Python) and requests waited or
+/// asked in this sampling window or the one before. A queue that empties for a moment
+/// (the clients' next requests still on their way) does not end it, or the worker would
+/// flap between policies many times a second; one full window without waiting does.
+pub fn wanted(enabled: bool, contended: bool, waited: bool, held: bool) -> bool {
+    enabled && contended && (waited || held)
 }
 
 /// Set the calling thread's policy: `SCHED_BATCH` or `SCHED_OTHER` (nice unchanged;
@@ -30,10 +33,21 @@ pub fn apply(batch: bool) -> std::io::Result<()> {
 }
 
 impl Core {
+    /// A sample of the worker's CPUs (every `cpuload.WINDOW`): a new window begins.
+    pub fn sample_cpu(&mut self, contended: bool) {
+        self.contended = contended;
+        self.held = self.waited;
+        self.waited = self.book.waiting + self.book.asking > 0;
+        self.settle_cpu();
+    }
+
     /// Switch the policy when the wanted one changed; a refused switch (a seccomp
     /// profile, say) turns the feature off for this engine instead of retrying per turn.
     pub fn settle_cpu(&mut self) {
-        let want = wanted(self.settings.queued_batch, self.contended, self.book.waiting, self.book.asking);
+        if self.book.waiting + self.book.asking > 0 {
+            self.waited = true;
+        }
+        let want = wanted(self.settings.queued_batch, self.contended, self.waited, self.held);
         if want == self.batch {
             return;
         }
@@ -58,11 +72,11 @@ mod tests {
     use super::wanted;
 
     #[test]
-    fn batch_only_while_requests_wait_or_ask_on_busy_cpus_and_enabled() {
-        assert!(!wanted(true, true, 0, 0));
-        assert!(wanted(true, true, 1, 0));
-        assert!(wanted(true, true, 0, 2));
-        assert!(!wanted(true, false, 3, 0));
-        assert!(!wanted(false, true, 5, 5));
+    fn batch_only_while_requests_wait_on_busy_cpus_and_enabled() {
+        assert!(!wanted(true, true, false, false));
+        assert!(wanted(true, true, true, false));
+        assert!(wanted(true, true, false, true)); // waited in the window before
+        assert!(!wanted(true, false, true, true));
+        assert!(!wanted(false, true, true, true));
     }
 }

@@ -86,9 +86,7 @@ impl Engine {
 
     /// The worker's CPUs as last sampled (`cpuload.CpuWatch`); the policy follows now.
     fn set_contended(&self, contended: bool) -> PyResult<()> {
-        let mut c = self.lock()?;
-        c.contended = contended;
-        c.settle_cpu();
+        self.lock()?.sample_cpu(contended);
         Ok(())
     }
 
