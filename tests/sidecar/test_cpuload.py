@@ -55,11 +55,13 @@ def test_watch_samples_real_files_and_says_nothing_before_two_samples(tmp_path: 
     stat.write_text(f"cpu{cpu} 290 0 0 111 0 0 0 0 0 0\n")
     assert watch.update() is True  # 10 % idle: still saturated, once saturated
     stat.write_text(f"cpu{cpu} 310 0 0 191 0 0 0 0 0 0\n")
-    assert watch.update() is False  # 80 % idle
+    assert watch.update() is True  # 80 % idle: one window with room is a lull
+    stat.write_text(f"cpu{cpu} 330 0 0 271 0 0 0 0 0 0\n")
+    assert watch.update() is False  # two in a row: the load changed
     cgroup.write_text("throttled_usec 0\n")
     watch.update()
     cgroup.write_text("throttled_usec 900\n")
-    stat.write_text(f"cpu{cpu} 311 0 0 291 0 0 0 0 0 0\n")
+    stat.write_text(f"cpu{cpu} 331 0 0 371 0 0 0 0 0 0\n")
     assert watch.update() is True  # idle CPU time, but the container's quota ran out
     stat.unlink()
     assert watch.update() is False  # unreadable: not contended, never an error

@@ -12,10 +12,14 @@ So the worker samples, every ``WINDOW`` seconds, the idle time of the CPUs in it
 affinity mask (``/proc/stat``) and its cgroup's CPU throttling (cgroup v2
 ``cpu.stat``, when the container has a CPU limit): the CPUs become *contended* when
 less than ``ENTER_IDLE`` of that CPU time was idle, or the cgroup was throttled, during
-the last window, and stay so until more than ``LEAVE_IDLE`` was idle.  The gap matters:
-under batch a saturated CPU still idles a little (about 2 % in the suite, between the
-service's turn and the worker's), which at 10 ms ticks moves around ``ENTER_IDLE``, and
-a single threshold made the worker flap between policies every window.  Parsing and
+the last window, and stay so until ``LEAVE_SAMPLES`` windows in a row had more than
+``LEAVE_IDLE`` idle.  The gap matters: under batch a saturated CPU still idles a little
+(about 2 % in the suite, between the service's turn and the worker's), which at 10 ms
+ticks moves around ``ENTER_IDLE``, and a single threshold made the worker flap between
+policies every window; and a lull of a few hundred milliseconds (the suite's pause
+between warm-up and measurement) is not a change of load.  Staying a little longer
+costs nothing: on a CPU with room an idle CPU runs the woken worker at once, whatever
+its policy.  Parsing and
 the decision are pure functions; ``CpuWatch`` reads the files.
 """
 
@@ -29,6 +33,7 @@ from pathlib import Path
 WINDOW = 0.5  # seconds between samples: /proc/stat counts in 10 ms ticks
 ENTER_IDLE = 0.05  # below this idle share of the worker's CPUs, they are saturated
 LEAVE_IDLE = 0.25  # and they stay so until the idle share is above this
+LEAVE_SAMPLES = 2  # in this many windows in a row
 PROC_STAT = Path("/proc/stat")
 CGROUP_CPU_STAT = Path("/sys/fs/cgroup/cpu.stat")
 
@@ -90,6 +95,7 @@ class CpuWatch:
         self.cpus = sorted(os.sched_getaffinity(0))
         self._last: CpuSample | None = None
         self.contended = False
+        self._roomy = 0  # windows in a row with room, while contended
 
     def sample(self) -> CpuSample | None:
         try:
@@ -105,6 +111,13 @@ class CpuWatch:
     def update(self) -> bool:
         now = self.sample()
         last, self._last = self._last, now
-        was = self.contended
-        self.contended = last is not None and now is not None and contended(last, now, was)
+        if now is None:  # unreadable: nothing known, so not contended
+            self.contended, self._roomy = False, 0
+            return False
+        busy = last is not None and contended(last, now, self.contended)
+        if busy or not self.contended:
+            self.contended, self._roomy = busy, 0
+        else:
+            self._roomy += 1
+            self.contended = self._roomy < LEAVE_SAMPLES
         return self.contended
