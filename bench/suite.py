@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             result["spike"][0]["target"] = "backdial"
             capacity.stop_stack(ws, spike_stack)
-        for name in PEERS[1:]:
+        for name in (t for t in PEERS if t != "direct"):  # the backend stays up
             if name in stacks:
                 capacity.stop_stack(ws, stacks[name])  # the rest start their own stacks
         if "idle" in ns.only:

@@ -45,19 +45,17 @@ def test_switch_follows_waiting_and_samples_on_the_calling_thread_only() -> None
     def run() -> list[int]:
         switch = CpuSwitch(CpuPolicy.BATCH, stats)
         seen = [os.sched_getscheduler(0)]
-        switch.settle(1)  # CPUs not known to be busy yet: no switch
+        switch.waits()  # CPUs not known to be busy yet: no switch
         seen.append(os.sched_getscheduler(0))
         switch.sample(True, 1)  # saturated, requests waiting
         seen.append(os.sched_getscheduler(0))
-        switch.settle(0)  # the queue empties for a moment: still batch
-        switch.settle(2)
-        switch.settle(0)
+        switch.waits()  # the queue emptied for a moment and fills again: still batch
         seen.append(os.sched_getscheduler(0))
         switch.sample(True, 0)  # requests waited in the window that ended: held
         seen.append(os.sched_getscheduler(0))
         switch.sample(True, 0)  # a whole window without waiting: normal
         seen.append(os.sched_getscheduler(0))
-        switch.settle(1)
+        switch.waits()
         seen.append(os.sched_getscheduler(0))
         switch.sample(False, 3)  # idle CPU time: normal although requests wait
         seen.append(os.sched_getscheduler(0))
@@ -78,7 +76,7 @@ def test_normal_never_calls_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     switch = CpuSwitch(CpuPolicy.NORMAL)
     for waiting in (1, 0, 7, 0):
         switch.sample(True, waiting)
-        switch.settle(waiting)
+        switch.waits()
     assert switch.applied is CpuPolicy.NORMAL
 
 

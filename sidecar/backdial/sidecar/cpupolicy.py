@@ -2,20 +2,21 @@
 
 A request waits (or asks the acceptor) only when every session of its key is busy:
 the services are the bottleneck; when, besides, the worker's CPUs have no idle time
-(``cpuload.py``), what limits them is the CPU.  A sidecar worker usually shares CPUs with them, and
-a normal (``SCHED_OTHER``) thread woken by a socket preempts whatever runs on its CPU,
-so every response a service writes wakes the worker in the middle of the service's own
-loop turn and the two ping-pong on the CPU: context switches, cache refills, and CPU
-taken from the part that limits throughput.  Under ``SCHED_BATCH`` the kernel does not
-preempt on wake-up: the service finishes its turn and the worker then finds its
-responses ready together.  The worker goes back to ``SCHED_OTHER`` as soon as nothing
-waits, so a worker that keeps up is never delayed by this (``--queued-cpu-policy``,
-docs/engine.md).
+(``cpuload.py``), what limits them is the CPU.  A sidecar worker usually shares CPUs
+with them, and a normal (``SCHED_OTHER``) thread woken by a socket preempts whatever
+runs on its CPU, so every response a service writes wakes the worker in the middle of
+the service's own loop turn and the two ping-pong on the CPU: context switches, cache
+refills, and CPU taken from the part that limits throughput.  Under ``SCHED_BATCH`` the
+kernel does not preempt on wake-up: the service finishes its turn and the worker then
+finds its responses ready together.  The worker goes back to ``SCHED_OTHER`` at the
+first sample that finds room on its CPUs, or after a whole sampling window in which
+nothing waited (``--queued-cpu-policy``, docs/engine.md).
 
-``wanted`` is the decision, ``CpuSwitch`` the thin shell the Python engine's pool
-calls when its waiting count or the CPUs' state (sampled every ``cpuload.WINDOW``)
-changed; the native engine does the same in ``sidecar/engine/src/cpu.rs`` once per
-turn.  Either makes one ``sched_setscheduler`` call per change, never one per request.
+``wanted`` is the decision, ``CpuSwitch`` the thin shell the Python engine's pool calls
+when a request starts to wait (``waits``: only that can start batch) and at each sample
+of the CPUs (``sample``, every ``cpuload.WINDOW``: only then can batch end); the native
+engine does the same in ``sidecar/engine/src/cpu.rs``.  Either makes one
+``sched_setscheduler`` call per change, never one per request.
 """
 
 from __future__ import annotations
@@ -80,15 +81,22 @@ class CpuSwitch:
         self.waited = self.held = False  # requests waited this window, the one before
         self.counts = counts
 
+    def waits(self) -> None:
+        """A request started to wait or ask for a session."""
+        if not self.waited:
+            self.waited = True
+            self._apply()
+
     def sample(self, contended: bool, waiting: int) -> None:
-        """A sample of the worker's CPUs (every ``cpuload.WINDOW``): a new window."""
+        """A sample of the worker's CPUs (every ``cpuload.WINDOW``), with the requests
+        waiting or asking now: a new window."""
         self.contended = contended
         self.held, self.waited = self.waited, waiting > 0
-        self.settle(waiting)
+        self._apply()
 
-    def settle(self, waiting: int) -> None:
-        if waiting > 0:
-            self.waited = True
+    def _apply(self) -> None:
+        if self.queued is CpuPolicy.NORMAL and self.applied is CpuPolicy.NORMAL:
+            return  # off (or refused): nothing to decide
         want = wanted(self.queued, self.contended, self.waited, self.held)
         if want is self.applied:
             return

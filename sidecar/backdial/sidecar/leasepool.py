@@ -115,7 +115,6 @@ class LeasePool(WaitQueue, Asker, ControlClient):
                 self.stats[ticket.key[1]].wait.observe(now - ticket.started)
                 self._mark_want()
             self._hand(ticket, conn)
-            self._settle_cpu()
 
     def lost(self, conn: LeasedConn, state: ReleaseState) -> None:
         """An idle held session died or was retired by its service."""
@@ -146,7 +145,6 @@ class LeasePool(WaitQueue, Asker, ControlClient):
                 ticket = waiting.popleft()
                 ticket.active = False
                 ticket.waiter.lease_refused(Rejection.DRAINING, self.policy.limits.retry_after)
-        self._settle_cpu()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

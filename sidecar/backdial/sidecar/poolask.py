@@ -32,7 +32,7 @@ class Asker(PoolBase):
             self._loop.call_soon(self._flush_asks)
         ticket = self.book.ask(key, waiter, now, timeout)
         self._arm(ticket.deadline, now)
-        self._settle_cpu()
+        self.cpu.waits()
         return ticket
 
     def asking_counts(self) -> dict[WantKey, int]:
@@ -82,8 +82,6 @@ class Asker(PoolBase):
                 continue
             self.stats[ticket.key[1]].rejected[Rejection.QUEUE_FULL] += 1
             ticket.waiter.lease_refused(Rejection.QUEUE_FULL, retry_after)
-        if tickets:
-            self._settle_cpu()
 
     # -- probes: RECALL ``now`` for other workers' asks ------------------------------------
     def _answer_probes(self) -> None:

@@ -170,15 +170,7 @@ class PoolBase:
 
     def cpu_contended(self, contended: bool) -> None:
         """The worker's CPUs as last sampled (``cpuload.CpuWatch``): batch needs them busy."""
-        cpu = self.cpu
-        if cpu.queued is not CpuPolicy.NORMAL or cpu.applied is not CpuPolicy.NORMAL:
-            cpu.sample(contended, self.book.waiting + self.book.asking)
-
-    def _settle_cpu(self) -> None:
-        """After the waiting or asking count may have changed: the policy it calls for."""
-        cpu = self.cpu
-        if cpu.queued is not CpuPolicy.NORMAL or cpu.applied is not CpuPolicy.NORMAL:
-            cpu.settle(self.book.waiting + self.book.asking)
+        self.cpu.sample(contended, self.book.waiting + self.book.asking)
 
     # The book's state, as the worker's admin, metrics and tests read it.
     @property

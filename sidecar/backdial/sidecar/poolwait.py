@@ -76,7 +76,7 @@ class WaitQueue(PoolBase):
     def _enqueue(self, key: WantKey, waiter: Waiter, now: float, timeout: float) -> Ticket:
         ticket = self.book.enqueue(key, waiter, now, timeout)
         self._arm(ticket.deadline, now)
-        self._settle_cpu()
+        self.cpu.waits()
         return ticket
 
     def waiting_counts(self) -> dict[WantKey, int]:
@@ -96,7 +96,6 @@ class WaitQueue(PoolBase):
         """The client went away: leave the queue (no-op when already served)."""
         if self.book.cancel(ticket):
             self._mark_want()
-            self._settle_cpu()
 
     def _expire(self) -> None:
         """Refuse every waiter whose slice timeout has passed; re-arm for the next one."""
@@ -112,8 +111,6 @@ class WaitQueue(PoolBase):
             ticket.waiter.lease_refused(Rejection.TIMEOUT, retry_after)
         if earliest:
             self._arm(earliest, now)
-        if expired:
-            self._settle_cpu()
 
     # -- WANT: the waiting counts, told to the acceptor ---------------------------------------
     def _mark_want(self, urgent: bool = False) -> None:

@@ -3,15 +3,16 @@
 //!
 //! A request waits (or asks) only when every session of its key is busy: the services
 //! are the bottleneck, and when the worker's CPUs have no idle time besides
-//! (`cpuload.py` samples them and calls `set_contended`), what limits them is the CPU. The worker usually shares CPUs with them, and a normal
-//! (`SCHED_OTHER`) thread woken by a socket preempts whatever runs there, so each
-//! response the service writes wakes the worker in the middle of the service's own
-//! loop turn, and the two ping-pong on the CPU. Under `SCHED_BATCH` the kernel does not
-//! preempt on wake-up: the service finishes its turn, the worker then finds all its
-//! responses ready at once. The worker goes back to `SCHED_OTHER` when nothing waits,
-//! so a worker that keeps up is never delayed. Checked once per engine turn (and per
-//! call from Python that delivers hooks): a switch is one `sched_setscheduler` call on
-//! a change only, never per request.
+//! (`cpuload.py` samples them and calls `set_contended`), what limits them is the CPU.
+//! The worker usually shares CPUs with them, and a normal (`SCHED_OTHER`) thread woken
+//! by a socket preempts whatever runs there, so each response the service writes wakes
+//! the worker in the middle of the service's own loop turn, and the two ping-pong on the
+//! CPU. Under `SCHED_BATCH` the kernel does not preempt on wake-up: the service finishes
+//! its turn, the worker then finds all its responses ready at once. Batch starts at the
+//! end of a turn in which requests wait (`settle_cpu`, once per turn and per call from
+//! Python that delivers hooks) and ends only at a sample (`sample_cpu`): one that finds
+//! room on the CPUs, or one after a whole window in which nothing waited. A switch is
+//! one `sched_setscheduler` call on a change only, never per request.
 
 use crate::core::Core;
 
